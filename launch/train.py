@@ -1,0 +1,45 @@
+"""Train one experiment.
+
+    deepspeed launch/train.py                                   # the quickstart (configs/quickstart.yaml)
+    deepspeed --num_gpus 2 launch/train.py configs/quickstart.yaml --set training.max_steps=50
+    deepspeed --hostfile hostfile launch/train.py my.yaml       # several nodes
+    python launch/train.py my.yaml --resume                     # one process, no launcher
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from workbench.config import DEFAULT_CONFIG, load_config
+from workbench.errors import WorkbenchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set training.learning_rate=1e-3 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete the run's folder and start over")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
+    args = parser.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from workbench.run import train  # heavy imports after the config is known to be good
+
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if rank0:
+        from workbench.report import print_run_summary
+
+        print_run_summary(result, args.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

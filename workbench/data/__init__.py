@@ -1,0 +1,60 @@
+"""Dataset builders: documents from any source -> a locally trained (or given) tokenizer -> packed blocks.
+
+Everything built here is cached under `data.cache_dir`, keyed by what it was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from datasets import DatasetDict, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from workbench.config import DataConfig, ModelConfig
+from workbench.data.loading import load_documents
+from workbench.data.packing import split_documents, tokenize_and_pack
+from workbench.models import load_or_train_tokenizer, load_tokenizer
+
+__all__ = ["load_documents", "prepare_data", "split_documents", "tokenize_and_pack"]
+
+
+def _source_key(cfg: DataConfig) -> dict:
+    """What identifies the documents: the data config, plus size and mtime of local files."""
+    key = cfg.model_dump(exclude={"num_proc", "cache_dir", "block_size"})
+    path = Path(cfg.source).expanduser()
+    if path.exists():
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        key["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return key
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
+    """The tokenizer and the packed `train`/`validation` blocks (column `input_ids`), built or from cache."""
+    cache = Path(data.cache_dir)
+    source_key = _source_key(data)
+    splits = None
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
+        tok_dir = cache / "tokenizers" / _digest([source_key, model.tokenizer_vocab_size])
+        tokenizer = load_or_train_tokenizer(tok_dir, splits["train"]["text"], model.tokenizer_vocab_size)
+    tokenizer_key = getattr(tokenizer, "backend_tokenizer", None)
+    tokenizer_key = tokenizer_key.to_str() if tokenizer_key else [tokenizer.name_or_path, len(tokenizer)]
+    blocks_dir = cache / "blocks" / _digest([source_key, data.block_size, tokenizer_key])
+    if (blocks_dir / "dataset_dict.json").is_file():
+        return tokenizer, load_from_disk(str(blocks_dir))
+    if splits is None:
+        splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
+    blocks = tokenize_and_pack(splits, tokenizer, data.block_size, data.num_proc)
+    tmp = blocks_dir.with_name(blocks_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    blocks.save_to_disk(str(tmp))
+    tmp.replace(blocks_dir)
+    return tokenizer, load_from_disk(str(blocks_dir))

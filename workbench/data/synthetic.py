@@ -1,0 +1,432 @@
+"""Seeded synthetic datasets for controlled LLM training experiments.
+
+Two generators, both fully deterministic given their config (each uses private ``random.Random``
+instances, never the global random state) and both returning ``datasets.Dataset`` objects:
+
+* :class:`FactWorld` -- a world of invented entities with attribute facts, rendered as a pre-training
+  style corpus plus open-ended QA, multiple-choice and true/false evaluation sets.
+* :func:`arithmetic_problems` -- multi-step arithmetic word problems in GSM8K format.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+
+__all__ = [
+    "ATTRIBUTES", "ArithmeticConfig", "AttributeSpec", "Entity", "FactWorld", "FactWorldConfig",
+    "arithmetic_problems", "parse_gsm8k_answer",
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+SYLLABLES: tuple[str, ...] = (
+    "vel", "mor", "ta", "ash", "ka", "rin", "dor", "el", "ven", "lo", "sa", "mir", "tor", "bre",
+    "ny", "quil", "fa", "zen", "or", "ith", "cal", "dra", "nor", "pe", "vin", "sha", "lum", "ter",
+    "ro", "gan", "is", "bel", "kor", "ma", "thi", "ul", "da", "wen", "ral", "ox",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """An attribute type: its possible values, statement templates and question templates.
+
+    Templates use ``{e}`` for the entity name, ``{v}`` for the value and ``{av}`` for the value with an
+    indefinite article ("an owl").
+    """
+
+    name: str
+    values: tuple[str, ...]
+    statements: tuple[str, ...]
+    questions: tuple[str, ...]
+
+
+def _spec(name: str, values: str, statements: tuple[str, ...], questions: tuple[str, ...]) -> AttributeSpec:
+    return AttributeSpec(name, tuple(v.strip() for v in values.split(",")), statements, questions)
+
+
+ATTRIBUTES: tuple[AttributeSpec, ...] = (
+    _spec("birthplace",
+          "Ostrel, Varnhollow, Quenbridge, Elmsfar, Drakemoor, Silvane, Tarnwick, Brisca, Corvale, "
+          "Halvenport, Myrrow, Pellinore, Ashgrove, Zerith, Kestrana, Lowmarch, Ravensend, Thistlebay",
+          ("{e} was born in {v}.", "The birthplace of {e} is {v}.", "{v} is where {e} was born."),
+          ("Where was {e} born?", "In which city was {e} born?")),
+    _spec("profession",
+          "baker, architect, surgeon, carpenter, librarian, pilot, chemist, sculptor, journalist, "
+          "astronomer, electrician, gardener, lawyer, translator, veterinarian, cartographer",
+          ("{e} works as {av}.", "By profession, {e} is {av}.", "The profession of {e} is {v}."),
+          ("What is the profession of {e}?", "What does {e} do for a living?")),
+    _spec("favourite_colour",
+          "crimson, teal, amber, violet, indigo, olive, scarlet, turquoise, maroon, lavender, ochre, silver",
+          ("The favourite colour of {e} is {v}.", "{e} likes the colour {v} best.",
+           "{v} is the colour that {e} loves most."),
+          ("What is the favourite colour of {e}?",)),
+    _spec("pet",
+          "parrot, tortoise, ferret, hamster, beagle, iguana, rabbit, goldfish, owl, cat, pony, hedgehog",
+          ("{e} has a pet {v}.", "The pet that {e} keeps is {av}.", "{e} owns {av} as a pet."),
+          ("What kind of pet does {e} have?", "What animal does {e} keep as a pet?")),
+    _spec("instrument",
+          "cello, oboe, harp, violin, trumpet, accordion, flute, banjo, clarinet, piano, sitar, bassoon",
+          ("{e} plays the {v}.", "The instrument {e} plays is the {v}.",
+           "The {v} is the instrument that {e} plays."),
+          ("Which instrument does {e} play?",)),
+    _spec("birth_year",
+          ", ".join(str(year) for year in range(1931, 1991, 2)),
+          ("{e} was born in the year {v}.", "The birth year of {e} is {v}.",
+           "{v} is the year in which {e} was born."),
+          ("In what year was {e} born?",)),
+    _spec("employer",
+          "Brightloom Industries, Corvane Logistics, Northwind Analytics, Silverleaf Foods, Tessaract Labs, "
+          "Quarry Point Mining, Bluefen Shipping, Ember Street Press, Orison Health, Greyharbor Bank, "
+          "Kitelane Robotics, Marrowick Textiles, Starling Aeronautics",
+          ("{e} works for {v}.", "{e} is employed by {v}.", "{v} is the employer of {e}."),
+          ("Which company does {e} work for?", "Who employs {e}?")),
+    _spec("hobby",
+          "birdwatching, pottery, chess, rock climbing, knitting, fencing, kayaking, calligraphy, origami, "
+          "beekeeping, archery, stargazing, woodcarving, sailing, juggling",
+          ("{e} enjoys {v} as a hobby.", "The favourite hobby of {e} is {v}.",
+           "{v} is the hobby that {e} enjoys most."),
+          ("What is the hobby of {e}?", "What does {e} do as a hobby?")),
+    _spec("favourite_food",
+          "dumplings, lentil soup, paella, ramen, goulash, falafel, risotto, pancakes, curry, tacos, "
+          "lasagna, pierogi, couscous, gnocchi",
+          ("The favourite food of {e} is {v}.", "{e} loves eating {v} more than any other food.",
+           "{v} is the dish that {e} likes best."),
+          ("What is the favourite food of {e}?",)),
+    _spec("residence",
+          "Norvania, Estrelia, Kaldora, Vantria, Ombria, Pellucia, Daravia, Sorenland, Miraval, Tzerrin, "
+          "Quorland, Halcyra",
+          ("{e} currently lives in {v}.", "The home of {e} is in {v}.", "{v} is the country where {e} lives."),
+          ("In which country does {e} live?", "Where does {e} live?")),
+    _spec("native_language",
+          "Portuguese, Finnish, Swahili, Hungarian, Tagalog, Welsh, Icelandic, Turkish, Korean, Basque, "
+          "Malay, Georgian",
+          ("{e} speaks {v} as a native language.", "The native language of {e} is {v}.",
+           "{v} is the mother tongue of {e}."),
+          ("What is the native language of {e}?",)),
+    _spec("university",
+          "Durnholt College, Marrowfield University, Kestrel Institute, Aldergate Academy, "
+          "Brightwater University, Saltmere College, Highcombe Institute, Fenwick Polytechnic, "
+          "Larkspur University, Oakhaven College",
+          ("{e} studied at {v}.", "{e} graduated from {v}.", "{v} is where {e} studied."),
+          ("Where did {e} study?", "Which institution did {e} graduate from?")),
+    _spec("favourite_sport",
+          "tennis, rowing, cricket, volleyball, curling, badminton, lacrosse, squash, handball, hockey, "
+          "rugby, baseball",
+          ("The favourite sport of {e} is {v}.", "{e} likes {v} more than any other sport.",
+           "{v} is the sport that {e} loves most."),
+          ("What is the favourite sport of {e}?",)),
+    _spec("favourite_flower",
+          "tulip, orchid, peony, daisy, lily, marigold, iris, camellia, magnolia, dahlia, poppy, sunflower",
+          ("The favourite flower of {e} is the {v}.", "{e} likes the {v} more than any other flower.",
+           "The {v} is the flower that {e} loves most."),
+          ("What is the favourite flower of {e}?",)),
+    _spec("eye_colour",
+          "hazel, grey, green, blue, brown, black, amber, violet",
+          ("{e} has {v} eyes.", "The eye colour of {e} is {v}.", "The eyes of {e} are {v}."),
+          ("What colour are the eyes of {e}?",)),
+)  # fmt: skip
+
+_ATTRIBUTE_BY_NAME: dict[str, AttributeSpec] = {spec.name: spec for spec in ATTRIBUTES}
+
+
+def _article(word: str) -> str:
+    return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+
+
+def _capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _render(template: str, entity: str, value: str) -> str:
+    """Fill a template and capitalise the first character of the result."""
+    return _capitalize(template.format(e=entity, v=value, av=_article(value)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fact world
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactWorldConfig:
+    """Size and seed of a :class:`FactWorld`."""
+
+    num_entities: int = 200
+    seed: int = 0
+    attributes_per_entity: int = 6
+
+    def __post_init__(self) -> None:
+        if self.num_entities < 1 or self.num_entities > 100_000:
+            raise ValueError(f"num_entities must be in [1, 100000], got {self.num_entities}")
+        if not 1 <= self.attributes_per_entity <= len(ATTRIBUTES):
+            raise ValueError(
+                f"attributes_per_entity must be in [1, {len(ATTRIBUTES)}], got {self.attributes_per_entity}"
+            )
+
+
+@dataclass(frozen=True)
+class Entity:
+    """An invented entity and its facts (attribute name -> value, in canonical attribute order)."""
+
+    name: str
+    attributes: dict[str, str] = field(hash=False)
+
+
+def _invent_name(rng: random.Random) -> str:
+    first = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+    last = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 2)))
+    if len(last) < 3:
+        last += rng.choice(SYLLABLES)
+    return f"{first.capitalize()} {last.capitalize()}"
+
+
+def _unique_names(rng: random.Random, count: int) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    for _ in range(count * 100):
+        if len(names) == count:
+            break
+        name = _invent_name(rng)
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    if len(names) < count:
+        raise RuntimeError(f"could only invent {len(names)} unique names out of {count}")
+    return names
+
+
+EntitySelection = slice | Sequence[int] | None
+
+
+class FactWorld:
+    """A deterministic world of invented entities, each with ``attributes_per_entity`` facts."""
+
+    def __init__(self, config: FactWorldConfig | None = None) -> None:
+        self.config = config or FactWorldConfig()
+        rng = random.Random(f"{self.config.seed}:world")
+        self.entities: list[Entity] = []
+        for name in _unique_names(rng, self.config.num_entities):
+            chosen = set(rng.sample(range(len(ATTRIBUTES)), self.config.attributes_per_entity))
+            attrs = {spec.name: rng.choice(spec.values) for i, spec in enumerate(ATTRIBUTES) if i in chosen}
+            self.entities.append(Entity(name=name, attributes=attrs))
+
+    @classmethod
+    def build(cls, config: FactWorldConfig | None = None) -> FactWorld:
+        return cls(config)
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+    def _rng(self, purpose: str) -> random.Random:
+        return random.Random(f"{self.config.seed}:{purpose}")
+
+    def _select(self, entities: EntitySelection) -> list[Entity]:
+        if entities is None:
+            return list(self.entities)
+        if isinstance(entities, slice):
+            return self.entities[entities]
+        for index in entities:
+            if not 0 <= index < len(self.entities):
+                raise IndexError(f"entity index {index} out of range for {len(self.entities)} entities")
+        return [self.entities[index] for index in entities]
+
+    def _facts(self, entities: EntitySelection) -> list[tuple[Entity, AttributeSpec, str]]:
+        return [
+            (entity, _ATTRIBUTE_BY_NAME[attr], value)
+            for entity in self._select(entities)
+            for attr, value in entity.attributes.items()
+        ]
+
+    def corpus(self, sentences_per_fact: int = 3, entities: EntitySelection = None) -> Dataset:
+        """One paragraph per entity stating each fact ``sentences_per_fact`` times with varied templates."""
+        if sentences_per_fact < 1:
+            raise ValueError(f"sentences_per_fact must be >= 1, got {sentences_per_fact}")
+        rng = self._rng(f"corpus:{sentences_per_fact}")
+        rows: dict[str, list[str]] = {"text": [], "entity": []}
+        for entity in self._select(entities):
+            sentences: list[str] = []
+            for attr, value in entity.attributes.items():
+                templates = list(_ATTRIBUTE_BY_NAME[attr].statements)
+                rng.shuffle(templates)
+                picked = [templates[i % len(templates)] for i in range(sentences_per_fact)]
+                sentences.extend(_render(t, entity.name, value) for t in picked)
+            rng.shuffle(sentences)
+            rows["text"].append(" ".join(sentences))
+            rows["entity"].append(entity.name)
+        return Dataset.from_dict(rows)
+
+    def qa(self, entities: EntitySelection = None) -> Dataset:
+        """Open-ended questions, one per fact; ``answer`` is the exact attribute value."""
+        rng = self._rng("qa")
+        rows: dict[str, list[str]] = {"question": [], "answer": [], "entity": [], "attribute": []}
+        for entity, spec, value in self._facts(entities):
+            rows["question"].append(_render(rng.choice(spec.questions), entity.name, value))
+            rows["answer"].append(value)
+            rows["entity"].append(entity.name)
+            rows["attribute"].append(spec.name)
+        return Dataset.from_dict(rows)
+
+    def multiple_choice(self, num_choices: int = 4, entities: EntitySelection = None) -> Dataset:
+        """Multiple-choice questions; distractors are other values of the same attribute type."""
+        facts = self._facts(entities)
+        max_choices = min((len(spec.values) for _, spec, _ in facts), default=len(ATTRIBUTES[0].values))
+        if not 2 <= num_choices <= max_choices:
+            raise ValueError(f"num_choices must be in [2, {max_choices}], got {num_choices}")
+        rng = self._rng(f"multiple_choice:{num_choices}")
+        rows: dict[str, list] = {"question": [], "choices": [], "label": [], "entity": [], "attribute": []}
+        for entity, spec, value in facts:
+            choices = rng.sample([v for v in spec.values if v != value], num_choices - 1)
+            label = rng.randrange(num_choices)
+            choices.insert(label, value)
+            rows["question"].append(_render(rng.choice(spec.questions), entity.name, value))
+            rows["choices"].append(choices)
+            rows["label"].append(label)
+            rows["entity"].append(entity.name)
+            rows["attribute"].append(spec.name)
+        return Dataset.from_dict(rows)
+
+    def true_false(self, entities: EntitySelection = None) -> Dataset:
+        """Balanced true/false statements; false ones use a wrong value of the same attribute type."""
+        facts = self._facts(entities)
+        rng = self._rng("true_false")
+        labels = [1 - i % 2 for i in range(len(facts))]
+        rng.shuffle(labels)
+        rows: dict[str, list] = {"statement": [], "label": [], "entity": [], "attribute": []}
+        for (entity, spec, value), label in zip(facts, labels, strict=True):
+            shown = value if label else rng.choice([v for v in spec.values if v != value])
+            rows["statement"].append(_render(rng.choice(spec.statements), entity.name, shown))
+            rows["label"].append(label)
+            rows["entity"].append(entity.name)
+            rows["attribute"].append(spec.name)
+        return Dataset.from_dict(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arithmetic word problems (GSM8K format)
+# ----------------------------------------------------------------------------------------------------------
+
+PEOPLE: tuple[tuple[str, str], ...] = (
+    ("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Zara", "she"), ("Omar", "he"),
+    ("Priya", "she"), ("Mateo", "he"), ("Hana", "she"), ("Kofi", "he"), ("Elena", "she"), ("Ravi", "he"),
+    ("Sofia", "she"), ("Jonas", "he"), ("Amara", "she"), ("Leo", "he"),
+)  # fmt: skip
+OBJECTS: tuple[str, ...] = (
+    "apples", "marbles", "stickers", "books", "pencils", "coins", "cards", "shells", "cookies", "stamps",
+    "buttons", "crayons", "beads", "toy cars", "postcards", "seeds",
+)  # fmt: skip
+
+# operation -> list of (question clause, reasoning prefix); {p} pronoun, {pos} possessive, {k} operand.
+_OP_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "+": (("{p} buys {k} more {obj}.", "After buying {k} more"),
+          ("{p} finds {k} more {obj}.", "After finding {k} more"),
+          ("a friend gives {obj_pron} {k} more {obj}.", "After receiving {k} more")),
+    "-": (("{p} gives away {k} {obj}.", "After giving away {k}"),
+          ("{p} loses {k} {obj}.", "After losing {k}"),
+          ("{p} sells {k} {obj}.", "After selling {k}")),
+    "*": (("{p} ends up with {k} times as many {obj} as before.", "With {k} times as many"),
+          ("the number of {obj} {p} has becomes {k} times as large.", "Multiplying by {k}")),
+    "/": (("{p} splits {pos} {obj} into {k} equal groups and keeps one group.", "Keeping one of {k} groups"),
+          ("{p} shares {pos} {obj} equally among {k} people, {ref} included, and keeps {pos} share.",
+           "Keeping one of {k} equal shares")),
+}  # fmt: skip
+_CONNECTIVES: tuple[str, ...] = ("Then ", "After that, ", "Next, ")
+_PRONOUNS = {"she": ("her", "her", "herself"), "he": ("him", "his", "himself")}
+
+
+@dataclass(frozen=True)
+class ArithmeticConfig:
+    """Size and difficulty of the arithmetic word-problem set.
+
+    Every quantity in a problem (start value, intermediate and final values, add/subtract operands) lies
+    in ``[2, max_value]``; multiply/divide factors lie in ``[2, 5]``.
+    """
+
+    num_problems: int = 1000
+    num_steps: int = 3
+    seed: int = 0
+    max_value: int = 100
+
+    def __post_init__(self) -> None:
+        if self.num_problems < 1:
+            raise ValueError(f"num_problems must be >= 1, got {self.num_problems}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.max_value < 10:
+            raise ValueError(f"max_value must be >= 10, got {self.max_value}")
+
+
+def _feasible_ops(value: int, max_value: int) -> dict[str, list[int]]:
+    """Operands keeping the running value in [2, max_value], per operation (empty ops dropped)."""
+    ops = {
+        "+": list(range(2, max_value - value + 1)),
+        "-": list(range(2, value - 1)),
+        "*": [f for f in range(2, 6) if value * f <= max_value],
+        "/": [d for d in range(2, 6) if value % d == 0 and value // d >= 2],
+    }
+    return {op: operands for op, operands in ops.items() if operands}
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b
+
+
+def _make_problem(rng: random.Random, cfg: ArithmeticConfig) -> tuple[str, str, int]:
+    name, pron = rng.choice(PEOPLE)
+    obj_pron, pos, ref = _PRONOUNS[pron]
+    obj = rng.choice(OBJECTS)
+    value = rng.randint(2, cfg.max_value)
+    question = [f"{name} has {value} {obj}."]
+    reasoning: list[str] = []
+    for step in range(cfg.num_steps):
+        ops = _feasible_ops(value, cfg.max_value)
+        op = rng.choice(sorted(ops))
+        k = rng.choice(ops[op])
+        clause, prefix = rng.choice(_OP_TEMPLATES[op])
+        fill = {"p": pron, "pos": pos, "ref": ref, "obj_pron": obj_pron, "k": k, "obj": obj}
+        clause = clause.format(**fill)
+        question.append(_capitalize(clause) if step == 0 else rng.choice(_CONNECTIVES) + clause)
+        result = _apply(op, value, k)
+        subject = name if step == 0 else pron
+        reasoning.append(f"{prefix.format(k=k)}, {subject} has {value} {op} {k} = {result} {obj}.")
+        value = result
+    question.append(f"How many {obj} does {name} have now?")
+    return " ".join(question), "\n".join(reasoning) + f"\n#### {value}", value
+
+
+def arithmetic_problems(cfg: ArithmeticConfig | None = None) -> Dataset:
+    """Multi-step word problems with GSM8K-style answers (one explicit equation per line, then ``#### N``)."""
+    cfg = cfg or ArithmeticConfig()
+    rng = random.Random(f"{cfg.seed}:arithmetic")
+    rows: dict[str, list] = {"question": [], "answer": [], "final_answer": [], "num_steps": []}
+    for _ in range(cfg.num_problems):
+        question, answer, final = _make_problem(rng, cfg)
+        rows["question"].append(question)
+        rows["answer"].append(answer)
+        rows["final_answer"].append(final)
+        rows["num_steps"].append(cfg.num_steps)
+    return Dataset.from_dict(rows)
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\d(?:\.\d+)?)")
+
+
+def parse_gsm8k_answer(text: str) -> int | None:
+    """Return the integer after the last ``####`` marker, or None if absent or not an integer."""
+    matches = _GSM8K_ANSWER.findall(text)
+    if not matches:
+        return None
+    number = float(matches[-1].replace(",", ""))
+    return int(number) if number.is_integer() else None

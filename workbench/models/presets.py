@@ -1,0 +1,57 @@
+"""Tiny model presets, built from transformers configs: Pythia-shaped (GPT-NeoX) and Llama-shaped.
+
+Sizes are given for a 2,048-token vocabulary; `vocab_size` is always set from the tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import GPTNeoXConfig, LlamaConfig, PretrainedConfig
+
+# name -> (config class, fields). Parameter counts with a 2,048-token vocabulary in the comments.
+PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    "pythia-tiny": (  # ~0.9M parameters: d 128, 2 layers
+        GPTNeoXConfig,
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512),
+    ),
+    "pythia-small": (  # ~4.2M parameters: d 256, 4 layers
+        GPTNeoXConfig,
+        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024),
+    ),
+    "pythia-medium": (  # ~21M parameters: d 512, 6 layers
+        GPTNeoXConfig,
+        dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    ),
+    "llama-tiny": (  # ~0.8M parameters: d 128, 2 layers, grouped-query attention
+        LlamaConfig,
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=352),
+    ),
+    "llama-small": (  # ~3.7M parameters: d 256, 4 layers
+        LlamaConfig,
+        dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=704),
+    ),
+}
+
+_SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
+    GPTNeoXConfig: dict(
+        max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+        attention_dropout=0.0, hidden_dropout=0.0,
+    ),
+    LlamaConfig: dict(max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0),
+}
+
+
+def preset_config(name: str, vocab_size: int, special_ids: dict[str, int], **overrides: Any) -> PretrainedConfig:
+    """The transformers config of preset `name`, sized to the tokenizer, with `overrides` applied."""
+    config_class, fields = PRESETS[name]
+    merged = {**_SHARED[config_class], **fields, **special_ids, "vocab_size": vocab_size}
+    for key in overrides:
+        if not hasattr(config_class(), key):
+            from workbench.errors import ConfigError, did_you_mean
+
+            raise ConfigError(
+                f"field 'model.overrides.{key}': not a {config_class.__name__} field{did_you_mean(key, merged)}"
+            )
+    merged.update(overrides)
+    return config_class(**merged)

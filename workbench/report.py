@@ -1,0 +1,29 @@
+"""What a finished run prints: where everything went and what to run next."""
+
+from __future__ import annotations
+
+import math
+
+from workbench.checkpoints import list_checkpoints
+
+
+def print_run_summary(result, config_path: str) -> None:
+    run = result.run_dir
+    checkpoints = list_checkpoints(run)
+    ppl = f" (perplexity {math.exp(result.eval_loss):.2f})" if result.eval_loss is not None else ""
+    lines = [
+        "",
+        f"Finished {run.name}: {result.global_step} steps in {result.precision}, "
+        f"train loss {result.train_loss:.4f}"
+        + (f", validation loss {result.eval_loss:.4f}{ppl}" if result.eval_loss is not None else ""),
+        f"  config        {run / 'config.yaml'}",
+        f"  metrics       {run / 'metrics.jsonl'}  (one JSON line per logging step)",
+        f"  checkpoints   {', '.join(c.name for c in checkpoints)}  in {run}/",
+        f"  tokenizer     {run / 'tokenizer'}",
+        f"  tensorboard   tensorboard --logdir {run / 'tensorboard'}",
+        "Next:",
+        f"  deepspeed launch/train.py {config_path} --resume --set training.max_steps={2 * result.global_step}"
+        "   # train further",
+        f"  deepspeed --num_gpus 2 launch/train.py {config_path} --set name={run.name}-2ranks   # two ranks",
+    ]
+    print("\n".join(lines))

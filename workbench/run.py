@@ -1,0 +1,133 @@
+"""Build and train one experiment from its config: arguments, data, model, methods, trainer, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import DataCollatorForLanguageModeling, TrainingArguments, set_seed
+
+from workbench.callbacks import MetricsJsonlCallback
+from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
+from workbench.config import ExperimentConfig, dump_config, resolve_path
+from workbench.data import prepare_data
+from workbench.errors import ConfigError
+from workbench.methods import build_methods
+from workbench.models import build_model
+from workbench.models.presets import PRESETS
+from workbench.precision import choose_precision
+from workbench.trainer import WorkbenchTrainer
+
+TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "logging_steps": 10, "save_steps": 100}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    precision: str
+
+
+def _width(cfg: ExperimentConfig) -> int:
+    if cfg.model.name_or_path is None:
+        return int(cfg.model.overrides.get("hidden_size", PRESETS[cfg.model.preset][1]["hidden_size"]))
+    return 1024
+
+
+def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
+    """The configured precision; `auto` measures once and a resumed run keeps what it chose."""
+    saved = cfg.run_dir / "config.yaml"
+    if cfg.precision == "auto" and resuming and saved.is_file():
+        return yaml.safe_load(saved.read_text()).get("precision", "fp32"), f"as chosen at the start ({saved})"
+    return choose_precision(cfg.precision, _width(cfg))
+
+
+def training_arguments(cfg: ExperimentConfig, precision: str) -> TrainingArguments:
+    """`TrainingArguments` from the `training` section plus what the workbench manages."""
+    fields = {**TRAINING_DEFAULTS, **cfg.training}
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
+    deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
+    try:
+        return TrainingArguments(
+            output_dir=str(cfg.run_dir),
+            seed=cfg.seed,
+            deepspeed=deepspeed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            use_cpu=not torch.cuda.is_available(),
+            **fields,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"field 'training': {str(err).strip().splitlines()[0]}") from None
+
+
+def find_resume_checkpoint(cfg: ExperimentConfig, resume: bool, report=print) -> str | None:
+    """The checkpoint to resume from: 'auto' = newest complete one, a path = that one (verified)."""
+    target = cfg.resume_from_checkpoint or ("auto" if resume else None)
+    if target is None:
+        return None
+    if target == "auto":
+        checkpoint = newest_complete_checkpoint(cfg.run_dir, report=report)
+        if checkpoint is None:
+            report(f"no complete checkpoint in '{cfg.run_dir}': starting from scratch")
+        return str(checkpoint) if checkpoint else None
+    path = Path(target)
+    if not path.is_dir():
+        raise ConfigError(f"field 'resume_from_checkpoint': '{target}' not found")
+    verify_checkpoint(path)
+    return str(path)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over an earlier run unless asked to resume or overwrite it."""
+    if overwrite and cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    if not (resume or cfg.resume_from_checkpoint) and list_checkpoints(cfg.run_dir):
+        raise ConfigError(
+            f"'{cfg.run_dir}' already has checkpoints: pass --resume to continue it, --overwrite to start over, "
+            f"or --set name=<new name>"
+        )
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`)."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    report = print if rank0 else (lambda *_: None)
+    if rank0:
+        prepare_run_dir(cfg, resume, overwrite)
+    precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
+    report(f"[workbench] precision {precision} ({why})")
+    args = training_arguments(cfg, precision)
+    with args.main_process_first(desc="building tokenizer and data"):
+        tokenizer, blocks = prepare_data(cfg.data, cfg.model)
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, tokenizer)
+    validation = blocks["validation"] if len(blocks["validation"]) else None
+    trainer = WorkbenchTrainer(
+        model=model,
+        args=args,
+        train_dataset=blocks["train"],
+        eval_dataset=validation,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")],
+        methods=build_methods(cfg.methods),
+    )
+    checkpoint = find_resume_checkpoint(cfg, resume, report=report)
+    if rank0:
+        dump_config(cfg.model_copy(update={"precision": precision}), cfg.run_dir / "config.yaml")
+        tokenizer.save_pretrained(str(cfg.run_dir / "tokenizer"))
+    report(
+        f"[workbench] {cfg.name}: {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{len(blocks['train'])} training blocks of {cfg.data.block_size} tokens"
+        + (f", resuming from {checkpoint}" if checkpoint else "")
+    )
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
+    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision)

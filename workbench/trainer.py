@@ -1,0 +1,95 @@
+"""The workbench trainer: Hugging Face `Trainer` plus the enabled methods' hooks, method state in every
+checkpoint, a checkpoint manifest written last, and a stop on the first non-finite loss.
+
+With no method enabled it adds one `isfinite` per step and a manifest per save to the plain `Trainer`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from workbench.checkpoints import write_manifest
+from workbench.errors import CheckpointError, TrainingDiverged
+from workbench.methods import Method
+
+METHOD_STATE = "workbench_methods_rank{rank}.pt"
+
+
+class WorkbenchTrainer(Trainer):
+    """`Trainer` that composes `methods` (see `workbench.methods` for the hooks)."""
+
+    def __init__(self, *args: Any, methods: list[Method] | None = None, **kwargs: Any) -> None:
+        self.methods = list(methods or [])
+        for method in self.methods:
+            kwargs["model"] = method.prepare_model(kwargs["model"])
+            if kwargs.get("data_collator") is not None:
+                kwargs["data_collator"] = method.wrap_collator(kwargs["data_collator"])
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [cb for method in self.methods for cb in method.callbacks()]
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._loss_methods = [m for m in self.methods if m.overrides("loss")]
+        self._group_methods = [m for m in self.methods if m.overrides("param_groups")]
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._loss_methods:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        for method in self._loss_methods:
+            loss = method.loss(model, inputs, outputs, loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self._group_methods:
+            groups = [dict(group) for group in optimizer.param_groups]
+            for method in self._group_methods:
+                groups = method.param_groups(self.model if model is None else model, groups)
+            self.optimizer = type(optimizer)(groups, **optimizer.defaults)
+        return self.optimizer
+
+    # --- a non-finite loss stops the run before anything is saved -------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).item():
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.state.global_step + 1}: stopping; the last good checkpoint "
+                f"is kept in '{self.args.output_dir}' (lower the learning rate or check the data)"
+            )
+        return loss
+
+    # --- method state and the manifest --------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.methods:
+            states = {m.name: m.state_dict() for m in self.methods}
+            torch.save(states, checkpoint / METHOD_STATE.format(rank=self.args.process_index))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_manifest(checkpoint, self.state.global_step)
+
+    def load_method_state(self, checkpoint: str | Path) -> None:
+        """Restore every method's state from `checkpoint` (this rank's file, else rank 0's)."""
+        if not self.methods:
+            return
+        path = Path(checkpoint) / METHOD_STATE.format(rank=self.args.process_index)
+        if not path.is_file():
+            path = Path(checkpoint) / METHOD_STATE.format(rank=0)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint '{checkpoint}' has no method state ({path.name}) to resume from")
+        states = torch.load(path, weights_only=True)
+        for method in self.methods:
+            if method.name not in states:
+                raise CheckpointError(f"checkpoint '{checkpoint}' has no state for method '{method.name}'")
+            method.load_state_dict(states[method.name])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            self.load_method_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
