@@ -209,14 +209,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.model.name_or_path is None and cfg.model.preset is None:
         raise ConfigError(f"{config_path}: field 'model': give a 'preset' or a 'name_or_path'")
     if cfg.model.name_or_path is None:
-        from workbench.models import PRESETS
+        from workbench.models.presets import PRESETS, check_overrides
 
         if cfg.model.preset not in PRESETS:
             raise ConfigError(
                 f"{config_path}: field 'model.preset': unknown preset '{cfg.model.preset}'"
                 f"{did_you_mean(cfg.model.preset, PRESETS)}; valid: {', '.join(sorted(PRESETS))}"
             )
+        check_overrides(cfg.model.preset, cfg.model.overrides)
+    source = cfg.data.source
+    if not source.startswith("synthetic:") and looks_local(source) and not Path(source).expanduser().exists():
+        raise ConfigError(f"{config_path}: field 'data.source': file '{source}' not found")
     return cfg
+
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
+
+
+def looks_local(source: str) -> bool:
+    """A path rather than a hub name: starts like a path or ends like a data file."""
+    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
 
 
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
-from workbench.config import DataConfig
+from workbench.config import DataConfig, looks_local
 from workbench.errors import ConfigError
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -22,7 +22,7 @@ def load_documents(cfg: DataConfig) -> Dataset:
         path = Path(source).expanduser()
         if path.exists():
             docs = _local(path)
-        elif source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_FORMATS:
+        elif looks_local(source):
             raise ConfigError(f"field 'data.source': file '{source}' not found")
         else:
             docs = _hub(source, cfg.split)

@@ -42,16 +42,21 @@ _SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
 }
 
 
+def check_overrides(name: str, overrides: dict[str, Any]) -> None:
+    """Raise ConfigError for an override that is not a field of the preset's config class."""
+    from workbench.errors import ConfigError, did_you_mean
+
+    config_class, fields = PRESETS[name]
+    known = config_class().to_dict()
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(
+                f"field 'model.overrides.{key}': not a {config_class.__name__} field{did_you_mean(key, known)}"
+            )
+
+
 def preset_config(name: str, vocab_size: int, special_ids: dict[str, int], **overrides: Any) -> PretrainedConfig:
     """The transformers config of preset `name`, sized to the tokenizer, with `overrides` applied."""
+    check_overrides(name, overrides)
     config_class, fields = PRESETS[name]
-    merged = {**_SHARED[config_class], **fields, **special_ids, "vocab_size": vocab_size}
-    for key in overrides:
-        if not hasattr(config_class(), key):
-            from workbench.errors import ConfigError, did_you_mean
-
-            raise ConfigError(
-                f"field 'model.overrides.{key}': not a {config_class.__name__} field{did_you_mean(key, merged)}"
-            )
-    merged.update(overrides)
-    return config_class(**merged)
+    return config_class(**{**_SHARED[config_class], **fields, **special_ids, "vocab_size": vocab_size, **overrides})

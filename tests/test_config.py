@@ -1,0 +1,139 @@
+"""Bad input: each a one-line message naming the field or file, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TRAIN, run, tiny_config, write_config
+
+from workbench.config import apply_override, load_config
+from workbench.errors import ConfigError
+
+
+def _main():
+    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _error_of(argv: list[str], capsys) -> str:
+    code = _main()(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err  # progress bars may come before it
+    return errors[0]
+
+
+def _with(tmp_path: Path, **sections) -> str:
+    return str(write_config(tmp_path, tiny_config(tmp_path, **sections)))
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"trainig": {"max_steps": 3}}, ["unknown field 'trainig'", "did you mean 'training'"]),
+        ({"training": {"learning_rat": 0.1}}, ["training.learning_rat", "did you mean 'learning_rate'"]),
+        ({"training": {"learning_rate": "fast"}}, ["training.learning_rate", "'fast'"]),
+        ({"training": {"max_steps": [1, 2]}}, ["training.max_steps"]),
+        ({"training": {"output_dir": "x"}}, ["training.output_dir", "set 'name' and 'runs_dir' instead"]),
+        ({"data": {"block_size": 2}}, ["data.block_size", "greater than or equal to 8"]),
+        ({"data": {"validation_fraction": 1.5}}, ["data.validation_fraction", "less than 1"]),
+        ({"data": {"blok_size": 64}}, ["unknown field 'data.blok_size'", "did you mean 'block_size'"]),
+        ({"model": {"preset": "pythia-tinyy"}}, ["model.preset", "did you mean 'pythia-tiny'"]),
+        ({"methods": {"no_such_method": {}}}, ["methods.no_such_method", "unknown method"]),
+        ({"precision": "fp8"}, ["field 'precision'", "'fp8'"]),
+        ({"deepspeed": "configs/deepspeed/zero9.json"}, ["field 'deepspeed'", "zero9.json' not found"]),
+        ({"model": {"overrides": {"hiden_size": 8}}}, ["model.overrides.hiden_size", "did you mean 'hidden_size'"]),
+        ({"data": {"source": "no/such/file.jsonl"}}, ["data.source", "no/such/file.jsonl' not found"]),
+        ({"data": {"text_column": "body"}}, ["data.text_column", "'body'"]),
+        ({"resume_from_checkpoint": "/nonexistent/checkpoint-4"}, ["resume_from_checkpoint", "not found"]),
+        ({"model": {"name_or_path": "./no-such-model"}}, ["model.name_or_path", "./no-such-model' not found"]),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, sections, expected):
+    err = _error_of([_with(tmp_path, **sections)], capsys)
+    for fragment in expected:
+        assert fragment in err, err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    err = _error_of([str(tmp_path / "nope.yaml")], capsys)
+    assert "nope.yaml' not found" in err
+
+
+def test_yaml_syntax_error_names_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntraining:\n  max_steps: [1, 2\n")
+    err = _error_of([str(path)], capsys)
+    assert "broken.yaml" in err and "YAML syntax error at line" in err
+
+
+def test_bad_override_syntax(tmp_path, capsys):
+    err = _error_of([_with(tmp_path), "--set", "training.max_steps"], capsys)
+    assert "expected key=value" in err
+
+
+def test_override_into_non_section():
+    data = {"name": "x"}
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        apply_override(data, "name.sub=1")
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    cfg = load_config(path, ["training.learning_rate=3e-4", "data.block_size=64", "training.report_to=[]"])
+    assert cfg.training["learning_rate"] == pytest.approx(3e-4)
+    assert cfg.data.block_size == 64 and cfg.training["report_to"] == []
+
+
+def test_quickstart_config_is_valid():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg.model.preset == "pythia-tiny" and cfg.deepspeed.endswith("zero2.json")
+
+
+def test_tokenizer_model_vocabulary_mismatch(tmp_path, capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model_dir = tmp_path / "small-vocab-model"
+    config = GPTNeoXConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           vocab_size=50)
+    GPTNeoXForCausalLM(config).save_pretrained(model_dir)
+    # a tokenizer with far more than 50 tokens: train one through a normal tiny run's data pipeline
+    from workbench.config import DataConfig
+    from workbench.data import load_documents
+    from workbench.models import train_bpe_tokenizer
+
+    docs = load_documents(DataConfig(synthetic={"num_entities": 30}))
+    train_bpe_tokenizer(docs["text"], 300).save_pretrained(tmp_path / "tok")
+    err = _error_of(
+        [_with(tmp_path, model={"name_or_path": str(model_dir), "tokenizer": str(tmp_path / "tok"), "overrides": {}})], capsys
+    )
+    assert "has only 50 embedding rows" in err and "tok" in err
+
+
+def test_error_from_the_real_command_line(tmp_path):
+    cfg = tiny_config(tmp_path, training={"learning_rat": 1})
+    result = run([sys.executable, str(TRAIN), str(write_config(tmp_path, cfg))])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'exp.yaml'}: field 'training.learning_rat': [learning_rat] is not a TrainingArguments "
+        "field (did you mean 'learning_rate'?)"
+    ] or "did you mean 'learning_rate'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path)))
+    from workbench.config import dump_config
+
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["training"]["max_steps"] == 8
