@@ -22,6 +22,7 @@ from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
 from workbench.trainer import WorkbenchTrainer
 
+USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a user's choice wins over run_dir/tensorboard
 TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "logging_steps": 10, "save_steps": 100}
 
 
@@ -51,7 +52,7 @@ def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
 def training_arguments(cfg: ExperimentConfig, precision: str) -> TrainingArguments:
     """`TrainingArguments` from the `training` section plus what the workbench manages."""
     fields = {**TRAINING_DEFAULTS, **cfg.training}
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / "tensorboard")
     deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
     try:
         return TrainingArguments(

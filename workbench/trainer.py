@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -50,8 +51,10 @@ class WorkbenchTrainer(Trainer):
             groups = [dict(group) for group in optimizer.param_groups]
             for method in self._group_methods:
                 groups = method.param_groups(self.model if model is None else model, groups)
-            self.optimizer = type(optimizer)(groups, **optimizer.defaults)
-        return self.optimizer
+            optimizer.param_groups.clear()
+            for group in groups:  # add_param_group fills in the optimizer's defaults for missing options
+                optimizer.add_param_group(group)
+        return optimizer
 
     # --- a non-finite loss stops the run before anything is saved -------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -88,6 +91,19 @@ class WorkbenchTrainer(Trainer):
             if method.name not in states:
                 raise CheckpointError(f"checkpoint '{checkpoint}' has no state for method '{method.name}'")
             method.load_state_dict(states[method.name])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Work around transformers 5.24 loading a checkpoint's raw keys without the model's renamings
+        (GPT-NeoX saves `embed_out.weight` for `lm_head.weight`, which the plain path then drops)."""
+        weights = Path(resume_from_checkpoint) / "model.safetensors"
+        if self.is_deepspeed_enabled or model is not None or not weights.is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with safe_open(str(weights), framework="pt") as handle:
+            saved_keys = set(handle.keys())
+        if saved_keys == set(self.model.state_dict()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reloaded = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype)
+        self.model.load_state_dict(reloaded.state_dict(), strict=True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if isinstance(resume_from_checkpoint, (str, Path)):
