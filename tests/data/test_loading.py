@@ -1,0 +1,89 @@
+"""Loading documents from local files and folders; the held-out split; packing into blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from workbench.config import DataConfig, ModelConfig
+from workbench.data import load_documents, prepare_data, split_documents
+from workbench.data.packing import pack_blocks
+from workbench.errors import ConfigError
+from workbench.models import train_bpe_tokenizer
+
+
+def _texts(n: int) -> list[str]:
+    return [f"Document {i} talks about topic {i % 7} and number {i * 13}." for i in range(n)]
+
+
+def test_text_folder_is_one_document_per_file(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    for i, text in enumerate(_texts(5)):
+        (folder / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(text + "\nsecond line\n")
+    (folder / "ignored.md").write_text("not text")
+    docs = load_documents(DataConfig(source=str(folder)))
+    assert len(docs) == 5
+    assert sorted(docs["text"]) == sorted(t + "\nsecond line\n" for t in _texts(5))
+
+
+def test_jsonl_with_a_named_column(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(_texts(4))))
+    docs = load_documents(DataConfig(source=str(path), text_column="body"))
+    assert docs.column_names == ["text"] and docs["text"] == _texts(4)
+
+
+def test_empty_folder_and_unknown_suffix(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no .txt files"):
+        load_documents(DataConfig(source=str(tmp_path / "empty")))
+    (tmp_path / "x.xml").write_text("<a/>")
+    with pytest.raises(ConfigError, match="unknown suffix"):
+        load_documents(DataConfig(source=str(tmp_path / "x.xml")))
+
+
+def test_validation_never_overlaps_training():
+    texts = _texts(40) + _texts(40)[:10]  # ten exact duplicates
+    parts = split_documents(Dataset.from_dict({"text": texts}), 0.25, seed=0)
+    assert not set(parts["train"]["text"]) & set(parts["validation"]["text"])
+    assert len(parts["train"]) + len(parts["validation"]) <= len(texts)
+
+
+def test_packing_makes_full_blocks_with_eos_between_documents():
+    tokenizer = train_bpe_tokenizer(_texts(50), 300)
+    batch = {"text": _texts(6)}
+    blocks = pack_blocks(batch, tokenizer, block_size=16)["input_ids"]
+    stream = [t for d in tokenizer(batch["text"], add_special_tokens=False)["input_ids"] for t in (*d, 0)]
+    assert all(len(b) == 16 for b in blocks)
+    assert [t for b in blocks for t in b] == stream[: len(blocks) * 16]
+    assert tokenizer.eos_token_id == 0
+
+
+def test_local_folder_trains_end_to_end(tmp_path, tiny):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, text in enumerate(_texts(60)):
+        (folder / f"{i:03d}.txt").write_text(text * 5)
+    import importlib.util
+
+    from conftest import TRAIN
+
+    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tiny(data={"source": str(folder), "synthetic": {}, "block_size": 16}, training={"max_steps": 3})
+    assert module.main([str(path)]) == 0
+    assert (tmp_path / "runs" / "tiny" / "checkpoint-3" / "model.safetensors").is_file()
+
+
+def test_prepare_data_is_cached_and_deterministic(tmp_path):
+    data = DataConfig(synthetic={"num_entities": 40}, block_size=32, cache_dir=str(tmp_path / "cache"))
+    model = ModelConfig(tokenizer_vocab_size=300)
+    tok1, blocks1 = prepare_data(data, model)
+    tok2, blocks2 = prepare_data(data, model)
+    assert blocks1["train"]["input_ids"] == blocks2["train"]["input_ids"]
+    assert tok1.get_vocab() == tok2.get_vocab()
+    assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1
