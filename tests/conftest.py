@@ -79,3 +79,13 @@ def run(cmd: list[str], timeout: float = 600, cwd: Path = REPO) -> subprocess.Co
 def tiny(tmp_path: Path):
     """A function: section overrides -> path of a written tiny config."""
     return lambda **sections: write_config(tmp_path, tiny_config(tmp_path, **sections))
+
+
+def train_main(argv: list[str]) -> int:
+    """Call launch/train.py's `main` in this process (it is a script, not a module of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)

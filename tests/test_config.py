@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TRAIN, run, tiny_config, write_config
+from conftest import REPO, TRAIN, run, tiny_config, train_main, write_config
 
 from workbench.config import apply_override, load_config
 from workbench.errors import ConfigError
 
 
-def _main():
-    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _error_of(argv: list[str], capsys) -> str:
-    code = _main()(argv)
+    code = train_main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert "Traceback" not in err

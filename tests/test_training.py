@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from conftest import TRAIN, tiny_config, write_config
+from conftest import tiny_config, train_main, write_config
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -17,13 +16,6 @@ from workbench.checkpoints import MANIFEST, newest_complete_checkpoint, verify_c
 from workbench.errors import CheckpointError
 from workbench.io import read_jsonl
 from workbench.methods import METHODS, Method, register
-
-
-def _main(argv):
-    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
 
 
 @dataclasses.dataclass
@@ -92,20 +84,20 @@ def counter_method():
 def test_method_hooks_run_and_state_survives_resume(tmp_path, counter_method):
     cfg = tiny_config(tmp_path, methods={"test_counter": {"scale": 1.0}})
     path = write_config(tmp_path, cfg)
-    assert _main([str(path)]) == 0
+    assert train_main([str(path)]) == 0
     first = counter_method.instances[-1]
     assert first.calls == {"prepare_model", "wrap_collator", "loss", "param_groups"}
     assert first.steps_seen == 8
     state = torch.load(tmp_path / "runs/tiny/checkpoint-4/workbench_methods_rank0.pt", weights_only=True)
     assert state["test_counter"]["steps_seen"] == 4
-    assert _main([str(path), "--resume", "--set", "training.max_steps=12"]) == 0
+    assert train_main([str(path), "--resume", "--set", "training.max_steps=12"]) == 0
     resumed = counter_method.instances[-1]
     assert resumed.steps_seen == 12 and resumed.history == list(range(1, 13))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, counter_method, capsys):
     cfg = tiny_config(tmp_path, methods={"test_counter": {"nan_at_step": 6}})
-    assert _main([str(write_config(tmp_path, cfg))]) == 3
+    assert train_main([str(write_config(tmp_path, cfg))]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: loss is nan at step 6") and "last good checkpoint" in err
     run = tmp_path / "runs" / "tiny"
@@ -116,7 +108,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, counter_method,
 
 def test_metrics_jsonl_and_outputs(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, training={"report_to": ["tensorboard"]}))
-    assert _main([str(path)]) == 0
+    assert train_main([str(path)]) == 0
     run = tmp_path / "runs" / "tiny"
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
@@ -129,16 +121,16 @@ def test_metrics_jsonl_and_outputs(tmp_path):
 
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     path = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4}))
-    assert _main([str(path)]) == 0
-    assert _main([str(path)]) == 2
+    assert train_main([str(path)]) == 0
+    assert train_main([str(path)]) == 2
     assert "already has checkpoints" in capsys.readouterr().err
-    assert _main([str(path), "--overwrite"]) == 0
+    assert train_main([str(path), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_manifest", "bad_json"])
 def test_broken_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, damage):
     path = write_config(tmp_path, tiny_config(tmp_path))
-    assert _main([str(path)]) == 0
+    assert train_main([str(path)]) == 0
     run = tmp_path / "runs" / "tiny"
     newest = run / "checkpoint-8"
     if damage == "truncate":
@@ -154,7 +146,7 @@ def test_broken_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, damag
     assert newest_complete_checkpoint(run, report=reports.append) == run / "checkpoint-4"
     assert len(reports) == 1 and "checkpoint-8" in reports[0]
     capsys.readouterr()
-    assert _main([str(path), "--resume", "--set", "training.max_steps=10"]) == 0
+    assert train_main([str(path), "--resume", "--set", "training.max_steps=10"]) == 0
     out = capsys.readouterr().out
     assert "skipping checkpoint" in out and "resuming from" in out and "checkpoint-4" in out
     state = json.loads((run / "checkpoint-10" / "trainer_state.json").read_text())
@@ -165,12 +157,12 @@ def test_resume_single_process_is_bit_equal(tmp_path, counter_method):
     """Without DeepSpeed: crash after step 7 (checkpoint at 5), resume, compare with a straight run."""
     steps = {"max_steps": 10, "save_steps": 5}
     base = tiny_config(tmp_path, name="straight", training=steps, methods={"test_counter": {}})
-    assert _main([str(write_config(tmp_path, base, "a.yaml"))]) == 0
+    assert train_main([str(write_config(tmp_path, base, "a.yaml"))]) == 0
     split = tiny_config(tmp_path, name="split", training=steps, methods={"test_counter": {"crash_at_step": 7}})
     path = write_config(tmp_path, split, "b.yaml")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _main([str(path)])
-    assert _main([str(path), "--resume", "--set", "methods.test_counter.crash_at_step=-1"]) == 0
+        train_main([str(path)])
+    assert train_main([str(path), "--resume", "--set", "methods.test_counter.crash_at_step=-1"]) == 0
     a = load_file(tmp_path / "runs/straight/checkpoint-10/model.safetensors")
     b = load_file(tmp_path / "runs/split/checkpoint-10/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

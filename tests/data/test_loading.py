@@ -67,15 +67,10 @@ def test_local_folder_trains_end_to_end(tmp_path, tiny):
     folder.mkdir()
     for i, text in enumerate(_texts(60)):
         (folder / f"{i:03d}.txt").write_text(text * 5)
-    import importlib.util
+    from conftest import train_main
 
-    from conftest import TRAIN
-
-    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     path = tiny(data={"source": str(folder), "synthetic": {}, "block_size": 16}, training={"max_steps": 3})
-    assert module.main([str(path)]) == 0
+    assert train_main([str(path)]) == 0
     assert (tmp_path / "runs" / "tiny" / "checkpoint-3" / "model.safetensors").is_file()
 
 
