@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank0:
         from workbench.report import print_run_summary
 
-        print_run_summary(result, args.config)
+        print_run_summary(result, args.config, args.overrides)
     return 0
 
 

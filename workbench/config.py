@@ -65,6 +65,29 @@ class DataConfig(_Section):
     cache_dir: str = Field(".cache/workbench", description="tokenizers and tokenised data are cached here")
 
 
+class EvalTask(_Section):
+    task: str = Field(description="a BOSE task spec name (evals/tasks/) or any lm-eval task name")
+    styles: list[str] | None = Field(None, description="prompt styles; default: every style of the task's kind")
+    dataset_kwargs: dict[str, Any] | None = Field(None, description="override the data files of a stock task")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="other lm-eval task config fields")
+
+
+class EvalConfig(_Section):
+    """The BOSE evaluator: which tasks and prompt styles, how many items, and the styles' options."""
+
+    tasks: list[EvalTask] = Field(
+        default_factory=lambda: [EvalTask(task="factworld_mc"), EvalTask(task="factworld_qa")]
+    )
+    limit: int | None = Field(200, ge=1, description="items per task (the first N after a seeded shuffle)")
+    batch_size: int = Field(32, ge=1)
+    include_path: list[str] = Field(default_factory=list, description="more folders of task specs")
+    style_options: dict[str, Any] = Field(default_factory=dict, description="evals.styles.StyleOptions fields")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over items for tau intervals")
+    early_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of checkpoints in the early window")
+    on_save: bool = Field(False, description="evaluate each checkpoint as it is saved (rank 0)")
+    on_save_limit: int = Field(50, ge=1, description="items per task when evaluating during training")
+
+
 class ExperimentConfig(_Section):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-/]+$", description="the run's folder under runs_dir")
     runs_dir: str = "runs"
@@ -78,6 +101,8 @@ class ExperimentConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields")
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method name -> its config")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the BOSE evaluator (launch/eval.py)")
+    save_at_steps: list[int] = Field(default_factory=list, description="extra checkpoint steps beyond save_steps")
 
     @property
     def run_dir(self) -> Path:

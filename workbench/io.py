@@ -25,14 +25,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line with a single write() on an O_APPEND file, so lines never interleave or tear."""
+def append_jsonl(path: str | Path, *records: dict[str, Any]) -> None:
+    """Append JSON lines with a single write() on an O_APPEND file: they land together or not at all."""
+    payload = "".join(json.dumps(r, default=float) + "\n" for r in records).encode()
+    if not payload:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=False, default=float) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, payload)
     finally:
         os.close(fd)
 

@@ -7,8 +7,11 @@ import math
 from workbench.checkpoints import list_checkpoints
 
 
-def print_run_summary(result, config_path: str) -> None:
+def print_run_summary(result, config_path: str, overrides: list[str] | None = None) -> None:
+    """Where the run's files went, and the commands that continue it or repeat it on two ranks."""
     run = result.run_dir
+    kept = " ".join(f"--set {o}" for o in overrides or [] if not o.startswith(("training.max_steps=", "name=")))
+    again = f"{config_path} {kept}".strip()
     checkpoints = list_checkpoints(run)
     ppl = f" (perplexity {math.exp(result.eval_loss):.2f})" if result.eval_loss is not None else ""
     lines = [
@@ -22,8 +25,8 @@ def print_run_summary(result, config_path: str) -> None:
         f"  tokenizer     {run / 'tokenizer'}",
         f"  tensorboard   tensorboard --logdir {run / 'tensorboard'}",
         "Next:",
-        f"  deepspeed launch/train.py {config_path} --resume --set training.max_steps={2 * result.global_step}"
-        "   # train further",
-        f"  deepspeed --num_gpus 2 launch/train.py {config_path} --set name={run.name}-2ranks   # two ranks",
+        f"  deepspeed launch/train.py {again} --set name={run.name} --resume "
+        f"--set training.max_steps={2 * result.global_step}   # train further",
+        f"  deepspeed --num_gpus 2 launch/train.py {again} --set name={run.name}-2ranks   # the same on two ranks",
     ]
     print("\n".join(lines))

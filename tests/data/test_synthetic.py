@@ -108,7 +108,7 @@ def test_corpus_sentences_per_fact(world: FactWorld) -> None:
 def test_qa_answers_match_entities(world: FactWorld) -> None:
     by_name = {e.name: e for e in world.entities}
     qa = world.qa()
-    assert set(qa.column_names) == {"question", "answer", "entity", "attribute"}
+    assert set(qa.column_names) == {"question", "answer", "statement", "entity", "attribute"}
     assert len(qa) == sum(len(e.attributes) for e in world.entities)
     for row in qa:
         assert row["entity"] in row["question"]
@@ -226,3 +226,12 @@ def test_parse_gsm8k_answer() -> None:
 def test_arithmetic_config_validation(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ArithmeticConfig(**kwargs)
+
+
+def test_statement_and_cloze_forms_match_the_facts():
+    world = FactWorld(FactWorldConfig(num_entities=30, seed=3))
+    for row in world.qa():
+        assert row["entity"] in row["statement"] and row["answer"] in row["statement"]
+    for row in world.multiple_choice():
+        assert row["cloze"].count("___") == 1 and row["entity"] in row["cloze"]
+        assert not row["cloze"].startswith("___")

@@ -144,6 +144,11 @@ def _capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _cloze_template(spec: AttributeSpec) -> str:
+    """The first statement template that names the value mid-sentence as ``{v}`` (used for cloze forms)."""
+    return next((t for t in spec.statements if "{v}" in t and not t.startswith("{v}")), spec.statements[0])
+
+
 def _render(template: str, entity: str, value: str) -> str:
     """Fill a template and capitalise the first character of the result."""
     return _capitalize(template.format(e=entity, v=value, av=_article(value)))
@@ -265,10 +270,11 @@ class FactWorld:
     def qa(self, entities: EntitySelection = None) -> Dataset:
         """Open-ended questions, one per fact; ``answer`` is the exact attribute value."""
         rng = self._rng("qa")
-        rows: dict[str, list[str]] = {"question": [], "answer": [], "entity": [], "attribute": []}
+        rows: dict[str, list[str]] = {"question": [], "answer": [], "statement": [], "entity": [], "attribute": []}
         for entity, spec, value in self._facts(entities):
             rows["question"].append(_render(rng.choice(spec.questions), entity.name, value))
             rows["answer"].append(value)
+            rows["statement"].append(_render(_cloze_template(spec), entity.name, value))
             rows["entity"].append(entity.name)
             rows["attribute"].append(spec.name)
         return Dataset.from_dict(rows)
@@ -280,12 +286,13 @@ class FactWorld:
         if not 2 <= num_choices <= max_choices:
             raise ValueError(f"num_choices must be in [2, {max_choices}], got {num_choices}")
         rng = self._rng(f"multiple_choice:{num_choices}")
-        rows: dict[str, list] = {"question": [], "choices": [], "label": [], "entity": [], "attribute": []}
+        rows: dict[str, list] = {"question": [], "cloze": [], "choices": [], "label": [], "entity": [], "attribute": []}
         for entity, spec, value in facts:
             choices = rng.sample([v for v in spec.values if v != value], num_choices - 1)
             label = rng.randrange(num_choices)
             choices.insert(label, value)
             rows["question"].append(_render(rng.choice(spec.questions), entity.name, value))
+            rows["cloze"].append(_render(_cloze_template(spec), entity.name, "___"))
             rows["choices"].append(choices)
             rows["label"].append(label)
             rows["entity"].append(entity.name)

@@ -1,0 +1,135 @@
+"""BOSE task specs: a YAML that says where a task's documents come from and how to read a question,
+its options and its answer out of one; `evals/styles.py` turns a spec into one lm-eval task per prompt style.
+
+Specs live in `evals/tasks/` (and any folder passed as `include_path`). A spec takes its data from
+a fact-world generator (`dataset: {generator: factworld_mc}`) or from a stock lm-eval task
+(`stock: arc/arc_easy.yaml`: the stock YAML's dataset, splits and `process_docs`, nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from workbench.errors import ConfigError, did_you_mean
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+_DATA_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split",
+              "test_split", "fewshot_split", "process_docs")
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    kind: Literal["open", "multiple_choice"]
+    dataset: dict[str, Any] | None = None  # {generator: name}
+    stock: str | None = None  # path of a stock task YAML, relative to lm_eval/tasks/
+    question: str
+    choices: str | None = None  # Jinja rendering a JSON list
+    gold: str | None = None  # Jinja rendering the gold option's index
+    answer: str | None = None  # Jinja rendering the reference answer (open)
+    worked_answer: str | None = None  # Jinja: the worked answer ICLiP examples show
+    cloze: str | None = None  # Jinja: the item as a sentence with ___ at the answer (Blank-ppl)
+
+
+def render(template: str, doc: dict) -> str:
+    from lm_eval.utils import apply_template
+
+    return apply_template(template, doc)
+
+
+class SpecReader:
+    """The document accessors of one spec: question, options, gold index, answer, cloze."""
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+
+    def question(self, doc: dict) -> str:
+        return render(self.spec.question, doc).strip()
+
+    def choices(self, doc: dict) -> list[str]:
+        return [str(c).strip() for c in json.loads(render(self.spec.choices, doc))]
+
+    def gold(self, doc: dict) -> int:
+        return int(render(self.spec.gold, doc))
+
+    def answer(self, doc: dict) -> str:
+        return render(self.spec.answer, doc).strip()
+
+    def worked(self, doc: dict) -> str:
+        return render(self.spec.worked_answer, doc).strip() if self.spec.worked_answer else ""
+
+    def cloze(self, doc: dict) -> tuple[str, str] | None:
+        """(text before the blank, text after it), or None when the spec has no cloze form."""
+        if not self.spec.cloze:
+            return None
+        before, blank, after = render(self.spec.cloze, doc).partition("___")
+        return (before.rstrip(), after) if blank else None
+
+
+def _spec_files(include_paths: tuple[str, ...]) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for folder in (TASKS_DIR, *map(Path, include_paths)):
+        for path in sorted(folder.glob("*.yaml")):
+            name = yaml.safe_load(path.read_text()).get("task")
+            if name:
+                files[name] = path
+    return files
+
+
+@cache
+def available_specs(include_paths: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Task name -> spec file, from evals/tasks/ and the include paths."""
+    return _spec_files(include_paths)
+
+
+def load_spec(name: str, include_paths: tuple[str, ...] = ()) -> TaskSpec:
+    files = available_specs(include_paths)
+    if name not in files:
+        raise ConfigError(
+            f"unknown task '{name}'{did_you_mean(name, files)}; BOSE tasks: {', '.join(sorted(files))} "
+            f"(or any lm-eval task name with style 'native')"
+        )
+    try:
+        spec = TaskSpec.model_validate(yaml.safe_load(files[name].read_text()))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{files[name]}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+    needed = ("choices", "gold") if spec.kind == "multiple_choice" else ("answer",)
+    for field in needed:
+        if getattr(spec, field) is None:
+            raise ConfigError(f"{files[name]}: a {spec.kind} task needs field '{field}'")
+    if (spec.dataset is None) == (spec.stock is None):
+        raise ConfigError(f"{files[name]}: give exactly one of 'dataset' and 'stock'")
+    return spec
+
+
+def data_config(spec: TaskSpec, world: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The lm-eval data keys for `spec`: a fact-world generator, or a stock task's data with `overrides`."""
+    if spec.dataset is not None:
+        from evals.data import GENERATORS
+
+        generator = spec.dataset.get("generator")
+        if generator not in GENERATORS:
+            raise ConfigError(f"task '{spec.task}': unknown generator '{generator}'; valid: {', '.join(GENERATORS)}")
+        build = GENERATORS[generator]
+        return {"custom_dataset": lambda **_: build(**world), "test_split": "test", "fewshot_split": "train",
+                "training_split": "train", "metadata": {"world": world}}
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    stock_path = Path(lm_eval.tasks.__file__).parent / spec.stock
+    if not stock_path.is_file():
+        raise ConfigError(f"task '{spec.task}': stock task file '{spec.stock}' not found in lm_eval/tasks")
+    stock = load_yaml(str(stock_path), resolve_func=True)
+    data = {key: stock[key] for key in _DATA_KEYS if key in stock}
+    data.update(overrides)
+    if overrides.get("dataset_path") == "json":
+        data["dataset_name"] = overrides.get("dataset_name")
+    return data

@@ -1,0 +1,152 @@
+"""Prompt styles: each turns a BOSE task spec into an lm-eval task config (a variant of the same items).
+
+Multiple choice (`kind: multiple_choice`), every option scored by lm-eval's log-likelihood requests:
+  zero_shot   "Question: {q}\\nAnswer:" + " {option}"; acc and length-normalised acc_norm
+  few_shot    the same after k solved examples
+  iclip       BOSE's ICLiP: instruction L + k examples ending "The answer is {x}." + the item;
+              options scored as " The answer is {option}."
+  letter      options listed as "A. ...", the letter scored
+  blank_ppl   BOSE's Blank-ppl: the item as a sentence with a blank, each option scored by the mean NLL of
+              the span after the blank (evals.scoring.BlankPplScorer); the options are never listed
+Open-ended (`kind: open`), greedy generation, exact match and F1 after SQuAD normalisation:
+  zero_shot, few_shot  "Question: {q}\\nAnswer:", the first generated line is the answer
+  iclip                L + k examples "Question: q\\nAnswer: {worked answer} The answer is {x}." + the item;
+                       the answer is what follows "The answer is" (lm-eval regex filter)
+  instruction_only     L and the item, no examples (the ICLiP ablation)
+Any lm-eval task can also run as itself with style `native`.
+
+Ambiguous choices of the spec (`shared/methods/bose.md`) are the fields of `StyleOptions`.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from evals.scoring import BlankPplScorer, exact_match, first_line_answer, token_f1
+from evals.specs import SpecReader, TaskSpec
+
+MC_STYLES = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl")
+OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")
+ICLIP_PATTERN = r"The answer is (.*)"
+
+
+@dataclass(frozen=True)
+class StyleOptions:
+    num_fewshot: int = 3  # k examples for few_shot and iclip (tiny models have short contexts)
+    open_instruction: str = "Answer the question. Finish with 'The answer is X'."  # ICLiP's L, open tasks
+    mc_instruction: str = "Choose the correct answer. Finish with 'The answer is X'."  # ICLiP's L, MC
+    until: tuple[str, ...] = ("\n", "Question:")  # generation stops; examples are one line each
+    max_gen_toks: int = 24  # generated tokens per open-ended item
+    blank_span: Literal["option+suffix", "option", "full"] = "option+suffix"  # scored span of Blank-ppl
+    blank_norm: Literal["token", "byte", "none"] = "token"  # Blank-ppl length normalisation
+    fewshot_sampler: Literal["first_n", "default"] = "first_n"  # lm-eval sampler: first k, or seeded random
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def styles_for(kind: str) -> tuple[str, ...]:
+    return MC_STYLES if kind == "multiple_choice" else OPEN_STYLES
+
+
+def _base(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
+    return {
+        "task": f"{spec.task}.{style}",
+        **data,
+        "num_fewshot": 0,
+        "fewshot_config": {"sampler": opts.fewshot_sampler},
+        "metadata": {**data.get("metadata", {}), "version": 1.0, "style": style},
+    }
+
+
+def _mc_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
+    read = SpecReader(spec)
+    cfg = _base(spec, style, data, opts)
+    cfg.update(output_type="multiple_choice", doc_to_target=read.gold, target_delimiter=" ",
+               doc_to_text=lambda d: prompt(read.question(d)), doc_to_choice=read.choices,
+               metric_list=[_metric("acc"), _metric("acc_norm")])
+    if style == "few_shot":
+        cfg["num_fewshot"] = opts.num_fewshot
+    elif style == "iclip":
+        cfg.update(num_fewshot=opts.num_fewshot, description=opts.mc_instruction + "\n\n",
+                   doc_to_choice=lambda d: [f"The answer is {c}." for c in read.choices(d)])
+    elif style == "letter":
+        def listed(d: dict) -> str:
+            options = "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(read.choices(d)))
+            return f"Question: {read.question(d)}\n{options}\nAnswer:"
+
+        cfg.update(doc_to_text=listed, metric_list=[_metric("acc")],
+                   doc_to_choice=lambda d: list(string.ascii_uppercase[: len(read.choices(d))]))
+    elif style == "blank_ppl":
+        cfg.update(_blank_ppl(read, opts))
+    return cfg
+
+
+def _blank_ppl(read: SpecReader, opts: StyleOptions) -> dict[str, Any]:
+    def parts(d: dict) -> tuple[str, str]:
+        return read.cloze(d) or (prompt(read.question(d)), "")
+
+    def context(d: dict) -> str:
+        return "" if opts.blank_span == "full" else parts(d)[0]
+
+    def continuations(d: dict) -> list[str]:
+        before, after = parts(d)
+        suffix = "" if opts.blank_span == "option" else after
+        if opts.blank_span == "full":
+            return [f"{before} {c}{suffix}" for c in read.choices(d)]
+        return [f" {c}{suffix}" for c in read.choices(d)]
+
+    scorer = BlankPplScorer(context, continuations, read.gold, norm=opts.blank_norm)
+    return {"doc_to_text": context, "target_delimiter": "", "doc_to_choice": continuations,
+            "process_results": scorer, "metric_list": [_metric("acc"), _metric("gold_ppl", higher=False)]}
+
+
+def _open_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
+    read = SpecReader(spec)
+    cfg = _base(spec, style, data, opts)
+    extract = style in ("iclip", "instruction_only")
+
+    def score(doc: dict, results: list[str]) -> dict[str, float]:
+        answer = results[0] if extract else first_line_answer(results[0])
+        answer = answer.strip()
+        gold = read.answer(doc)
+        return {"em": exact_match(answer, gold), "f1": token_f1(answer, gold)}
+
+    cfg.update(output_type="generate_until", doc_to_text=lambda d: prompt(read.question(d)),
+               doc_to_target=read.answer, target_delimiter=" ", process_results=score,
+               generation_kwargs={"until": list(opts.until), "max_gen_toks": opts.max_gen_toks, "do_sample": False},
+               metric_list=[_metric("em"), _metric("f1")])
+    if style == "few_shot":
+        cfg["num_fewshot"] = opts.num_fewshot
+    if extract:
+        cfg["description"] = opts.open_instruction + "\n\n"
+        cfg["filter_list"] = [{"name": style, "filter": [
+            {"function": "regex", "regex_pattern": ICLIP_PATTERN, "fallback": ""},
+            {"function": "take_first"}]}]
+    if style == "iclip":
+        cfg["num_fewshot"] = opts.num_fewshot
+        cfg["fewshot_config"] = {**cfg["fewshot_config"],
+                                 "doc_to_target": lambda d: f"{read.worked(d)} The answer is {read.answer(d)}.".strip()}
+    return cfg
+
+
+def _metric(name: str, higher: bool = True) -> dict[str, Any]:
+    return {"metric": name, "aggregation": "mean", "higher_is_better": higher}
+
+
+def task_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
+    """The lm-eval config of `spec` in `style` (a plain dict that `ConfigurableTask(config=...)` takes)."""
+    valid = styles_for(spec.kind)
+    if style not in valid:
+        from workbench.errors import ConfigError, did_you_mean
+
+        raise ConfigError(
+            f"task '{spec.task}': unknown style '{style}'{did_you_mean(style, valid)}; "
+            f"valid for {spec.kind}: {', '.join(valid)}"
+        )
+    build = _mc_config if spec.kind == "multiple_choice" else _open_config
+    return build(spec, style, data, opts)

@@ -1,0 +1,169 @@
+"""Evaluate many checkpoints on BOSE tasks with lm-eval's machinery, building the work once.
+
+Tasks, documents, few-shot contexts and request instances are built once per (task, style); each
+checkpoint then only swaps the model inside one `HFLM` and runs the requests (tokenisation memoised
+across checkpoints). This is what `lm_eval.evaluator.evaluate` does per call, minus rebuilding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+
+from evals.scoring import BlankPplScorer  # noqa: E402
+from evals.specs import data_config, load_spec  # noqa: E402
+from evals.styles import StyleOptions, styles_for, task_config  # noqa: E402
+from workbench.config import EvalConfig  # noqa: E402
+from workbench.errors import ConfigError  # noqa: E402
+
+NATIVE = "native"
+
+
+def quiet() -> None:
+    """Silence progress bars and info logs of datasets, transformers and lm-eval."""
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+@dataclass
+class CellResult:
+    """One (task, style) on one model: aggregate metrics and per-item scores."""
+
+    task: str
+    style: str
+    metrics: dict[str, float]
+    items: dict[str, list[float]]
+    seconds: float
+    n: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = max((len(v) for v in self.items.values()), default=0)
+
+
+def style_options(options: dict[str, Any]) -> StyleOptions:
+    known = {f.name for f in fields(StyleOptions)}
+    unknown = set(options) - known
+    if unknown:
+        from workbench.errors import did_you_mean
+
+        key = sorted(unknown)[0]
+        raise ConfigError(f"field 'eval.style_options.{key}': unknown option{did_you_mean(key, known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return StyleOptions(**values)
+
+
+def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> dict[tuple[str, str], Any]:
+    """(task, style) -> an lm-eval task with its request instances built, for every selected cell."""
+    from lm_eval.api.task import ConfigurableTask
+
+    opts = style_options(cfg.style_options)
+    include = tuple(cfg.include_path)
+    tasks: dict[tuple[str, str], Any] = {}
+    for selection in cfg.tasks:
+        styles = selection.styles
+        if styles == [NATIVE]:
+            for name, task in _native_tasks(selection.task).items():
+                tasks[(name, NATIVE)] = task
+            continue
+        spec = load_spec(selection.task, include)
+        overrides = {"dataset_kwargs": selection.dataset_kwargs} if selection.dataset_kwargs else {}
+        overrides.update(selection.overrides)
+        data = data_config(spec, world, overrides)
+        for style in styles or styles_for(spec.kind):
+            tasks[(spec.task, style)] = ConfigurableTask(config=task_config(spec, style, data, opts))
+    for task in tasks.values():
+        task.set_fewshot_seed(1234)  # what lm_eval.simple_evaluate uses
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return tasks
+
+
+def _native_tasks(name: str) -> dict[str, Any]:
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager()
+    if not manager.match_tasks([name]):
+        raise ConfigError(f"unknown lm-eval task '{name}'")
+    loaded = manager.load([name])["tasks"]
+    for task in loaded.values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config("num_fewshot", 0)
+    return loaded
+
+
+class Evaluator:
+    """Runs prebuilt (task, style) cells on any number of models that share one tokenizer."""
+
+    def __init__(self, cfg: EvalConfig, tokenizer, world: dict[str, Any] | None = None,
+                 limit: int | None = None) -> None:
+        quiet()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.tasks = build_tasks(cfg, world or {}, limit if limit is not None else cfg.limit)
+        self._lm = None
+
+    def _language_model(self, model):
+        from lm_eval.models.huggingface import HFLM
+
+        if self._lm is None:
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size)
+            self._lm._encode_pair = lru_cache(maxsize=None)(self._lm._encode_pair)
+        else:  # the same tokenizer and architecture: swapping the module is all HFLM needs
+            self._lm._model, self._lm._config, self._lm._device = model, model.config, model.device
+            self._lm.pretrained = model
+        return self._lm
+
+    def evaluate(self, model, cells: set[tuple[str, str]] | None = None) -> list[CellResult]:
+        """Evaluate `model` (eval mode) on `cells` (default: all) and return one result per cell."""
+        model.eval()
+        lm = self._language_model(model)
+        BlankPplScorer.token_counter = lambda ctx, cont: len(lm._encode_pair(ctx, cont)[1])
+        chosen = {key: task for key, task in self.tasks.items() if cells is None or key in cells}
+        by_type: dict[str, list] = defaultdict(list)
+        for task in chosen.values():
+            for instance in task.instances:
+                instance.resps, instance.filtered_resps = [], {}
+                by_type[instance.request_type].append(instance)
+        started = time.perf_counter()
+        for request_type, requests in by_type.items():
+            cloned = [r for r in requests for _ in range(r.repeats)]
+            for response, request in zip(getattr(lm, request_type)(cloned, disable_tqdm=True), cloned, strict=True):
+                request.resps.append(response)
+        elapsed = time.perf_counter() - started
+        total = sum(len(t.instances) for t in chosen.values()) or 1
+        return [self._score(key, task, elapsed * len(task.instances) / total) for key, task in chosen.items()]
+
+    @staticmethod
+    def _score(key: tuple[str, str], task, seconds: float) -> CellResult:
+        task.apply_filters()
+        by_doc: dict[int, list] = defaultdict(list)
+        for instance in task.instances:
+            by_doc[instance.doc_id].append(instance)
+        items: dict[str, list[float]] = defaultdict(list)
+        filter_key = next(iter(task.instances[0].filtered_resps)) if task.instances else "none"
+        for doc_id in sorted(by_doc):
+            instances = sorted(by_doc[doc_id], key=lambda i: i.idx)
+            result = task.process_results(instances[0].doc, [i.filtered_resps[filter_key] for i in instances])
+            for metric, value in result.items():
+                items[metric].append(float(value))
+        aggregation = task.aggregation()
+        metrics = {m: float(aggregation[m](v)) for m, v in items.items()}
+        return CellResult(key[0], key[1], metrics, dict(items), seconds)
+
+
+def load_checkpoint_model(path: str | Path):
+    """A checkpoint's model from its safetensors (no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
