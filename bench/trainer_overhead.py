@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ from workbench.trainer import WorkbenchTrainer
 PEAK_N = 2048  # the peak is the rate of an n x n @ n x n matmul of this size
 BF16_MIN_FRACTION = 0.5  # run the bf16 arm only where a bf16 matmul runs at least this fraction of fp32's rate
 TARGET_RATIO = 1.03
+DISTURBED = 1.5  # a repeat whose median step is this much slower than its arm's overall median was disturbed
 ARMS = ("plain", "workbench")
 PHASES = ("between", "forward", "backward", "optimizer", "in_step_other")
 PHASE_NAMES = {
@@ -123,7 +125,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def shaped_matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 0.3) -> float:
+def shaped_matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float) -> float:
     """Measured GFLOP/s of an (m x k) @ (k x n) matmul in `dtype` (2 m k n FLOPs each)."""
     a = torch.randn(m, k, device=device()).to(dtype)
     b = torch.randn(k, n, device=device()).to(dtype)
@@ -137,13 +139,18 @@ def shaped_matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds
     return 2 * m * k * n * runs / elapsed / 1e9
 
 
-def measure_matmuls(mlp_shape: tuple[int, int, int]) -> dict[str, float]:
+def measure_matmuls(mlp_shape: tuple[int, int, int], seconds: float) -> dict[str, float]:
     """GFLOP/s of the peak matmul and of the model's MLP up-projection (tokens x d @ d x ffn), fp32 and bf16."""
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rates[name] = matmul_gflops(PEAK_N, dtype, device(), min_seconds=1.0)
-        rates[f"mlp_{name}"] = max(shaped_matmul_gflops(*mlp_shape, dtype) for _ in range(3))
+        rates[name] = matmul_gflops(PEAK_N, dtype, device(), min_seconds=seconds)
+        rates[f"mlp_{name}"] = shaped_matmul_gflops(*mlp_shape, dtype, min_seconds=seconds)
     return rates
+
+
+def best_rates(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Each rate's best measurement: other processes on the cores only ever slow a matmul down."""
+    return {key: max(sample[key] for sample in samples) for key in samples[0]}
 
 
 def plan_precisions(requested: str, peaks: dict[str, float], width: int) -> tuple[list[str], list[str]]:
@@ -324,7 +331,7 @@ class ArmRun:
     precision: str
     repeat: int
     step_s: list[float]
-    phases_s: dict[str, float]
+    phases_s: dict[str, list[float]]  # per timed step
     tokens_per_step: int
     construct_s: float
     startup_s: float
@@ -349,7 +356,7 @@ def run_arm(arm: str, precision: str, repeat: int, cfg: Any, tokenizer: Any, blo
     timer.attach(trainer)
     output = trainer.train()
     steps = timer.steps
-    phases = {p: sum(s.get(p, float("nan")) for s in steps) for p in PHASES}
+    phases = {p: [s.get(p, float("nan")) for s in steps] for p in PHASES}
     result = ArmRun(arm, precision, repeat, [s["step"] for s in steps], phases,
                     int(statistics.median(timer.tokens)), construct_s, timer.startup_s, float(output.training_loss),
                     timer.threads, timer.optimizer_hook)
@@ -389,8 +396,8 @@ def summarise_arm(runs: list[ArmRun], flops_token: float, peaks: dict[str, float
     q1, median, q3 = quartiles(steps)
     tokens = runs[0].tokens_per_step
     gflops = flops_token * tokens / median / 1e9
-    total = sum(sum(run.step_s) for run in runs)
-    phases = {p: sum(run.phases_s[p] for run in runs) / total for p in PHASES}
+    medians = {p: statistics.median(t for run in runs for t in run.phases_s[p]) for p in PHASES}
+    phases = {p: medians[p] / sum(medians.values()) for p in PHASES}  # medians: robust to disturbed steps
     return ArmSummary(
         arm=runs[0].arm, median_ms=median * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, tokens_per_step=tokens,
         tokens_per_s=tokens / median, achieved_gflops=gflops, mfu_fp32_peak=gflops / peaks["fp32"],
@@ -408,11 +415,17 @@ def mean_and_margin(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), 2 * statistics.stdev(values) / len(values) ** 0.5
 
 
-def per_repeat_ratios(runs: list[ArmRun]) -> list[float]:
+def per_repeat_ratios(runs: list[ArmRun]) -> tuple[list[float], list[bool]]:
+    """Each repeat's workbench/plain ratio of median step times, and whether the repeat was disturbed: an arm's
+    median step more than DISTURBED x that arm's median over all repeats (another process took the cores)."""
+    overall = {arm: statistics.median(t for r in runs if r.arm == arm for t in r.step_s) for arm in ARMS}
     by_repeat: dict[int, dict[str, float]] = {}
     for run in runs:
         by_repeat.setdefault(run.repeat, {})[run.arm] = statistics.median(run.step_s)
-    return [r["workbench"] / r["plain"] for _, r in sorted(by_repeat.items()) if len(r) == 2]
+    pairs = [r for _, r in sorted(by_repeat.items()) if len(r) == 2]
+    ratios = [r["workbench"] / r["plain"] for r in pairs]
+    disturbed = [any(r[arm] > DISTURBED * overall[arm] for arm in ARMS) for r in pairs]
+    return ratios, disturbed
 
 
 def print_precision(precision: str, runs: list[ArmRun], flops: dict[str, float], peaks: dict[str, float],
@@ -421,7 +434,8 @@ def print_precision(precision: str, runs: list[ArmRun], flops: dict[str, float],
     arms = {arm: summarise_arm([r for r in runs if r.arm == arm], flops_token, peaks) for arm in ARMS}
     plain, bench = arms["plain"], arms["workbench"]
     ratio = bench.median_ms / plain.median_ms
-    repeats = per_repeat_ratios(runs)
+    repeats, disturbed = per_repeat_ratios(runs)
+    clean = [r for r, bad in zip(repeats, disturbed, strict=True) if not bad]
     print(f"\n== {precision} ==")
     print(f"{'arm':<10} {'step ms: median [IQR]':>24} {'tokens/s':>9} {'GFLOP/s':>8} "
           f"{'MFU/fp32 pk':>11} {'MFU/' + precision + ' pk':>11} {'construct s':>11} {'startup s':>9}")
@@ -431,9 +445,15 @@ def print_precision(precision: str, runs: list[ArmRun], flops: dict[str, float],
               f"{s.construct_s:>11.2f} {s.startup_s:>9.2f}")
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
     print(f"workbench/plain step-time ratio (medians): {ratio:.3f}  target <= {TARGET_RATIO}: {verdict}")
-    mean, margin = mean_and_margin(repeats)
-    print(f"  per-repeat ratios: {', '.join(f'{r:.3f}' for r in repeats)}  (range {min(repeats):.3f} - "
-          f"{max(repeats):.3f}; mean {mean:.3f} +- {margin:.3f} (2 standard errors))")
+    listed = ", ".join(f"{r:.3f}" + ("*" if bad else "") for r, bad in zip(repeats, disturbed, strict=True))
+    print(f"  per-repeat ratios: {listed}  (median {statistics.median(repeats):.3f}, range {min(repeats):.3f} - "
+          f"{max(repeats):.3f})")
+    mean, margin = mean_and_margin(clean) if clean else (float("nan"), float("inf"))
+    excluded = f", leaving out the {len(repeats) - len(clean)} disturbed (*)" if len(clean) < len(repeats) else ""
+    print(f"  mean of the per-repeat ratios{excluded}: {mean:.3f} +- {margin:.3f} (2 standard errors)")
+    if any(disturbed):
+        print(f"  * an arm's median step there was over {DISTURBED}x its median over all repeats: another process "
+              f"had the cores")
     print(f"  ratio of the fastest quartiles (Q1 step times): {bench.q1_ms / plain.q1_ms:.3f}")
     if margin > TARGET_RATIO - 1:
         print(f"  NOTE: +-{margin:.3f} is wider than the {TARGET_RATIO - 1:.0%} being tested, so this run cannot "
@@ -446,11 +466,12 @@ def print_precision(precision: str, runs: list[ArmRun], flops: dict[str, float],
     print(f"  matmul rate: peak {PEAK_N}^3 {peaks[precision]:.0f} GFLOP/s; model MLP shape ({m}x{k} @ {k}x{n}) "
           f"{shaped:.0f} GFLOP/s; training achieves {plain.achieved_gflops:.0f} (plain) = "
           f"{plain.achieved_gflops / shaped:.0%} of the MLP-shaped rate")
-    print("  where a step's time goes (share of the summed timed step times):")
+    print("  where a step's time goes (each phase's median over the timed steps, as a share of their sum):")
     for phase in PHASES:
         print(f"    {PHASE_NAMES[phase]:<88} plain {plain.phase_fraction[phase]:6.1%}   "
               f"workbench {bench.phase_fraction[phase]:6.1%}")
-    return {"ratio": ratio, "per_repeat_ratios": repeats, "repeat_ratio_mean_margin": [mean, margin],
+    return {"ratio": ratio, "per_repeat_ratios": repeats, "disturbed_repeats": disturbed,
+            "undisturbed_repeat_ratio_mean_margin": [mean, margin],
             "q1_ratio": bench.q1_ms / plain.q1_ms, "target": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO,
             "losses_identical": same, "mlp_shaped_gflops": shaped, "arms": {a: asdict(s) for a, s in arms.items()}}
 
@@ -475,25 +496,26 @@ def main(argv: list[str] | None = None) -> int:
         shape = model_shape(build_model(cfg.model, tokenizer))
         flops = flops_per_token(shape, args.block_size)
         matmul_shape = (args.batch_size * args.block_size, shape.width, shape.intermediate)
-        peaks_before = measure_matmuls(matmul_shape)
+        matmuls = [measure_matmuls(matmul_shape, seconds=1.0)]
+        peaks_before = matmuls[0]
         plan, notes = plan_precisions(args.precision, peaks_before, shape.width)
         print(f"[bench] config {args.config}: preset {args.preset}, {shape.params / 1e6:.2f}M parameters "
               f"({shape.matmul_params / 1e6:.2f}M in matmuls), L {shape.layers}, d {shape.width}, "
               f"vocab {shape.vocab}; {len(blocks['train'])} training blocks of {args.block_size} tokens")
         print(f"[bench] DeepSpeed: {cfg.deepspeed or 'off'}; batch {args.batch_size}; {args.repeats} repeats x "
               f"({args.warmup} warm-up + {args.steps} timed steps) per arm, arms alternating")
-        print(f"[bench] matmul GFLOP/s: {PEAK_N}^3 fp32 {peaks_before['fp32']:.0f}, bf16 {peaks_before['bf16']:.0f}; "
+        print(f"[bench] matmul GFLOP/s before: {PEAK_N}^3 fp32 {peaks_before['fp32']:.0f}, bf16 {peaks_before['bf16']:.0f}; "
               f"MLP shape {'x'.join(map(str, matmul_shape))} fp32 {peaks_before['mlp_fp32']:.0f}, "
               f"bf16 {peaks_before['mlp_bf16']:.0f}")
         print("[bench] precision paths: " + "; ".join(notes))
         if cfg.deepspeed and "bf16" in plan:
             print("[bench]   (bf16 under DeepSpeed is DeepSpeed's bf16 mode: bf16 weights and activations, fp32 "
                   "master weights in the ZeRO optimizer; without DeepSpeed it is torch.autocast on fp32 weights)")
-        runs = run_all(args, cfg, plan, tokenizer, blocks)
+        runs = run_all(args, cfg, plan, tokenizer, blocks, lambda: matmuls.append(measure_matmuls(matmul_shape, 0.3)))
     print(f"[bench] after the runs: {load_note(threads)}")
-    peaks_after = measure_matmuls(matmul_shape)
-    peaks = {p: max(peaks_before[p], peaks_after[p]) for p in peaks_before}
-    print_header(flops, shape, args, peaks_before, peaks_after, runs)
+    matmuls.append(measure_matmuls(matmul_shape, seconds=1.0))
+    peaks = best_rates(matmuls)
+    print_header(flops, shape, args, matmuls, runs)
     results: dict[str, Any] = {}
     for precision in plan:
         results[precision] = print_precision(precision, [r for r in runs if r.precision == precision], flops,
@@ -503,14 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         record = {"argv": sys.argv[1:], "settings": vars(args) | {"json": str(args.json)}, "threads": threads,
                   "cpu": cpu_name(), "deepspeed": cfg.deepspeed, "precision_notes": notes, "model": asdict(shape),
-                  "flops_per_token": flops, "peaks_before": peaks_before, "peaks_after": peaks_after,
+                  "flops_per_token": flops, "matmul_gflops": matmuls, "peaks": peaks,
                   "results": results, "runs": [asdict(r) for r in runs], "elapsed_s": elapsed}
         atomic_write_text(args.json, json.dumps(finite(record), indent=2, default=str) + "\n")
         print(f"[bench] wrote {args.json}")
     return 0
 
 
-def run_all(args: argparse.Namespace, cfg: Any, plan: list[str], tokenizer: Any, blocks: Any) -> list[ArmRun]:
+def run_all(args: argparse.Namespace, cfg: Any, plan: list[str], tokenizer: Any, blocks: Any,
+            between_repeats: Callable[[], None]) -> list[ArmRun]:
     """Every repeat of every precision, the two arms alternating their order from one repeat to the next."""
     runs = []
     for repeat in range(args.repeats):
@@ -522,6 +545,7 @@ def run_all(args: argparse.Namespace, cfg: Any, plan: list[str], tokenizer: Any,
                 print(f"[bench] repeat {repeat + 1}/{args.repeats} {precision:<4} {arm:<9} median step "
                       f"{statistics.median(run.step_s) * 1e3:7.1f} ms (construct {run.construct_s:.2f} s, "
                       f"startup {run.startup_s:.2f} s, loss {run.train_loss:.4f})", flush=True)
+        between_repeats()
     return runs
 
 
@@ -545,10 +569,13 @@ def load_note(threads: int) -> str:
 
 
 def print_header(flops: dict[str, float], shape: ModelShape, args: argparse.Namespace,
-                 before: dict[str, float], after: dict[str, float], runs: list[ArmRun]) -> None:
-    print(f"\n[bench] matmul GFLOP/s after the runs: {PEAK_N}^3 fp32 {after['fp32']:.0f}, bf16 {after['bf16']:.0f}; "
-          f"MLP shape fp32 {after['mlp_fp32']:.0f}, bf16 {after['mlp_bf16']:.0f} (before: {before['fp32']:.0f}, "
-          f"{before['bf16']:.0f}; {before['mlp_fp32']:.0f}, {before['mlp_bf16']:.0f}); each rate used is the higher")
+                 matmuls: list[dict[str, float]], runs: list[ArmRun]) -> None:
+    print(f"\n[bench] matmul GFLOP/s measured {len(matmuls)} times (before, after each repeat, after); the best of "
+          f"each is used, the worst shows how much other processes took:")
+    names = {"fp32": f"{PEAK_N}^3 fp32", "bf16": f"{PEAK_N}^3 bf16", "mlp_fp32": "MLP shape fp32",
+             "mlp_bf16": "MLP shape bf16"}
+    print("[bench]   " + "; ".join(f"{label} best {max(m[key] for m in matmuls):.0f}, worst "
+                                  f"{min(m[key] for m in matmuls):.0f}" for key, label in names.items()))
     print(f"[bench] FLOPs/token = 6 N + 12 L d T = 6 x {shape.matmul_params:,} + 12 x {shape.layers} x {shape.width} "
           f"x {args.block_size} = {flops['weights'] / 1e6:.1f}M + {flops['attention'] / 1e6:.1f}M "
           f"(N: all parameters but the untied input embedding; attention at full T, causal mask not discounted)")

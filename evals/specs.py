@@ -31,6 +31,7 @@ class TaskSpec(BaseModel):
     dataset: dict[str, Any] | None = None  # {generator: name}
     stock: str | None = None  # path of a stock task YAML, relative to lm_eval/tasks/
     question: str
+    prompt: str | None = None  # Jinja: the standard prompt; default "Question: {question}\nAnswer:"
     choices: str | None = None  # Jinja rendering a JSON list
     gold: str | None = None  # Jinja rendering the gold option's index
     answer: str | None = None  # Jinja rendering the reference answer (open)
@@ -52,6 +53,10 @@ class SpecReader:
 
     def question(self, doc: dict) -> str:
         return render(self.spec.question, doc).strip()
+
+    def prompt(self, doc: dict) -> str:
+        """The standard prompt: the spec's own, else "Question: {question}\nAnswer:"."""
+        return render(self.spec.prompt, doc) if self.spec.prompt else f"Question: {self.question(doc)}\nAnswer:"
 
     def choices(self, doc: dict) -> list[str]:
         return [str(c).strip() for c in json.loads(render(self.spec.choices, doc))]
@@ -129,7 +134,13 @@ def data_config(spec: TaskSpec, world: dict[str, Any], overrides: dict[str, Any]
         raise ConfigError(f"task '{spec.task}': stock task file '{spec.stock}' not found in lm_eval/tasks")
     stock = load_yaml(str(stock_path), resolve_func=True)
     data = {key: stock[key] for key in _DATA_KEYS if key in stock}
+    files = (overrides.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):  # local files in the stock schema: the json builder, only their splits
+        data.update(dataset_path="json", dataset_name=None)
+        for split in ("training_split", "validation_split", "test_split"):
+            if data.get(split) not in files:
+                data[split] = None
     data.update(overrides)
-    if overrides.get("dataset_path") == "json":
-        data["dataset_name"] = overrides.get("dataset_name")
+    eval_split = data.get("test_split") or data.get("validation_split")
+    data["fewshot_split"] = data.get("fewshot_split") or data.get("training_split") or eval_split
     return data

@@ -1,7 +1,8 @@
 """Prompt styles: each turns a BOSE task spec into an lm-eval task config (a variant of the same items).
 
 Multiple choice (`kind: multiple_choice`), every option scored by lm-eval's log-likelihood requests:
-  zero_shot   "Question: {q}\\nAnswer:" + " {option}"; acc and length-normalised acc_norm
+  zero_shot   the standard prompt ("Question: {q}\\nAnswer:" unless the spec sets `prompt`) + " {option}";
+              acc and length-normalised acc_norm
   few_shot    the same after k solved examples
   iclip       BOSE's ICLiP: instruction L + k examples ending "The answer is {x}." + the item;
               options scored as " The answer is {option}."
@@ -45,10 +46,6 @@ class StyleOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def prompt(question: str) -> str:
-    return f"Question: {question}\nAnswer:"
-
-
 def styles_for(kind: str) -> tuple[str, ...]:
     return MC_STYLES if kind == "multiple_choice" else OPEN_STYLES
 
@@ -67,7 +64,7 @@ def _mc_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOpti
     read = SpecReader(spec)
     cfg = _base(spec, style, data, opts)
     cfg.update(output_type="multiple_choice", doc_to_target=read.gold, target_delimiter=" ",
-               doc_to_text=lambda d: prompt(read.question(d)), doc_to_choice=read.choices,
+               doc_to_text=read.prompt, doc_to_choice=read.choices,
                metric_list=[_metric("acc"), _metric("acc_norm")])
     if style == "few_shot":
         cfg["num_fewshot"] = opts.num_fewshot
@@ -88,7 +85,7 @@ def _mc_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOpti
 
 def _blank_ppl(read: SpecReader, opts: StyleOptions) -> dict[str, Any]:
     def parts(d: dict) -> tuple[str, str]:
-        return read.cloze(d) or (prompt(read.question(d)), "")
+        return read.cloze(d) or (read.prompt(d), "")
 
     def context(d: dict) -> str:
         return "" if opts.blank_span == "full" else parts(d)[0]
@@ -116,7 +113,7 @@ def _open_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOp
         gold = read.answer(doc)
         return {"em": exact_match(answer, gold), "f1": token_f1(answer, gold)}
 
-    cfg.update(output_type="generate_until", doc_to_text=lambda d: prompt(read.question(d)),
+    cfg.update(output_type="generate_until", doc_to_text=read.prompt,
                doc_to_target=read.answer, target_delimiter=" ", process_results=score,
                generation_kwargs={"until": list(opts.until), "max_gen_toks": opts.max_gen_toks, "do_sample": False},
                metric_list=[_metric("em"), _metric("f1")])

@@ -163,7 +163,11 @@ class Evaluator:
 
 
 def load_checkpoint_model(path: str | Path):
-    """A checkpoint's model from its safetensors (no remote code)."""
+    """A checkpoint's model from its safetensors (no remote code): on a GPU as saved, on CPU in fp32
+    (a bf16 checkpoint on CPU can run tens of times slower than fp32, depending on the processor)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
+    if torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, device_map="cuda")
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=torch.float32)

@@ -256,6 +256,19 @@ def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
 
 
+def load_eval_config(path: str | Path) -> EvalConfig:
+    """The `eval:` section of a YAML file (an experiment config or a file holding only that section)."""
+    config_path = resolve_path(path)
+    data = _read_yaml(config_path)
+    try:
+        return EvalConfig.model_validate(data.get("eval", data))
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(["eval", *map(str, first["loc"])])
+        return_msg = first["msg"]
+        raise ConfigError(f"{config_path}: field '{field}': {return_msg}") from None
+
+
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     from workbench.io import atomic_write_text

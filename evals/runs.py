@@ -1,0 +1,105 @@
+"""Sweeping a run's checkpoints (or one model) with the evaluator, resumably, into `eval/results.jsonl`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from evals.results import cell_records, done_cells, read_results, skip_record
+from workbench.checkpoints import list_checkpoints, verify_checkpoint
+from workbench.config import EvalConfig
+from workbench.errors import CheckpointError, ConfigError
+from workbench.io import append_jsonl
+
+_STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+@dataclass
+class Target:
+    """What to evaluate: a run folder with checkpoints, or one model (hub name or local folder)."""
+
+    name: str
+    results: Path  # eval/results.jsonl
+    checkpoints: list[Path]
+    tokenizer: str
+    world: dict[str, Any] = field(default_factory=dict)
+    eval_cfg: EvalConfig | None = None
+
+
+def run_target(run_dir: Path) -> Target:
+    """A training run: its checkpoints, tokenizer, fact world and `eval` section from its config.yaml."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    data = config.get("data", {})
+    world = dict(data.get("synthetic", {})) if data.get("source", "").startswith("synthetic:fact_world") else {}
+    tokenizer = run_dir / "tokenizer"
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"'{run_dir}' has no checkpoint-* folders to evaluate")
+    eval_cfg = EvalConfig.model_validate(config["eval"]) if "eval" in config else None
+    return Target(run_dir.name, run_dir / "eval" / "results.jsonl", checkpoints,
+                  str(tokenizer if tokenizer.is_dir() else checkpoints[-1]), world, eval_cfg)
+
+
+def model_target(model: str, out_dir: Path) -> Target:
+    """One model by hub name or local path; results go to `out_dir`/results.jsonl."""
+    return Target(Path(model).name, out_dir / "results.jsonl", [Path(model)], model)
+
+
+def step_of(checkpoint: Path) -> int | None:
+    match = _STEP.search(checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
+def _is_local(path: Path) -> bool:
+    return path.exists()
+
+
+def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
+    """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results; returns cells done."""
+    from evals.sweep import Evaluator, load_checkpoint_model
+
+    done = done_cells(read_results(target.results))
+    ev = evaluator
+    pending_total, finished = None, 0
+    bar = None
+    for checkpoint in target.checkpoints:
+        label = checkpoint.name
+        if ev is None:
+            from transformers import AutoTokenizer
+
+            ev = Evaluator(cfg, AutoTokenizer.from_pretrained(target.tokenizer), target.world, limit)
+        cells = {key for key in ev.tasks if (label, *key) not in done}
+        if pending_total is None:
+            pending_total = sum(
+                len([k for k in ev.tasks if (c.name, *k) not in done]) for c in target.checkpoints
+            )
+            bar = tqdm(total=pending_total, desc=f"evaluating {target.name}", unit="cell", disable=not progress)
+        if not cells:
+            continue
+        step = step_of(checkpoint)
+        try:
+            if _is_local(checkpoint) and (checkpoint / "workbench_manifest.json").exists():
+                verify_checkpoint(checkpoint)
+            model = load_checkpoint_model(checkpoint)
+        except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            tqdm.write(f"skipping {label}: {reason}")
+            append_jsonl(target.results, skip_record(target.name, label, step, reason))
+            bar.update(len(cells))
+            continue
+        for cell in sorted(cells):  # one cell at a time: a killed sweep loses at most the cell in progress
+            (result,) = ev.evaluate(model, {cell})
+            append_jsonl(target.results, *cell_records(target.name, label, step, result))
+            finished += 1
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return finished

@@ -1,0 +1,223 @@
+"""The BOSE evaluator: golden prompts per style, scoring against a hand-written torch loop, resumable sweeps,
+corrupt checkpoints, bad names, stock-task variants on local fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_config, train_main, write_config
+
+from evals.results import read_results
+from evals.runs import run_target, sweep
+from evals.sweep import Evaluator, build_tasks, load_checkpoint_model
+from workbench.config import EvalConfig, EvalTask
+from workbench.errors import ConfigError
+
+WORLD = {"num_entities": 40, "seed": 1}
+FIXTURES = REPO / "tests" / "fixtures" / "stock"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny fact-world run with checkpoints at steps 2, 4 and 6."""
+    tmp = tmp_path_factory.mktemp("evalrun")
+    cfg = tiny_config(tmp, name="evalrun", data={"synthetic": WORLD},
+                      training={"max_steps": 6, "save_steps": 2})
+    assert train_main([str(write_config(tmp, cfg))]) == 0
+    return tmp / "runs" / "evalrun"
+
+
+def _first_context(task_name: str, style: str, world=WORLD) -> tuple:
+    cfg = EvalConfig(tasks=[EvalTask(task=task_name, styles=[style])], limit=1)
+    (task,) = build_tasks(cfg, world, limit=1).values()
+    return task.instances[0].args
+
+
+GOLDEN = {
+    ("factworld_mc", "zero_shot"): ("Question: What does Lumul Norox do as a hobby?\nAnswer:", " sailing"),
+    ("factworld_mc", "letter"): (
+        "Question: What does Lumul Norox do as a hobby?\nA. sailing\nB. origami\nC. kayaking\nD. fencing\nAnswer:",
+        " A"),
+    ("factworld_mc", "blank_ppl"): ("Lumul Norox enjoys", " sailing as a hobby."),
+    ("factworld_mc", "iclip"): (
+        "Choose the correct answer. Finish with 'The answer is X'.\n\n"
+        "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: The answer is sunflower.\n\n"
+        "Question: Where was Nykor Ithta born?\nAnswer: The answer is Brisca.\n\n"
+        "Question: Which institution did Veloxrin Isor graduate from?\nAnswer: The answer is Marrowfield University.\n\n"
+        "Question: What does Lumul Norox do as a hobby?\nAnswer:", " The answer is sailing."),
+    ("factworld_qa", "zero_shot"): "Question: What does Lumul Norox do as a hobby?\nAnswer:",
+    ("factworld_qa", "few_shot"): (
+        "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: sunflower\n\n"
+        "Question: Where was Nykor Ithta born?\nAnswer: Brisca\n\n"
+        "Question: Where did Veloxrin Isor study?\nAnswer: Marrowfield University\n\n"
+        "Question: What does Lumul Norox do as a hobby?\nAnswer:"),
+    ("factworld_qa", "iclip"): (
+        "Answer the question. Finish with 'The answer is X'.\n\n"
+        "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: The favourite flower of Veloxrin Isor "
+        "is the sunflower. The answer is sunflower.\n\n"
+        "Question: Where was Nykor Ithta born?\nAnswer: Nykor Ithta was born in Brisca. The answer is Brisca.\n\n"
+        "Question: Where did Veloxrin Isor study?\nAnswer: Veloxrin Isor studied at Marrowfield University. "
+        "The answer is Marrowfield University.\n\n"
+        "Question: What does Lumul Norox do as a hobby?\nAnswer:"),
+    ("factworld_qa", "instruction_only"): (
+        "Answer the question. Finish with 'The answer is X'.\n\nQuestion: What does Lumul Norox do as a hobby?\nAnswer:"),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(GOLDEN))
+def test_rendered_prompts_match_golden_strings(cell):
+    args = _first_context(*cell)
+    want = GOLDEN[cell]
+    assert (args if isinstance(want, tuple) else args[0]) == want
+
+
+def _manual_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+    """Sum of log p(continuation tokens | context) with a plain log-softmax loop, and the token count."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):] if context else whole
+    ids = torch.tensor([(ctx if context else [tokenizer.eos_token_id]) + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    start = ids.shape[1] - len(cont)
+    return sum(logprobs[start - 1 + i, tok].item() for i, tok in enumerate(cont)), len(cont)
+
+
+@pytest.mark.parametrize("style", ["zero_shot", "letter", "blank_ppl", "iclip"])
+def test_scoring_matches_a_hand_written_loop(trained_run, style):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    model = load_checkpoint_model(trained_run / "checkpoint-6")
+    cfg = EvalConfig(tasks=[EvalTask(task="factworld_mc", styles=[style])], limit=6)
+    evaluator = Evaluator(cfg, tokenizer, WORLD)
+    (result,) = evaluator.evaluate(model)
+    task = evaluator.tasks[("factworld_mc", style)]
+    correct = []
+    for doc_id in sorted({i.doc_id for i in task.instances}):
+        instances = sorted((i for i in task.instances if i.doc_id == doc_id), key=lambda i: i.idx)
+        manual = [_manual_loglikelihood(model, tokenizer, *i.args) for i in instances]
+        for instance, (ll, _) in zip(instances, manual, strict=True):
+            assert instance.resps[0][0] == pytest.approx(ll, abs=1e-4)
+        gold = instances[0].doc["label"]
+        if style == "blank_ppl":  # mean NLL per scored token; argmin; a tie goes to the lowest index
+            scores = [-ll / n for ll, n in manual]
+            correct.append(float(min(range(len(scores)), key=lambda k: (scores[k], k)) == gold))
+        else:
+            lls = [ll for ll, _ in manual]
+            correct.append(float(max(range(len(lls)), key=lambda k: (lls[k], -k)) == gold))
+    assert result.items["acc"] == correct
+    assert result.metrics["acc"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_sweep_writes_results_report_and_resumes(trained_run, monkeypatch, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg = EvalConfig(tasks=[EvalTask(task="factworld_mc", styles=["zero_shot", "blank_ppl"]),
+                            EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=5, bootstrap=50)
+    target = run_target(run)
+    target.world = WORLD
+    calls = {"n": 0}
+    original = Evaluator.evaluate
+
+    def dies_after_four_cells(self, model, cells=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the sweep is killed while evaluating its fifth cell
+        return original(self, model, cells)
+
+    monkeypatch.setattr(Evaluator, "evaluate", dies_after_four_cells)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(target, cfg, progress=False)
+    assert len({(r["checkpoint"], r["task"], r["style"]) for r in read_results(target.results)}) == 4
+    monkeypatch.setattr(Evaluator, "evaluate", original)
+    assert sweep(target, cfg, progress=False) == 9 - 4  # only the missing cells
+    records = read_results(target.results)
+    cells = [(r["checkpoint"], r["task"], r["style"], r["metric"]) for r in records]
+    assert len(cells) == len(set(cells)) == 3 * (2 + 2 + 2)  # acc+acc_norm, acc+gold_ppl, em+f1
+    assert sweep(target, cfg, progress=False) == 0
+    from evals.report import write_report
+
+    report = write_report(records, target.results.parent, "run", n_boot=50).read_text()
+    assert "Kendall's tau-b" in report and "| factworld_mc | blank_ppl | acc |" in report
+    assert (target.results.parent / "factworld_mc.png").is_file()
+
+
+def test_corrupt_checkpoint_is_skipped_and_reported(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    cfg = EvalConfig(tasks=[EvalTask(task="factworld_mc", styles=["zero_shot"])], limit=3, bootstrap=0)
+    target = run_target(run)
+    target.world = WORLD
+    assert sweep(target, cfg, progress=False) == 2
+    skipped = [r for r in read_results(target.results) if r.get("status") == "skipped"]
+    assert [r["checkpoint"] for r in skipped] == ["checkpoint-4"] and "corrupt" in skipped[0]["reason"]
+    from evals.report import write_report
+
+    assert "`checkpoint-4`: " in write_report(read_results(target.results), target.results.parent, "run").read_text()
+
+
+def test_bad_task_and_style_names():
+    with pytest.raises(ConfigError, match=r"unknown task 'factworld_mcq' \(did you mean 'factworld_mc'\?\)"):
+        build_tasks(EvalConfig(tasks=[EvalTask(task="factworld_mcq")]), WORLD, 1)
+    with pytest.raises(ConfigError, match=r"unknown style 'blank'.*valid for multiple_choice: zero_shot"):
+        build_tasks(EvalConfig(tasks=[EvalTask(task="factworld_mc", styles=["blank"])]), WORLD, 1)
+
+
+def test_cli_bad_task_is_one_line_exit_2(trained_run, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_entry", REPO / "launch" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(trained_run), "--task", "nosuchtask"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unknown task 'nosuchtask'") and "factworld_mc" in err[-1]
+
+
+STOCK = {
+    "arc_easy_bose": ("test", "arc_easy.jsonl", "Question: Which of these is a source of light?\nAnswer:", " a rock"),
+    "hellaswag_bose": ("validation", "hellaswag.jsonl", "Cooking: A man cracks eggs into a bowl. He", " whisks them with a fork."),
+    "piqa_bose": ("validation", "piqa.jsonl", "Question: To boil water,\nAnswer:", " put it in a pot on a hot stove."),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STOCK))
+def test_stock_task_variants_on_local_fixtures(trained_run, name):
+    from transformers import AutoTokenizer
+
+    split, filename, first_context, first_choice = STOCK[name]
+    task = EvalTask(task=name, styles=["zero_shot", "letter", "blank_ppl", "few_shot"],
+                    dataset_kwargs={"data_files": {split: str(FIXTURES / filename)}})
+    evaluator = Evaluator(EvalConfig(tasks=[task], style_options={"num_fewshot": 1}),
+                          AutoTokenizer.from_pretrained(trained_run / "tokenizer"))
+    zero_shot = evaluator.tasks[(name, "zero_shot")]
+    assert zero_shot.instances[0].args == (first_context, first_choice)
+    results = {r.style: r for r in evaluator.evaluate(load_checkpoint_model(trained_run / "checkpoint-6"))}
+    n_docs = len((FIXTURES / filename).read_text().splitlines())
+    assert all(r.n == n_docs and 0.0 <= r.metrics["acc"] <= 1.0 for r in results.values())
+    blank = evaluator.tasks[(name, "blank_ppl")].instances[0].args
+    if name == "hellaswag_bose":  # the spec's cloze: context, then the ending fills the blank
+        assert blank == ("Cooking: A man cracks eggs into a bowl. He", " whisks them with a fork.")
+
+
+def test_results_lines_are_json_with_items(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    target = run_target(run)
+    target.world, target.checkpoints = WORLD, target.checkpoints[-1:]
+    sweep(target, EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=4), progress=False)
+    lines = [json.loads(line) for line in Path(target.results).read_text().splitlines()]
+    assert {line["metric"] for line in lines} == {"em", "f1"}
+    assert all(line["n"] == 4 == len(line["items"]) and line["step"] == 6 for line in lines)
