@@ -14,13 +14,14 @@ callbacks, so it includes fetching the batch; hooks split it into forward, backw
 It prints, for each precision path it ran (fp32, and bf16 where this CPU runs bf16 matmuls at least half as
 fast as fp32; it always says which it ran and why):
   - the workbench/plain step-time ratio (of the median step times; target <= 1.03) with its spread: the ratio
-    of each repeat's pair, their mean +- 2 standard errors, the ratio of the fastest quartiles, and each arm's
-    median step time with its interquartile range;
+    of each repeat's pair, their mean +- 2 standard errors (leaving out repeats that another process visibly
+    slowed, marked *), the ratio of the fastest quartiles, and each arm's median step time with its IQR;
   - tokens/s of each arm, and whether both arms reached the same training loss (they do the same work);
   - model-FLOPs utilisation: FLOPs/step = (6 N + 12 L d T) x tokens/step, N = parameters that take part in
     matmuls (all but the input embedding; a tied lm head counts once), L layers, d width, T block size,
     against the peak of a 2048 x 2048 matmul measured in this run (fp32; bf16 also shown), and the rate of a
-    matmul of the model's own MLP shape;
+    matmul of the model's own MLP shape; each rate is the best of measurements before, between and after
+    the repeats;
   - where a step's time goes: forward, backward, optimizer, the rest of the step, and between steps (data);
     per arm also the trainer's construction time and its startup (train() to the first step: DeepSpeed's engine
     and the data loader; the first arm of a process may also build DeepSpeed's CPU ops once);
@@ -54,7 +55,7 @@ import torch
 import transformers
 from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainerCallback, set_seed
 
-from workbench.config import load_config
+from workbench.config import ExperimentConfig, load_config
 from workbench.data import prepare_data
 from workbench.io import atomic_write_text
 from workbench.models import build_model
@@ -187,7 +188,7 @@ def distributed_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def load_bench_config(args: argparse.Namespace, runs_dir: str):
+def load_bench_config(args: argparse.Namespace, runs_dir: str) -> ExperimentConfig:
     """The experiment config with the bench's model, data, DeepSpeed and training fields."""
     deepspeed = "null" if args.deepspeed.lower() == "none" else args.deepspeed
     overrides = [f"model.preset={args.preset}", f"data.block_size={args.block_size}", f"deepspeed={deepspeed}",
@@ -322,7 +323,6 @@ class StepTimer(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs: Any) -> None:
         self._trainer = None
-
 
 
 @dataclass

@@ -20,11 +20,14 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def latest_by_cell(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
-    """(task, style, metric, checkpoint) -> the newest record (a re-evaluated cell replaces the old one)."""
-    cells = {}
+    """(task, style, metric, checkpoint) -> the record with the most items (the newest among equals)."""
+    cells: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in records:
-        if r.get("status", "ok") == "ok":
-            cells[(r["task"], r["style"], r["metric"], r["checkpoint"])] = r
+        if r.get("status", "ok") != "ok":
+            continue
+        key = (r["task"], r["style"], r["metric"], r["checkpoint"])
+        if key not in cells or r["n"] >= cells[key]["n"]:
+            cells[key] = r
     return cells
 
 

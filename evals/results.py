@@ -12,10 +12,11 @@ from typing import Any
 from workbench.io import read_jsonl
 
 
-def cell_records(run: str, checkpoint: str, step: int | None, result) -> list[dict[str, Any]]:
+def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None) -> list[dict[str, Any]]:
     """The lines of one evaluated cell (`evals.sweep.CellResult`), one per metric, items included."""
     return [
         {"run": run, "checkpoint": checkpoint, "step": step, "task": result.task, "style": result.style,
+         "limit": limit,
          "metric": metric, "value": value, "n": len(result.items.get(metric, [])),
          "items": result.items.get(metric, []), "seconds": round(result.seconds, 3)}
         for metric, value in result.metrics.items()
@@ -27,9 +28,10 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return read_jsonl(path) if path.is_file() else []
 
 
-def done_cells(records: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """(checkpoint, task, style) cells that have results."""
-    return {(r["checkpoint"], r["task"], r["style"]) for r in records if r.get("status", "ok") == "ok"}
+def done_cells(records: list[dict[str, Any]], limit: int | None) -> set[tuple[str, str, str]]:
+    """(checkpoint, task, style) cells that have results at this item `limit` (or more items)."""
+    return {(r["checkpoint"], r["task"], r["style"]) for r in records
+            if r.get("status", "ok") == "ok" and (r.get("limit") == limit or limit is not None and r["n"] >= limit)}
 
 
 def skip_record(run: str, checkpoint: str, step: int | None, reason: str) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
     """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results; returns cells done."""
     from evals.sweep import Evaluator, load_checkpoint_model
 
-    done = done_cells(read_results(target.results))
+    limit = limit if limit is not None else cfg.limit
+    done = done_cells(read_results(target.results), limit)
     ev = evaluator
     pending_total, finished = None, 0
     bar = None
@@ -97,7 +98,7 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
             continue
         for cell in sorted(cells):  # one cell at a time: a killed sweep loses at most the cell in progress
             (result,) = ev.evaluate(model, {cell})
-            append_jsonl(target.results, *cell_records(target.name, label, step, result))
+            append_jsonl(target.results, *cell_records(target.name, label, step, result, limit))
             finished += 1
             bar.update(1)
     if bar is not None:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import DataCollatorForLanguageModeling, TrainingArguments, set_seed
 
-from workbench.callbacks import MetricsJsonlCallback
+from workbench.callbacks import EvalOnSaveCallback, MetricsJsonlCallback, SaveAtStepsCallback
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
 from workbench.config import ExperimentConfig, dump_config, resolve_path
 from workbench.data import prepare_data
@@ -110,6 +110,13 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
     validation = blocks["validation"] if len(blocks["validation"]) else None
+    callbacks = [MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")]
+    if cfg.save_at_steps:
+        callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
+    if cfg.eval.on_save:
+        world = cfg.data.synthetic if cfg.data.source == "synthetic:fact_world" else {}
+        callbacks.append(EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / "tokenizer", world,
+                                            cfg.eval.on_save_limit))
     trainer = WorkbenchTrainer(
         model=model,
         args=args,
@@ -117,7 +124,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         eval_dataset=validation,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")],
+        callbacks=callbacks,
         methods=build_methods(cfg.methods),
     )
     checkpoint = find_resume_checkpoint(cfg, resume, report=report)

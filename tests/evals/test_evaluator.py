@@ -221,3 +221,25 @@ def test_results_lines_are_json_with_items(trained_run, tmp_path):
     lines = [json.loads(line) for line in Path(target.results).read_text().splitlines()]
     assert {line["metric"] for line in lines} == {"em", "f1"}
     assert all(line["n"] == 4 == len(line["items"]) and line["step"] == 6 for line in lines)
+
+
+def test_eval_on_save_during_training_leaves_training_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    eval_section = {"on_save": True, "on_save_limit": 3, "bootstrap": 0,
+                    "tasks": [{"task": "factworld_mc", "styles": ["zero_shot", "blank_ppl"]}]}
+    model = {"overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "hidden_dropout": 0.1}}
+    plain = tiny_config(tmp_path, name="plain", model=model, data={"synthetic": WORLD})
+    evaluated = tiny_config(tmp_path, name="evaluated", model=model, data={"synthetic": WORLD},
+                            eval=eval_section, save_at_steps=[1])
+    assert train_main([str(write_config(tmp_path, plain, "a.yaml"))]) == 0
+    assert train_main([str(write_config(tmp_path, evaluated, "b.yaml"))]) == 0
+    run = tmp_path / "runs" / "evaluated"
+    records = read_results(run / "eval" / "results.jsonl")
+    assert {(r["checkpoint"], r["style"]) for r in records} == {
+        (f"checkpoint-{s}", style) for s in (1, 4, 8) for style in ("zero_shot", "blank_ppl")}
+    assert all(r["n"] == 3 for r in records)
+    a = load_file(tmp_path / "runs/plain/checkpoint-8/model.safetensors")
+    b = load_file(run / "checkpoint-8/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on save consumed no training randomness
