@@ -36,34 +36,33 @@ def _first_context(task_name: str, style: str, world=WORLD) -> tuple:
     return task.instances[0].args
 
 
+ITEM_MC = "Question: In which country does Quilny Taro live?\nAnswer:"
+ITEM_QA = "Question: Where does Quilny Taro live?\nAnswer:"
 GOLDEN = {
-    ("factworld_mc", "zero_shot"): ("Question: What does Lumul Norox do as a hobby?\nAnswer:", " sailing"),
+    ("factworld_mc", "zero_shot"): (ITEM_MC, " Daravia"),
     ("factworld_mc", "letter"): (
-        "Question: What does Lumul Norox do as a hobby?\nA. sailing\nB. origami\nC. kayaking\nD. fencing\nAnswer:",
+        "Question: In which country does Quilny Taro live?\nA. Daravia\nB. Quorland\nC. Tzerrin\nD. Kaldora\nAnswer:",
         " A"),
-    ("factworld_mc", "blank_ppl"): ("Lumul Norox enjoys", " sailing as a hobby."),
+    ("factworld_mc", "blank_ppl"): ("Quilny Taro currently lives in", " Daravia."),
     ("factworld_mc", "iclip"): (
         "Choose the correct answer. Finish with 'The answer is X'.\n\n"
         "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: The answer is sunflower.\n\n"
         "Question: Where was Nykor Ithta born?\nAnswer: The answer is Brisca.\n\n"
         "Question: Which institution did Veloxrin Isor graduate from?\nAnswer: The answer is Marrowfield University.\n\n"
-        "Question: What does Lumul Norox do as a hobby?\nAnswer:", " The answer is sailing."),
-    ("factworld_qa", "zero_shot"): "Question: What does Lumul Norox do as a hobby?\nAnswer:",
+        + ITEM_MC, " The answer is Daravia."),
+    ("factworld_qa", "zero_shot"): ITEM_QA,
     ("factworld_qa", "few_shot"): (
         "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: sunflower\n\n"
         "Question: Where was Nykor Ithta born?\nAnswer: Brisca\n\n"
-        "Question: Where did Veloxrin Isor study?\nAnswer: Marrowfield University\n\n"
-        "Question: What does Lumul Norox do as a hobby?\nAnswer:"),
+        "Question: Where did Veloxrin Isor study?\nAnswer: Marrowfield University\n\n" + ITEM_QA),
     ("factworld_qa", "iclip"): (
         "Answer the question. Finish with 'The answer is X'.\n\n"
         "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: The favourite flower of Veloxrin Isor "
         "is the sunflower. The answer is sunflower.\n\n"
         "Question: Where was Nykor Ithta born?\nAnswer: Nykor Ithta was born in Brisca. The answer is Brisca.\n\n"
         "Question: Where did Veloxrin Isor study?\nAnswer: Veloxrin Isor studied at Marrowfield University. "
-        "The answer is Marrowfield University.\n\n"
-        "Question: What does Lumul Norox do as a hobby?\nAnswer:"),
-    ("factworld_qa", "instruction_only"): (
-        "Answer the question. Finish with 'The answer is X'.\n\nQuestion: What does Lumul Norox do as a hobby?\nAnswer:"),
+        "The answer is Marrowfield University.\n\n" + ITEM_QA),
+    ("factworld_qa", "instruction_only"): "Answer the question. Finish with 'The answer is X'.\n\n" + ITEM_QA,
 }
 
 

@@ -1,0 +1,1 @@
+"""Tiny-scale reproductions of the BOSE paper's claims (stability, consistency)."""

@@ -1,0 +1,48 @@
+"""Shared pieces of the reproductions: launching training runs, log-spaced steps, seed tables."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
+    """`count` distinct integer steps from `first` to `last`, evenly spaced in log(step)."""
+    steps = sorted({int(round(s)) for s in np.geomspace(first, last, count)})
+    extra = count - len(steps)
+    if extra > 0:  # rounding merged some small steps: fill in the largest gaps
+        raise ValueError(f"cannot place {count} distinct log-spaced steps between {first} and {last}")
+    return steps
+
+
+def train(config: Path, overrides: list[str], log: Path) -> None:
+    """`python launch/train.py config --set ...` in a subprocess; raises with the log's tail on failure."""
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), str(config), "--overwrite"]
+    for override in overrides:
+        cmd += ["--set", override]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with log.open("w") as handle:
+        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"training failed ({' '.join(cmd)}), see {log}:\n{tail}")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+
+def fmt_ms(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return "–" if math.isnan(mean) else f"{mean:+.2f} ± {std:.2f}"
