@@ -25,8 +25,8 @@ from workbench.io import atomic_write_text
 from workbench.sft import SFTRecipe, instruction_tune
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
-FULL = [("pythia-tiny", 60), ("pythia-tiny", 200), ("pythia-tiny", 500),
-        ("pythia-small", 60), ("pythia-small", 200), ("pythia-small", 500)]
+FULL = [("pythia-tiny", 60), ("pythia-tiny", 150), ("pythia-tiny", 377),
+        ("pythia-small", 60), ("pythia-small", 150), ("pythia-small", 377)]
 QUICK = [("pythia-tiny", 20), ("pythia-tiny", 40), ("pythia-tiny", 80)]
 
 

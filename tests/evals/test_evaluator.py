@@ -242,3 +242,31 @@ def test_eval_on_save_during_training_leaves_training_unchanged(tmp_path):
     a = load_file(tmp_path / "runs/plain/checkpoint-8/model.safetensors")
     b = load_file(run / "checkpoint-8/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on save consumed no training randomness
+
+
+def test_entity_pools_are_disjoint_and_sft_data_avoids_test_entities():
+    from evals.data import entity_pools, factworld_mc, factworld_qa, factworld_sft
+
+    test, sft, fewshot = entity_pools(40)
+    assert not (set(test) & set(sft)) and not (set(test) | set(sft)) & set(fewshot)
+    assert sorted(test + sft + fewshot) == list(range(40))
+    qa, mc = factworld_qa(**WORLD), factworld_mc(**WORLD)
+    tuned = {p.split("\n")[0] for p in factworld_sft(**WORLD)["prompt"]}
+    asked = list(qa["test"]["question"]) + list(mc["test"]["question"])
+    assert not tuned & {f"Question: {q}" for q in asked}
+
+
+def test_instruction_tuning_writes_an_evaluable_run(trained_run, tmp_path):
+    import yaml
+
+    from evals.data import factworld_sft
+    from workbench.sft import SFTRecipe, instruction_tune
+
+    config = yaml.safe_load((trained_run / "config.yaml").read_text())
+    final = instruction_tune(trained_run / "checkpoint-6", trained_run / "tokenizer", factworld_sft(**WORLD),
+                             tmp_path / "instruct", SFTRecipe(max_steps=3, per_device_train_batch_size=4), config)
+    assert (final / "model.safetensors").is_file()
+    target = run_target(tmp_path / "instruct")
+    assert target.world == WORLD and target.checkpoints == [final]
+    assert sweep(target, EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=2),
+                 progress=False) == 1
