@@ -96,7 +96,10 @@ def _native_tasks(name: str) -> dict[str, Any]:
     manager = TaskManager()
     if not manager.match_tasks([name]):
         raise ConfigError(f"unknown lm-eval task '{name}'")
-    loaded = manager.load([name])["tasks"]
+    try:
+        loaded = manager.load([name])["tasks"]
+    except Exception as err:  # datasets and lm-eval raise many kinds; the user needs the task and the cause
+        raise ConfigError(f"lm-eval task '{name}' could not be loaded: {str(err).splitlines()[0]}") from None
     for task in loaded.values():
         if task.get_config("num_fewshot") is None:
             task.set_config("num_fewshot", 0)
