@@ -63,6 +63,21 @@ class DataConfig(_Section):
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents")
     num_proc: int | None = Field(None, ge=1, description="processes for datasets.map")
     cache_dir: str = Field(".cache/workbench", description="tokenizers and tokenised data are cached here")
+    repetition: dict[str, Any] | None = Field(
+        None, description="workbench.data.repetition.RepetitionConfig: budget_tokens, unique_tokens, mode, seed"
+    )
+
+    @pydantic.field_validator("repetition")
+    @classmethod
+    def _check_repetition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from workbench.data.repetition import RepetitionConfig
+
+            try:
+                RepetitionConfig(**value)
+            except TypeError as err:
+                raise ValueError(f"[repetition] {err}") from None
+        return value
 
 
 class EvalTask(_Section):

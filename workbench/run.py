@@ -15,6 +15,7 @@ from workbench.callbacks import EvalOnSaveCallback, MetricsJsonlCallback, SaveAt
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
 from workbench.config import ExperimentConfig, dump_config, resolve_path
 from workbench.data import prepare_data
+from workbench.data.repetition import RepetitionConfig, repetition_stream
 from workbench.errors import ConfigError
 from workbench.methods import build_methods
 from workbench.models import build_model
@@ -52,6 +53,9 @@ def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
 def training_arguments(cfg: ExperimentConfig, precision: str) -> TrainingArguments:
     """`TrainingArguments` from the `training` section plus what the workbench manages."""
     fields = {**TRAINING_DEFAULTS, **cfg.training}
+    if cfg.data.repetition is not None:  # the stream is already in training order
+        if fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
+            raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
     os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / "tensorboard")
     deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
     try:
@@ -107,6 +111,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     args = training_arguments(cfg, precision)
     with args.main_process_first(desc="building tokenizer and data"):
         tokenizer, blocks = prepare_data(cfg.data, cfg.model)
+    train_blocks = blocks["train"]
+    if cfg.data.repetition is not None:
+        try:
+            train_blocks = repetition_stream(train_blocks, RepetitionConfig(**cfg.data.repetition), cfg.data.block_size)
+        except ValueError as err:
+            raise ConfigError(f"field 'data.repetition': {err}") from None
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
     validation = blocks["validation"] if len(blocks["validation"]) else None
@@ -120,7 +130,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     trainer = WorkbenchTrainer(
         model=model,
         args=args,
-        train_dataset=blocks["train"],
+        train_dataset=train_blocks,
         eval_dataset=validation,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
@@ -133,7 +143,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         tokenizer.save_pretrained(str(cfg.run_dir / "tokenizer"))
     report(
         f"[workbench] {cfg.name}: {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"{len(blocks['train'])} training blocks of {cfg.data.block_size} tokens"
+        f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens"
         + (f", resuming from {checkpoint}" if checkpoint else "")
     )
     output = trainer.train(resume_from_checkpoint=checkpoint)

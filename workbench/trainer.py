@@ -30,8 +30,9 @@ class WorkbenchTrainer(Trainer):
             kwargs["model"] = method.prepare_model(kwargs["model"])
             if kwargs.get("data_collator") is not None:
                 kwargs["data_collator"] = method.wrap_collator(kwargs["data_collator"])
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [cb for method in self.methods for cb in method.callbacks()]
+        # method callbacks first, so the metrics they add to the logs reach the other callbacks
+        callbacks = [cb for method in self.methods for cb in method.callbacks()]
+        callbacks += list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._loss_methods = [m for m in self.methods if m.overrides("loss")]
         self._group_methods = [m for m in self.methods if m.overrides("param_groups")]

@@ -112,3 +112,7 @@ def validate_method_config(name: str, options: dict[str, Any]) -> dict[str, Any]
 def build_methods(configs: dict[str, dict[str, Any]]) -> list[Method]:
     """Instantiate the enabled methods, in config order."""
     return [_method_class(name)(_method_class(name).Config(**options)) for name, options in configs.items()]
+
+
+# Built-in methods register themselves on import.
+from workbench.methods import dropout_schedule  # noqa: E402, F401
