@@ -53,9 +53,9 @@ def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
 def training_arguments(cfg: ExperimentConfig, precision: str) -> TrainingArguments:
     """`TrainingArguments` from the `training` section plus what the workbench manages."""
     fields = {**TRAINING_DEFAULTS, **cfg.training}
-    if cfg.data.repetition is not None:  # the stream is already in training order
-        if fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
-            raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
+    repeated = cfg.data.repetition is not None  # the stream is already in training order
+    if repeated and fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
+        raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
     os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / "tensorboard")
     deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
     try:
