@@ -104,7 +104,7 @@ class EvalConfig(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.\-/]+$", description="the run's folder under runs_dir")
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.=\-/]+$", description="the run's folder under runs_dir")
     runs_dir: str = "runs"
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
