@@ -73,3 +73,14 @@ def test_no_remote_code_unless_asked(tmp_path, tokenizer, monkeypatch):
 def test_missing_local_model_is_a_config_error(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="not found"):
         build_model(ModelConfig(name_or_path=str(tmp_path / "nothing-here")), tokenizer)
+
+
+def test_moe_and_dense_pair_have_matching_ffn_parameters(tokenizer):
+    def ffn(model):
+        return sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+
+    moe = build_model(ModelConfig(preset="mixtral-tiny"), tokenizer)
+    dense = build_model(ModelConfig(preset="mixtral-dense-tiny"), tokenizer)
+    assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 1
+    assert abs(ffn(moe) - ffn(dense)) / ffn(dense) < 0.05
+    assert abs(moe.num_parameters() - dense.num_parameters()) / dense.num_parameters() < 0.05

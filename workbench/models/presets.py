@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GPTNeoXConfig, LlamaConfig, PretrainedConfig
+from transformers import GPTNeoXConfig, LlamaConfig, MixtralConfig, PretrainedConfig
 
 # name -> (config class, fields). Parameter counts with a 2,048-token vocabulary in the comments.
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
@@ -31,6 +31,16 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         LlamaConfig,
         dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=704),
     ),
+    "mixtral-tiny": (  # ~1.0M parameters: 4 experts of width 256, top-1 (the MoE side of a dense/MoE pair)
+        MixtralConfig,
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=256, num_local_experts=4, num_experts_per_tok=1),
+    ),
+    "mixtral-dense-tiny": (  # ~1.0M parameters: the same model with one expert of width 4 x 256 (dense FFN)
+        MixtralConfig,
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=1024, num_local_experts=1, num_experts_per_tok=1),
+    ),
 }
 
 _SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
@@ -39,6 +49,8 @@ _SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
         attention_dropout=0.0, hidden_dropout=0.0,
     ),
     LlamaConfig: dict(max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0),
+    MixtralConfig: dict(max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0,
+                        router_jitter_noise=0.0, sliding_window=None),
 }
 
 
