@@ -129,3 +129,13 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["training"]["max_steps"] == 8
+
+
+def test_yaml_1_2_booleans_and_floats(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = write_config(tmp_path, cfg)
+    text = path.read_text().replace("training:\n", "training:\n  eval_strategy: no\n  weight_decay: 1e-2\n")
+    path.write_text(text)
+    loaded = load_config(path, ["training.save_strategy=no", "training.logging_first_step=true"])
+    assert loaded.training["eval_strategy"] == "no" and loaded.training["save_strategy"] == "no"
+    assert loaded.training["weight_decay"] == 0.01 and loaded.training["logging_first_step"] is True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,29 @@ MANAGED_TRAINING_FIELDS = {
     "fp16": "set the top-level 'precision' instead",
     "resume_from_checkpoint": "set the top-level 'resume_from_checkpoint' or pass --resume",
 }
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans; `no`, `off`, `yes`, `on` stay strings
+    (so `eval_strategy: no` means the TrainingArguments value 'no', not False)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+YamlLoader.add_implicit_resolver(  # YAML 1.2 floats such as 1e-3 (YAML 1.1 wants a dot: 1.0e-3)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -173,7 +197,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -192,7 +216,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set '{override}': expected key=value, e.g. training.learning_rate=1e-3")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = parse_yaml(raw) if raw else None
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workbench.config import REPO_ROOT, load_config, resolve_path
+from workbench.config import REPO_ROOT, load_config, parse_yaml, resolve_path
 from workbench.errors import ConfigError
 from workbench.io import atomic_write_text, read_jsonl
 
@@ -80,7 +80,7 @@ def load_study(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"study file '{path}' not found")
     try:
-        study = StudyConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        study = StudyConfig.model_validate(parse_yaml(path.read_text()) or {})
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{path}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
