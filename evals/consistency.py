@@ -22,6 +22,20 @@ INSTRUCT_STYLE = "zero_shot"
 PRIMARY_METRIC = {"acc", "f1"}
 
 
+def model_lists(base: list[Path], instruct: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The base and instruct run lists: given directly, or as one YAML file `{base: [...], instruct: [...]}`."""
+    if len(base) == 1 and base[0].suffix in (".yaml", ".yml") and not instruct:
+        from workbench.config import parse_yaml
+
+        if not base[0].is_file():
+            raise ConfigError(f"consistency file '{base[0]}' not found")
+        data = parse_yaml(base[0].read_text()) or {}
+        if not isinstance(data, dict) or set(data) != {"base", "instruct"}:
+            raise ConfigError(f"{base[0]}: expected exactly the keys 'base' and 'instruct' (lists of run folders)")
+        return [Path(p) for p in data["base"]], [Path(p) for p in data["instruct"]]
+    return base, instruct
+
+
 def final_checkpoint_target(run_dir: Path) -> Target:
     """A run restricted to its newest complete checkpoint."""
     target = run_target(run_dir)

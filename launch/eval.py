@@ -4,6 +4,7 @@
     python launch/eval.py runs/quickstart --task factworld_mc:blank_ppl,letter --limit 100
     python launch/eval.py --model path/or/hub-name --out evals_out --task arc_easy_bose
     python launch/eval.py --consistency runs/b1 runs/b2 runs/b3 --instruct runs/i1 runs/i2 runs/i3 --out out/
+    python launch/eval.py --consistency models.yaml --out out/  # models.yaml: {base: [runs...], instruct: [runs...]}
 
 Results: <run>/eval/results.jsonl (one line per checkpoint, task, style and metric), report.md, <task>.png.
 A re-run evaluates only the cells that are missing.
@@ -57,10 +58,11 @@ def _run(args) -> int:
     from evals.runs import model_target, run_target, sweep
 
     if args.consistency:
-        from evals.consistency import evaluate_consistency
+        from evals.consistency import evaluate_consistency, model_lists
 
+        base, instruct = model_lists(args.consistency, args.instruct or [])
         out = args.out or Path("runs") / "consistency"
-        rows = evaluate_consistency(args.consistency, args.instruct or [], _config(args, None), out, args.limit)
+        rows = evaluate_consistency(base, instruct, _config(args, None), out, args.limit)
         print(f"{len(rows)} rows of Kendall's tau in {out / 'consistency.md'}")
         return 0
     if args.model:

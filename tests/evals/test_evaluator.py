@@ -270,3 +270,70 @@ def test_instruction_tuning_writes_an_evaluable_run(trained_run, tmp_path):
     assert target.world == WORLD and target.checkpoints == [final]
     assert sweep(target, EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=2),
                  progress=False) == 1
+
+
+def _eval_main(argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_entry", REPO / "launch" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_any_local_model_folder_as_a_model(trained_run, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "my-model"
+    shutil.copytree(trained_run / "checkpoint-6", model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(trained_run / "tokenizer" / name, model_dir / name)
+    out = tmp_path / "out"
+    assert _eval_main(["--model", str(model_dir), "--out", str(out), "--task", "factworld_mc:zero_shot",
+                       "--limit", "3"]) == 0
+    (record,) = [r for r in read_results(out / "results.jsonl") if r["metric"] == "acc"]
+    assert record["checkpoint"] == "my-model" and record["n"] == 3 and (out / "report.md").is_file()
+
+
+def test_consistency_from_a_yaml_listing_the_models(trained_run, tmp_path):
+    import shutil
+
+    runs = []
+    for i in range(3):
+        for kind in ("base", "instruct"):
+            shutil.copytree(trained_run, tmp_path / f"{kind}{i}")
+        runs.append(i)
+    listing = tmp_path / "models.yaml"
+    listing.write_text(f"base: [{', '.join(str(tmp_path / f'base{i}') for i in runs)}]\n"
+                       f"instruct: [{', '.join(str(tmp_path / f'instruct{i}') for i in runs)}]\n")
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text("tasks: [{task: factworld_mc, styles: [zero_shot, blank_ppl]}]\nlimit: 3\n")
+    assert _eval_main(["--consistency", str(listing), "--config", str(eval_yaml), "--out", str(tmp_path / "c")]) == 0
+    rows = json.loads((tmp_path / "c" / "consistency.json").read_text())
+    assert {(r["style"], r["metric"]) for r in rows} == {("zero_shot", "acc"), ("blank_ppl", "acc")}
+
+
+def test_generation_matches_a_hand_written_greedy_loop(trained_run):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    model = load_checkpoint_model(trained_run / "checkpoint-6")
+    cfg = EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=3,
+                     style_options={"max_gen_toks": 6})
+    evaluator = Evaluator(cfg, tokenizer, WORLD)
+    evaluator.evaluate(model)
+    for instance in evaluator.tasks[("factworld_qa", "zero_shot")].instances:
+        context, kwargs = instance.args
+        ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        generated: list[int] = []
+        with torch.no_grad():
+            for _ in range(kwargs["max_gen_toks"]):
+                logits = model(torch.tensor([ids + generated])).logits[0, -1]
+                generated.append(int(logits.argmax()))
+                text = tokenizer.decode(generated)
+                if any(stop in text for stop in kwargs["until"]) or generated[-1] == tokenizer.eos_token_id:
+                    break
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        for stop in kwargs["until"]:
+            text = text.split(stop)[0]
+        assert instance.resps[0] == text
