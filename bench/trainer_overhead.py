@@ -32,7 +32,6 @@ fast as fp32; it always says which it ran and why):
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import logging
@@ -53,17 +52,19 @@ import datasets
 import deepspeed
 import torch
 import transformers
-from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainerCallback, set_seed
+from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, set_seed
 
 from workbench.config import ExperimentConfig, load_config
 from workbench.data import prepare_data
 from workbench.io import atomic_write_text
 from workbench.models import build_model
-from workbench.precision import choose_precision, matmul_gflops
+from workbench.precision import choose_precision
 from workbench.run import training_arguments
 from workbench.trainer import WorkbenchTrainer
 
-PEAK_N = 2048  # the peak is the rate of an n x n @ n x n matmul of this size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import PEAK_N, StepTimer, best_rates, cpu_name, device, measure_matmuls, set_threads  # noqa: E402
+
 BF16_MIN_FRACTION = 0.5  # run the bf16 arm only where a bf16 matmul runs at least this fraction of fp32's rate
 TARGET_RATIO = 1.03
 DISTURBED = 1.5  # a repeat whose median step is this much slower than its arm's overall median was disturbed
@@ -105,55 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- the machine ---------------------------------------------------------------------------------------------
-def set_threads() -> int:
-    """Use every core this process may run on; returns the thread count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
-    os.environ.setdefault("OMP_NUM_THREADS", str(cores))  # else accelerate picks its own count for DeepSpeed
-    return torch.get_num_threads()
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def shaped_matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float) -> float:
-    """Measured GFLOP/s of an (m x k) @ (k x n) matmul in `dtype` (2 m k n FLOPs each)."""
-    a = torch.randn(m, k, device=device()).to(dtype)
-    b = torch.randn(k, n, device=device()).to(dtype)
-    a @ b
-    runs, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < min_seconds or runs == 0:
-        a @ b
-        runs += 1
-        if device() == "cuda":
-            torch.cuda.synchronize()
-    return 2 * m * k * n * runs / elapsed / 1e9
-
-
-def measure_matmuls(mlp_shape: tuple[int, int, int], seconds: float) -> dict[str, float]:
-    """GFLOP/s of the peak matmul and of the model's MLP up-projection (tokens x d @ d x ffn), fp32 and bf16."""
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rates[name] = matmul_gflops(PEAK_N, dtype, device(), min_seconds=seconds)
-        rates[f"mlp_{name}"] = shaped_matmul_gflops(*mlp_shape, dtype, min_seconds=seconds)
-    return rates
-
-
-def best_rates(samples: list[dict[str, float]]) -> dict[str, float]:
-    """Each rate's best measurement: other processes on the cores only ever slow a matmul down."""
-    return {key: max(sample[key] for sample in samples) for key in samples[0]}
-
-
 def plan_precisions(requested: str, peaks: dict[str, float], width: int) -> tuple[list[str], list[str]]:
     """The precision paths to run and one line of why for each decision."""
     ratio = peaks["bf16"] / peaks["fp32"]
@@ -246,83 +198,6 @@ def model_shape(model: torch.nn.Module) -> ModelShape:
 def flops_per_token(shape: ModelShape, block_size: int) -> dict[str, float]:
     """Training FLOPs per token: 6 N (weights, forward + backward) and 12 L d T (attention scores and values)."""
     return {"weights": 6.0 * shape.matmul_params, "attention": 12.0 * shape.layers * shape.width * block_size}
-
-
-class StepTimer(TrainerCallback):
-    """Per-step wall times and their phases; each hook costs one perf_counter call."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.steps: list[dict[str, float]] = []
-        self.tokens: list[int] = []
-        self.threads = 0
-        self.startup_s = 0.0
-        self.optimizer_hook = ""
-        self._trainer: Any = None
-        self._marks: dict[str, float] = {}
-        self._last_end: float | None = None
-        self._train_called = 0.0
-
-    def attach(self, trainer: Any) -> None:
-        self._trainer = trainer
-        trainer.model.register_forward_pre_hook(self._forward_begin, with_kwargs=True)
-        trainer.model.register_forward_hook(self._forward_end)
-        self._train_called = time.perf_counter()
-
-    def _forward_begin(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        self._marks["forward_begin"] = time.perf_counter()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            self.tokens.append(int(ids.numel()))
-
-    def _forward_end(self, module: Any, args: Any, output: Any) -> None:
-        self._marks["forward_end"] = time.perf_counter()
-
-    def _timed(self, step: Any) -> Any:
-        @functools.wraps(step)  # keeps the marks the lr scheduler puts on optimizer.step
-        def timed_step(*args: Any, **kwargs: Any) -> Any:
-            self._marks["optimizer_begin"] = time.perf_counter()
-            result = step(*args, **kwargs)
-            self._marks["optimizer_end"] = time.perf_counter()
-            return result
-
-        return timed_step
-
-    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
-        trainer = self._trainer
-        # Under DeepSpeed the optimizer step (with grad clipping and ZeRO's work) runs inside the engine's
-        # `step`, called from accelerate's backward; the trainer's own optimizer.step() is then a no-op.
-        if trainer.is_deepspeed_enabled:
-            target, self.optimizer_hook = trainer.model_wrapped, "DeepSpeed engine.step (clip + ZeRO + AdamW)"
-        else:
-            target, self.optimizer_hook = trainer.optimizer, "optimizer.step (grad clipping counts as backward)"
-        target.step = self._timed(target.step)
-        self.threads = torch.get_num_threads()
-
-    def on_step_begin(self, args, state, control, **kwargs: Any) -> None:
-        now = time.perf_counter()
-        if self._last_end is None:
-            self.startup_s = now - self._train_called
-        self._marks = {"begin": now}
-
-    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
-        now = time.perf_counter()
-        if state.global_step > self.warmup and self._last_end is not None:
-            self.steps.append(self._phases(now))
-        self._last_end = now
-
-    def _phases(self, end: float) -> dict[str, float]:
-        m, last = self._marks, self._last_end
-        times = {"step": end - last, "between": m["begin"] - last}
-        if {"forward_begin", "forward_end", "optimizer_begin", "optimizer_end"} <= m.keys():
-            times["forward"] = m["forward_end"] - m["forward_begin"]
-            times["backward"] = m["optimizer_begin"] - m["forward_end"]
-            times["optimizer"] = m["optimizer_end"] - m["optimizer_begin"]
-            times["in_step_other"] = (m["forward_begin"] - m["begin"]) + (end - m["optimizer_end"])
-        return times
-
-    def on_train_end(self, args, state, control, **kwargs: Any) -> None:
-        self._trainer = None
 
 
 @dataclass

@@ -14,10 +14,13 @@ import torch
 CPU_BF16_MIN_SPEEDUP = 1.5  # bf16 must beat fp32 by this factor on CPU to be chosen by `auto`
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, device: str = "cpu", min_seconds: float = 0.2) -> float:
-    """Measured GFLOP/s of an n x n @ n x n matmul in `dtype` (2 n^3 FLOPs each)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_gflops(n: int, dtype: torch.dtype, device: str = "cpu", min_seconds: float = 0.2,
+                  shape: tuple[int, int, int] | None = None) -> float:
+    """Measured GFLOP/s of an n x n @ n x n matmul in `dtype` (2 n^3 FLOPs each), or of an
+    (m x k) @ (k x p) matmul when `shape` = (m, k, p) is given."""
+    m, k, p = shape or (n, n, n)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, p, device=device).to(dtype)
     a @ b  # warm-up
     runs, start = 0, time.perf_counter()
     while True:
@@ -27,7 +30,7 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: str = "cpu", min_seconds: 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
-            return 2 * n**3 * runs / elapsed / 1e9
+            return 2 * m * k * p * runs / elapsed / 1e9
 
 
 def choose_precision(requested: str, width: int) -> tuple[str, str]:
