@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from workbench.config import parse_yaml, validate_model
 from workbench.errors import ConfigError, did_you_mean
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -101,11 +102,7 @@ def load_spec(name: str, include_paths: tuple[str, ...] = ()) -> TaskSpec:
             f"unknown task '{name}'{did_you_mean(name, files)}; BOSE tasks: {', '.join(sorted(files))} "
             f"(or any lm-eval task name with style 'native')"
         )
-    try:
-        spec = TaskSpec.model_validate(yaml.safe_load(files[name].read_text()))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{files[name]}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+    spec = validate_model(TaskSpec, parse_yaml(files[name].read_text()), files[name])
     needed = ("choices", "gold") if spec.kind == "multiple_choice" else ("answer",)
     for field in needed:
         if getattr(spec, field) is None:

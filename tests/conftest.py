@@ -81,11 +81,15 @@ def tiny(tmp_path: Path):
     return lambda **sections: write_config(tmp_path, tiny_config(tmp_path, **sections))
 
 
-def train_main(argv: list[str]) -> int:
-    """Call launch/train.py's `main` in this process (it is a script, not a module of the package)."""
+def launch_main(script: str, argv: list[str]) -> int:
+    """Call launch/<script>.py's `main` in this process (entry points are scripts, not package modules)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
+    spec = importlib.util.spec_from_file_location(f"{script}_entry", REPO / "launch" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
+
+
+def train_main(argv: list[str]) -> int:
+    return launch_main("train", argv)

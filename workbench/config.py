@@ -295,17 +295,26 @@ def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
 
 
+def validate_model(model: type[BaseModel], data: Any, source: str | Path, prefix: tuple[str, ...] = ()):
+    """`model.model_validate(data)`, or a ConfigError naming the source file and the first bad field."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join([*prefix, *map(str, first["loc"])])
+        raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
+
+
+def override_string(key: str, value: Any) -> str:
+    """`key=value` with the value written as YAML, the form `--set` takes."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
 def load_eval_config(path: str | Path) -> EvalConfig:
     """The `eval:` section of a YAML file (an experiment config or a file holding only that section)."""
     config_path = resolve_path(path)
     data = _read_yaml(config_path)
-    try:
-        return EvalConfig.model_validate(data.get("eval", data))
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(["eval", *map(str, first["loc"])])
-        return_msg = first["msg"]
-        raise ConfigError(f"{config_path}: field '{field}': {return_msg}") from None
+    return validate_model(EvalConfig, data.get("eval", data), config_path, ("eval",))
 
 
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:

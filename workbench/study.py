@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from workbench.config import REPO_ROOT, load_config, parse_yaml, resolve_path
+from workbench.config import REPO_ROOT, load_config, override_string, parse_yaml, resolve_path, validate_model
 from workbench.errors import ConfigError
 from workbench.io import atomic_write_text, read_jsonl
 
@@ -71,24 +71,17 @@ class RunSpec:
     def overrides(self, study: StudyConfig) -> list[str]:
         pairs = {**study.set, **self.values, "seed": self.seed, "name": self.name,
                  "runs_dir": str(Path(study.runs_dir) / study.study)}
-        return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for key, value in pairs.items()]
+        return [override_string(key, value) for key, value in pairs.items()]
 
 
 def load_study(path: str | Path) -> StudyConfig:
     path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"study file '{path}' not found")
-    try:
-        study = StudyConfig.model_validate(parse_yaml(path.read_text()) or {})
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ConfigError(f"{path}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+    study = validate_model(StudyConfig, parse_yaml(path.read_text()) or {}, path)
     if study.combine == "zip" and len({len(v) for v in study.axes.values()}) > 1:
         raise ConfigError(f"{path}: field 'axes': zipped axes need the same number of values")
-    base_overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                      for k, v in study.set.items()]
-    load_config(study.base, base_overrides)  # a bad base config or override fails here, before any run
+    load_config(study.base, [override_string(k, v) for k, v in study.set.items()])  # a bad base config or override fails here, before any run
     return study
 
 

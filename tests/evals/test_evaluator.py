@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config, train_main, write_config
+from conftest import REPO, launch_main, tiny_config, train_main, write_config
 
 from evals.results import read_results
 from evals.runs import run_target, sweep
@@ -173,12 +173,7 @@ def test_bad_task_and_style_names():
 
 
 def test_cli_bad_task_is_one_line_exit_2(trained_run, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_entry", REPO / "launch" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([str(trained_run), "--task", "nosuchtask"]) == 2
+    assert launch_main("eval", [str(trained_run), "--task", "nosuchtask"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: unknown task 'nosuchtask'") and "factworld_mc" in err[-1]
 
@@ -273,12 +268,7 @@ def test_instruction_tuning_writes_an_evaluable_run(trained_run, tmp_path):
 
 
 def _eval_main(argv):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_entry", REPO / "launch" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return launch_main("eval", argv)
 
 
 def test_any_local_model_folder_as_a_model(trained_run, tmp_path):
