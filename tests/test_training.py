@@ -166,3 +166,26 @@ def test_resume_single_process_is_bit_equal(tmp_path, counter_method):
     a = load_file(tmp_path / "runs/straight/checkpoint-10/model.safetensors")
     b = load_file(tmp_path / "runs/split/checkpoint-10/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_token_accuracy_matches_a_hand_written_loop(tmp_path):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    path = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 4}))
+    assert train_main([str(path)]) == 0
+    record = [r for r in read_jsonl(tmp_path / "runs/tiny/metrics.jsonl") if "eval_token_accuracy" in r][-1]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/checkpoint-4").eval()
+    (blocks_dir,) = (tmp_path / "cache" / "blocks").iterdir()
+    validation = load_from_disk(str(blocks_dir))["validation"]
+    hits = total = 0
+    nll = 0.0
+    with torch.no_grad():
+        for row in validation:
+            ids = torch.tensor([row["input_ids"]])
+            logits = model(ids).logits[0].double()
+            hits += int((logits[:-1].argmax(-1) == ids[0, 1:]).sum())
+            nll -= float(torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).sum())
+            total += ids.shape[1] - 1
+    assert record["eval_token_accuracy"] == pytest.approx(hits / total, abs=1e-9)
+    assert record["eval_loss"] == pytest.approx(nll / total, abs=1e-5)

@@ -18,6 +18,7 @@ from workbench.data import prepare_data
 from workbench.data.repetition import RepetitionConfig, repetition_stream
 from workbench.errors import ConfigError
 from workbench.methods import build_methods
+from workbench.metrics import argmax_logits, next_token_accuracy
 from workbench.models import build_model
 from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
@@ -133,6 +134,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         train_dataset=train_blocks,
         eval_dataset=validation,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        compute_metrics=next_token_accuracy if validation is not None else None,
+        preprocess_logits_for_metrics=argmax_logits if validation is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
         methods=build_methods(cfg.methods),
