@@ -58,49 +58,37 @@ def step_of(checkpoint: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_local(path: Path) -> bool:
-    return path.exists()
-
-
 def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
     """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results; returns cells done."""
     from evals.sweep import Evaluator, load_checkpoint_model
 
     limit = limit if limit is not None else cfg.limit
     done = done_cells(read_results(target.results), limit)
-    ev = evaluator
-    pending_total, finished = None, 0
-    bar = None
-    for checkpoint in target.checkpoints:
-        label = checkpoint.name
-        if ev is None:
-            from transformers import AutoTokenizer
+    if evaluator is None:
+        from transformers import AutoTokenizer
 
-            ev = Evaluator(cfg, AutoTokenizer.from_pretrained(target.tokenizer), target.world, limit)
-        cells = {key for key in ev.tasks if (label, *key) not in done}
-        if pending_total is None:
-            pending_total = sum(
-                len([k for k in ev.tasks if (c.name, *k) not in done]) for c in target.checkpoints
-            )
-            bar = tqdm(total=pending_total, desc=f"evaluating {target.name}", unit="cell", disable=not progress)
-        if not cells:
-            continue
-        step = step_of(checkpoint)
-        try:
-            if _is_local(checkpoint) and (checkpoint / "workbench_manifest.json").exists():
-                verify_checkpoint(checkpoint)
-            model = load_checkpoint_model(checkpoint)
-        except (CheckpointError, OSError, ValueError, RuntimeError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            tqdm.write(f"skipping {label}: {reason}")
-            append_jsonl(target.results, skip_record(target.name, label, step, reason))
-            bar.update(len(cells))
-            continue
-        for cell in sorted(cells):  # one cell at a time: a killed sweep loses at most the cell in progress
-            (result,) = ev.evaluate(model, {cell})
-            append_jsonl(target.results, *cell_records(target.name, label, step, result, limit))
-            finished += 1
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(target.tokenizer), target.world, limit)
+    pending = {c: sorted(k for k in evaluator.tasks if (c.name, *k) not in done) for c in target.checkpoints}
+    finished = 0
+    with tqdm(total=sum(map(len, pending.values())), desc=f"evaluating {target.name}", unit="cell",
+              disable=not progress) as bar:
+        for checkpoint, cells in pending.items():
+            if not cells:
+                continue
+            step = step_of(checkpoint)
+            try:
+                if (checkpoint / "workbench_manifest.json").exists():
+                    verify_checkpoint(checkpoint)
+                model = load_checkpoint_model(checkpoint)
+            except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                tqdm.write(f"skipping {checkpoint.name}: {reason}")
+                append_jsonl(target.results, skip_record(target.name, checkpoint.name, step, reason))
+                bar.update(len(cells))
+                continue
+            for cell in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
+                (result,) = evaluator.evaluate(model, {cell})
+                append_jsonl(target.results, *cell_records(target.name, checkpoint.name, step, result, limit))
+                finished += 1
+                bar.update(1)
     return finished
