@@ -18,7 +18,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from workbench.errors import WorkbenchError
-from workbench.study import execute, grid, load_study, run_status, write_results
+from workbench.study import execute, grid, load_study, run_status
+from workbench.study_report import write_results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,19 @@ class Launcher(BaseModel):
     num_gpus: int = Field(1, ge=1, description="ranks per run under deepspeed (GPUs, or CPU processes)")
 
 
+class PlotSpec(BaseModel):
+    """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds), one line per
+    value of `group`; `curve` = a metrics.jsonl key against step, one line per run (mean over seeds)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["final", "curve"] = "final"
+    x: str = "step"  # an axis for `final`
+    y: str  # a collected column (`final`) or a metrics.jsonl key (`curve`)
+    group: str | None = None  # an axis: one line per value
+    logx: bool = False
+    name: str | None = None  # file name (default from y and x)
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     study: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -57,6 +70,7 @@ class StudyConfig(BaseModel):
     runs_dir: str = "runs"
     launcher: Launcher = Field(default_factory=Launcher)
     collect: list[str] = Field(default_factory=lambda: ["eval_loss", "loss"])
+    plots: list[PlotSpec] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -153,7 +167,18 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
             continue
         best = min(points, key=lambda p: p[1])
         row.update({key: points[-1][1], f"min_{key}": best[1], f"argmin_{key}": best[0]})
+    row.update(final_eval_scores(run.run_dir / "eval" / "results.jsonl"))
     return row
+
+
+def final_eval_scores(results: Path) -> dict[str, float]:
+    """`task.style.metric` -> score at the run's last evaluated checkpoint (from the BOSE evaluator)."""
+    records = [r for r in (read_jsonl(results) if results.is_file() else [])
+               if r.get("status", "ok") == "ok" and r.get("step") is not None]
+    if not records:
+        return {}
+    last = max(r["step"] for r in records)
+    return {f"{r['task']}.{r['style']}.{r['metric']}": r["value"] for r in records if r["step"] == last}
 
 
 def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> list[dict[str, Any]]:
@@ -172,41 +197,3 @@ def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> l
                 entry.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_n": len(values)})
         out.append(entry)
     return out
-
-
-def write_results(study: StudyConfig, runs: list[RunSpec]) -> tuple[Path, Path]:
-    """`<study>/runs.csv` (one row per run), `<study>/results.csv` (over seeds) and `<study>/report.md`."""
-    import csv
-    import io
-
-    keys = [k for base in study.collect for k in (base, f"min_{base}", f"argmin_{base}")]
-    rows = [collect_run(run, study.collect) for run in runs]
-    table = aggregate(rows, list(study.axes), keys)
-    folder = Path(study.runs_dir) / study.study
-
-    def to_csv(records: list[dict[str, Any]]) -> str:
-        columns = list(dict.fromkeys(k for r in records for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
-        return buffer.getvalue()
-
-    atomic_write_text(folder / "runs.csv", to_csv(rows))
-    atomic_write_text(folder / "results.csv", to_csv(table))
-    failed = [r for r in rows if r["status"] == "failed"]
-    lines = [f"# Study {study.study}", "", f"{len(runs)} runs ({len(failed)} failed); base `{study.base}`.", "",
-             "Mean ± standard deviation over seeds (n = number of seeds with a value).", ""]
-    shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
-    lines.append("| " + " | ".join([*study.axes, *shown]) + " |")
-    lines.append("|" + "---|" * (len(study.axes) + len(shown)))
-    for entry in table:
-        cells = [str(entry[a]) for a in study.axes]
-        cells += [f"{entry[f'{k}_mean']:.4g} ± {entry[f'{k}_std']:.2g} (n={entry[f'{k}_n']})"
-                  if f"{k}_mean" in entry else "–" for k in shown]
-        lines.append("| " + " | ".join(cells) + " |")
-    for row in failed:
-        lines.append(f"\n- failed: `{row['run']}`: {run_status(next(r for r in runs if r.name == row['run']))}")
-    report = folder / "report.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
-    return folder / "results.csv", report

@@ -82,12 +82,29 @@ def test_aggregation_against_hand_made_metrics(tmp_path):
         with (r.run_dir / "metrics.jsonl").open("w") as handle:
             for step, loss in enumerate(losses[r.seed], start=1):
                 handle.write(f'{{"step": {step}, "loss": {loss}}}\n')
+    (runs[1].run_dir / "eval").mkdir()
+    (runs[1].run_dir / "eval" / "results.jsonl").write_text(
+        '{"step": 2, "task": "t", "style": "s", "metric": "acc", "value": 0.25}\n'
+        '{"step": 3, "task": "t", "style": "s", "metric": "acc", "value": 0.5}\n'
+        '{"step": 3, "checkpoint": "checkpoint-4", "status": "skipped", "reason": "corrupt"}\n')
     row = collect_run(runs[1], ["loss"])
     assert (row["loss"], row["min_loss"], row["argmin_loss"]) == (3.0, 1.0, 2)
+    assert row["t.s.acc"] == 0.5  # the last evaluated checkpoint's score
     table = aggregate([collect_run(r, ["loss"]) for r in runs], list(study.axes), ["loss", "min_loss"])
     assert len(table) == 2
     assert table[0]["loss_mean"] == pytest.approx(2.75) and table[0]["loss_std"] == pytest.approx(0.3535534, 1e-6)
     assert table[0]["min_loss_mean"] == pytest.approx(1.5) and table[0]["loss_n"] == 2
+    from workbench.study import PlotSpec
+    from workbench.study_report import write_results
+
+    study.plots.extend([PlotSpec(kind="final", x="training.learning_rate", y="loss"),
+                        PlotSpec(kind="curve", y="loss", name="loss_curves")])
+    results, report = write_results(study, runs)
+    text = report.read_text()
+    assert "![loss_vs_training.learning_rate](loss_vs_training.learning_rate.png)" in text
+    assert (results.parent / "loss_curves.png").is_file()
+    rows = list(csv.DictReader(results.open()))
+    assert {r["training.learning_rate"] for r in rows} == {"0.001", "0.002"} and "t.s.acc_mean" in rows[1]
 
 
 def test_submitit_local_executor(tmp_path):
