@@ -91,6 +91,22 @@ class DataConfig(_Section):
         None, description="workbench.data.repetition.RepetitionConfig: budget_tokens, unique_tokens, mode, seed"
     )
 
+    noise: dict[str, Any] | None = Field(
+        None, description="workbench.data.noise.NoiseConfig: word_replace_prob, seed (training text only)"
+    )
+
+    @pydantic.field_validator("noise")
+    @classmethod
+    def _check_noise(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from workbench.data.noise import NoiseConfig
+
+            try:
+                NoiseConfig(**value)
+            except TypeError as err:
+                raise ValueError(f"[noise] {err}") from None
+        return value
+
     @pydantic.field_validator("repetition")
     @classmethod
     def _check_repetition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workbench.config import DataConfig, ModelConfig
 from workbench.data.loading import load_documents
+from workbench.data.noise import NoiseConfig, corrupt_documents
 from workbench.data.packing import split_documents, tokenize_and_pack
 from workbench.models import load_or_train_tokenizer, load_tokenizer
 
@@ -35,6 +36,14 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def documents(data: DataConfig) -> DatasetDict:
+    """Train/validation documents; with `data.noise`, the training documents corrupted."""
+    splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
+    if data.noise is not None:
+        splits["train"] = corrupt_documents(splits["train"], NoiseConfig(**data.noise))
+    return splits
+
+
 def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
     """The tokenizer and the packed `train`/`validation` blocks (column `input_ids`), built or from cache."""
     cache = Path(data.cache_dir)
@@ -42,7 +51,7 @@ def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokeni
     splits = None
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
+        splits = documents(data)
         tok_dir = cache / "tokenizers" / _digest([source_key, model.tokenizer_vocab_size])
         tokenizer = load_or_train_tokenizer(tok_dir, splits["train"]["text"], model.tokenizer_vocab_size)
     tokenizer_key = getattr(tokenizer, "backend_tokenizer", None)
@@ -51,7 +60,7 @@ def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokeni
     if (blocks_dir / "dataset_dict.json").is_file():
         return tokenizer, load_from_disk(str(blocks_dir))
     if splits is None:
-        splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
+        splits = documents(data)
     blocks = tokenize_and_pack(splits, tokenizer, data.block_size, data.num_proc)
     tmp = blocks_dir.with_name(blocks_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
