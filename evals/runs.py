@@ -38,7 +38,10 @@ def run_target(run_dir: Path) -> Target:
         raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
     data = config.get("data", {})
-    world = dict(data.get("synthetic", {})) if data.get("source", "").startswith("synthetic:fact_world") else {}
+    world = {}
+    if data.get("source", "").startswith("synthetic:fact_world"):  # the world, and which of it was trained on
+        world = {**data.get("synthetic", {}), "validation_fraction": data.get("validation_fraction", 0.05),
+                 "split_seed": data.get("split_seed", 0), "max_documents": data.get("max_documents")}
     tokenizer = run_dir / "tokenizer"
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

@@ -125,7 +125,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     if cfg.save_at_steps:
         callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
     if cfg.eval.on_save:
-        world = cfg.data.synthetic if cfg.data.source == "synthetic:fact_world" else {}
+        world = {}
+        if cfg.data.source == "synthetic:fact_world":
+            world = {**cfg.data.synthetic, "validation_fraction": cfg.data.validation_fraction,
+                     "split_seed": cfg.data.split_seed, "max_documents": cfg.data.max_documents}
         callbacks.append(EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / "tokenizer", world,
                                             cfg.eval.on_save_limit))
     trainer = WorkbenchTrainer(

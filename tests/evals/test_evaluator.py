@@ -262,7 +262,7 @@ def test_instruction_tuning_writes_an_evaluable_run(trained_run, tmp_path):
                              tmp_path / "instruct", SFTRecipe(max_steps=3, per_device_train_batch_size=4), config)
     assert (final / "model.safetensors").is_file()
     target = run_target(tmp_path / "instruct")
-    assert target.world == WORLD and target.checkpoints == [final]
+    assert {k: target.world[k] for k in WORLD} == WORLD and target.checkpoints == [final]
     assert sweep(target, EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=2),
                  progress=False) == 1
 
@@ -327,3 +327,19 @@ def test_generation_matches_a_hand_written_greedy_loop(trained_run):
         for stop in kwargs["until"]:
             text = text.split(stop)[0]
         assert instance.resps[0] == text
+
+
+def test_questions_never_ask_about_entities_held_out_from_training():
+    from evals.data import factworld_mc, untrained_entities
+    from workbench.data.packing import split_documents
+    from workbench.data.synthetic import FactWorld, FactWorldConfig
+
+    world = FactWorld(FactWorldConfig(num_entities=60, seed=2))
+    corpus = world.corpus()  # the documents a run splits, one per entity, in entity order
+    held_out_names = set(split_documents(corpus, 0.1, seed=5)["validation"]["entity"])
+    options = {"num_entities": 60, "seed": 2, "validation_fraction": 0.1, "split_seed": 5}
+    held_out = untrained_entities(60, options)
+    assert {world.entities[i].name for i in held_out} == held_out_names and len(held_out) == 6
+    asked = set(factworld_mc(**options)["test"]["entity"])
+    assert asked and not asked & held_out_names
+    assert untrained_entities(60, {"max_documents": 50}) == set(range(50, 60))
