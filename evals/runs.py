@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from evals.results import cell_records, done_cells, read_results, skip_record
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
+from workbench.data import fact_world_options
 from workbench.errors import CheckpointError, ConfigError
 from workbench.io import append_jsonl
 
@@ -38,10 +39,7 @@ def run_target(run_dir: Path) -> Target:
         raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
     data = config.get("data", {})
-    world = {}
-    if data.get("source", "").startswith("synthetic:fact_world"):  # the world, and which of it was trained on
-        world = {**data.get("synthetic", {}), "validation_fraction": data.get("validation_fraction", 0.05),
-                 "split_seed": data.get("split_seed", 0), "max_documents": data.get("max_documents")}
+    world = fact_world_options(data)
     tokenizer = run_dir / "tokenizer"
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

@@ -14,7 +14,7 @@ from transformers import DataCollatorForLanguageModeling, TrainingArguments, set
 from workbench.callbacks import EvalOnSaveCallback, MetricsJsonlCallback, SaveAtStepsCallback
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
 from workbench.config import ExperimentConfig, dump_config, resolve_path
-from workbench.data import prepare_data
+from workbench.data import fact_world_options, prepare_data
 from workbench.data.repetition import RepetitionConfig, repetition_stream
 from workbench.errors import ConfigError
 from workbench.methods import build_methods
@@ -101,6 +101,18 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Non
         )
 
 
+def run_callbacks(cfg: ExperimentConfig) -> list:
+    """metrics.jsonl always; extra save steps and evaluation on save when the config asks."""
+    callbacks = [MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")]
+    if cfg.save_at_steps:
+        callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
+    if cfg.eval.on_save:
+        world = fact_world_options(cfg.data.model_dump())
+        callbacks.append(EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / "tokenizer", world,
+                                            cfg.eval.on_save_limit))
+    return callbacks
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -121,16 +133,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
     validation = blocks["validation"] if len(blocks["validation"]) else None
-    callbacks = [MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")]
-    if cfg.save_at_steps:
-        callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
-    if cfg.eval.on_save:
-        world = {}
-        if cfg.data.source == "synthetic:fact_world":
-            world = {**cfg.data.synthetic, "validation_fraction": cfg.data.validation_fraction,
-                     "split_seed": cfg.data.split_seed, "max_documents": cfg.data.max_documents}
-        callbacks.append(EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / "tokenizer", world,
-                                            cfg.eval.on_save_limit))
     trainer = WorkbenchTrainer(
         model=model,
         args=args,
@@ -140,7 +142,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         compute_metrics=next_token_accuracy if validation is not None else None,
         preprocess_logits_for_metrics=argmax_logits if validation is not None else None,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=run_callbacks(cfg),
         methods=build_methods(cfg.methods),
     )
     checkpoint = find_resume_checkpoint(cfg, resume, report=report)

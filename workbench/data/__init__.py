@@ -19,7 +19,7 @@ from workbench.data.noise import NoiseConfig, corrupt_documents
 from workbench.data.packing import split_documents, tokenize_and_pack
 from workbench.models import load_or_train_tokenizer, load_tokenizer
 
-__all__ = ["load_documents", "prepare_data", "split_documents", "tokenize_and_pack"]
+__all__ = ["documents", "fact_world_options", "load_documents", "prepare_data", "split_documents", "tokenize_and_pack"]
 
 
 def _source_key(cfg: DataConfig) -> dict:
@@ -34,6 +34,15 @@ def _source_key(cfg: DataConfig) -> dict:
 
 def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fact_world_options(data: dict) -> dict:
+    """What the evaluator needs to know of a run's fact world: its generator options and which documents the
+    run held out (`data` is the `data` section as a dict); empty when the run did not train on the fact world."""
+    if not str(data.get("source", "")).startswith("synthetic:fact_world"):
+        return {}
+    return {**data.get("synthetic", {}), "validation_fraction": data.get("validation_fraction", 0.05),
+            "split_seed": data.get("split_seed", 0), "max_documents": data.get("max_documents")}
 
 
 def documents(data: DataConfig) -> DatasetDict:
