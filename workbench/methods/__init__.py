@@ -102,8 +102,11 @@ def validate_method_config(name: str, options: dict[str, Any]) -> dict[str, Any]
         config = pydantic.TypeAdapter(config_class).validate_python(options)
     except pydantic.ValidationError as err:
         first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # raised by the config's own __post_init__ checks
+            raise ValueError(f"[{name}] {message}") from None
         field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"[{name}.{field}] {first['msg']} (got {first.get('input')!r})") from None
+        raise ValueError(f"[{name}.{field}] {message} (got {first.get('input')!r})") from None
     except (TypeError, ValueError) as err:  # raised by the dataclass's own __post_init__ checks
         raise ValueError(f"[{name}] {err}") from None
     return dataclasses.asdict(config)
