@@ -95,29 +95,35 @@ class DataConfig(_Section):
         None, description="workbench.data.noise.NoiseConfig: word_replace_prob, seed (training text only)"
     )
 
-    @pydantic.field_validator("noise")
+    @pydantic.field_validator("noise", "repetition")
     @classmethod
-    def _check_noise(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from workbench.data.noise import NoiseConfig
+    def _check_options(cls, value: dict[str, Any] | None, info: pydantic.ValidationInfo) -> dict[str, Any] | None:
+        from workbench.data.noise import NoiseConfig
+        from workbench.data.repetition import RepetitionConfig
 
-            try:
-                NoiseConfig(**value)
-            except TypeError as err:
-                raise ValueError(f"[noise] {err}") from None
-        return value
+        config_class = {"noise": NoiseConfig, "repetition": RepetitionConfig}[info.field_name]
+        return None if value is None else dataclass_options(info.field_name, config_class, value)
 
-    @pydantic.field_validator("repetition")
-    @classmethod
-    def _check_repetition(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from workbench.data.repetition import RepetitionConfig
 
-            try:
-                RepetitionConfig(**value)
-            except TypeError as err:
-                raise ValueError(f"[repetition] {err}") from None
-        return value
+def dataclass_options(label: str, config_class: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Check `options` against a config dataclass (unknown keys, types, its own __post_init__ checks) and
+    return them with defaults filled in; raise ValueError('[label.field] ...') naming the field."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    for key in options:
+        if key not in fields:
+            raise ValueError(f"[{label}.{key}] unknown option{did_you_mean(key, fields)}")
+    try:
+        config = pydantic.TypeAdapter(config_class).validate_python(options)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # raised by the dataclass's own __post_init__ checks
+            raise ValueError(f"[{label}] {message}") from None
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"[{label}.{field}] {message} (got {first.get('input')!r})") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"[{label}] {err}") from None
+    return dataclasses.asdict(config)
 
 
 class EvalTask(_Section):
@@ -251,7 +257,8 @@ def _format_error(err: pydantic.ValidationError, source: str) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith("[") and "]" in msg:  # a nested field named by our own validators
         inner, _, msg = msg[1:].partition("] ")
-        loc = loc[:1] + inner.split(".") if loc[:1] in (["training"], ["methods"]) else loc + [inner]
+        parts = inner.split(".")
+        loc = (loc[:-1] if parts[0] == loc[-1] else loc) + parts  # "[noise.seed]" under data.noise
     field = ".".join(loc)
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(loc[:-1])

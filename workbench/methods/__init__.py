@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import pydantic
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
@@ -93,23 +92,9 @@ def _method_class(name: str) -> type[Method]:
 
 def validate_method_config(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check a method's options against its Config dataclass; raise ValueError('[name.field] ...')."""
-    config_class = _method_class(name).Config
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    for key in options:
-        if key not in fields:
-            raise ValueError(f"[{name}.{key}] unknown option of method '{name}'{did_you_mean(key, fields)}")
-    try:
-        config = pydantic.TypeAdapter(config_class).validate_python(options)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # raised by the config's own __post_init__ checks
-            raise ValueError(f"[{name}] {message}") from None
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"[{name}.{field}] {message} (got {first.get('input')!r})") from None
-    except (TypeError, ValueError) as err:  # raised by the dataclass's own __post_init__ checks
-        raise ValueError(f"[{name}] {err}") from None
-    return dataclasses.asdict(config)
+    from workbench.config import dataclass_options
+
+    return dataclass_options(name, _method_class(name).Config, options)
 
 
 def build_methods(configs: dict[str, dict[str, Any]]) -> list[Method]:
