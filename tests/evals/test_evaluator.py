@@ -44,6 +44,11 @@ GOLDEN = {
         "Question: In which country does Quilny Taro live?\nA. Daravia\nB. Quorland\nC. Tzerrin\nD. Kaldora\nAnswer:",
         " A"),
     ("factworld_mc", "blank_ppl"): ("Quilny Taro currently lives in", " Daravia."),
+    ("factworld_mc", "few_shot"): (
+        "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: sunflower\n\n"
+        "Question: Where was Nykor Ithta born?\nAnswer: Brisca\n\n"
+        "Question: Which institution did Veloxrin Isor graduate from?\nAnswer: Marrowfield University\n\n" + ITEM_MC,
+        " Daravia"),
     ("factworld_mc", "iclip"): (
         "Choose the correct answer. Finish with 'The answer is X'.\n\n"
         "Question: What is the favourite flower of Veloxrin Isor?\nAnswer: The answer is sunflower.\n\n"
