@@ -16,8 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
     """`count` distinct integer steps from `first` to `last`, evenly spaced in log(step)."""
     steps = sorted({int(round(s)) for s in np.geomspace(first, last, count)})
-    extra = count - len(steps)
-    if extra > 0:  # rounding merged some small steps: fill in the largest gaps
+    if len(steps) < count:  # rounding merged neighbouring small steps: start later or ask for fewer
         raise ValueError(f"cannot place {count} distinct log-spaced steps between {first} and {last}")
     return steps
 
