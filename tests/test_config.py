@@ -50,6 +50,10 @@ def _with(tmp_path: Path, **sections) -> str:
         ({"data": {"text_column": "body"}}, ["data.text_column", "'body'"]),
         ({"resume_from_checkpoint": "/nonexistent/checkpoint-4"}, ["resume_from_checkpoint", "not found"]),
         ({"model": {"name_or_path": "./no-such-model"}}, ["model.name_or_path", "./no-such-model' not found"]),
+        ({"data": {"objective": "span_corruption"}}, ["data.objective", "span_corruption needs an encoder-decoder"]),
+        ({"model": {"preset": "t5-tiny", "overrides": {}}, "data": {"objective": "causal"}},
+         ["data.objective", "causal needs a decoder-only"]),
+        ({"data": {"span_corruption": {"noise_density": 2}}}, ["data.span_corruption", "noise_density"]),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, sections, expected):

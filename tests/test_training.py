@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,24 +169,79 @@ def test_resume_single_process_is_bit_equal(tmp_path, counter_method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_token_accuracy_matches_a_hand_written_loop(tmp_path):
+def _hand_written_metrics(run: Path, cache: Path, checkpoint: str) -> tuple[float, float, float]:
+    """Next-token accuracy, mean NLL and mean uniform-smoothing term over the validation blocks, by a plain loop."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(run / checkpoint).eval()
+    (blocks_dir,) = (cache / "blocks").iterdir()
+    hits = total = 0
+    nll = smooth = 0.0
+    with torch.no_grad():
+        for row in load_from_disk(str(blocks_dir))["validation"]:
+            ids = torch.tensor([row["input_ids"]])
+            log_probs = torch.log_softmax(model(ids).logits[0].double()[:-1], -1)
+            hits += int((log_probs.argmax(-1) == ids[0, 1:]).sum())
+            nll -= float(log_probs.gather(1, ids[0, 1:, None]).sum())
+            smooth -= float(log_probs.mean(-1).sum())
+            total += ids.shape[1] - 1
+    return hits / total, nll / total, smooth / total
+
+
+def test_validation_token_accuracy_matches_a_hand_written_loop(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 4}))
     assert train_main([str(path)]) == 0
     record = [r for r in read_jsonl(tmp_path / "runs/tiny/metrics.jsonl") if "eval_token_accuracy" in r][-1]
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/tiny/checkpoint-4").eval()
+    accuracy, nll, _ = _hand_written_metrics(tmp_path / "runs/tiny", tmp_path / "cache", "checkpoint-4")
+    assert record["eval_token_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert record["eval_loss"] == pytest.approx(nll, abs=1e-5)
+    assert record["eval_nll"] == pytest.approx(nll, abs=1e-5)
+
+
+def test_eval_nll_ignores_label_smoothing(tmp_path):
+    """With label smoothing eps the Trainer's eval_loss is (1 - eps) NLL + eps * smoothing term; eval_nll is the NLL."""
+    path = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 4,
+                                                                 "label_smoothing_factor": 0.3}))
+    assert train_main([str(path)]) == 0
+    record = [r for r in read_jsonl(tmp_path / "runs/tiny/metrics.jsonl") if "eval_nll" in r][-1]
+    _, nll, smooth = _hand_written_metrics(tmp_path / "runs/tiny", tmp_path / "cache", "checkpoint-4")
+    assert record["eval_nll"] == pytest.approx(nll, abs=1e-5)
+    assert record["eval_loss"] == pytest.approx(0.7 * nll + 0.3 * smooth, abs=1e-5)
+    assert abs(smooth - nll) > 1e-3  # the two differ, so the test can tell them apart
+
+
+def test_span_corruption_on_t5_trains_and_its_metrics_match_a_hand_written_loop(tmp_path):
+    """t5-tiny picks span corruption (data.objective auto); eval_nll and eval_token_accuracy count the masked-out
+    tokens only, and equal a loop over the validation set with the same collator."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from workbench.data.span_corruption import VALIDATION_OFFSET, SpanCorruptionCollator, SpanCorruptionConfig
+
+    t5 = {"preset": "t5-tiny", "overrides": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_heads": 2, "d_kv": 16}}
+    path = write_config(tmp_path, tiny_config(tmp_path, model=t5, training={"max_steps": 4, "save_steps": 4}))
+    assert train_main([str(path)]) == 0
+    record = [r for r in read_jsonl(tmp_path / "runs/tiny/metrics.jsonl") if "eval_nll" in r][-1]
+    run = tmp_path / "runs/tiny"
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(100)])
+    assert sentinels == list(range(len(tokenizer) - 100, len(tokenizer)))
+    model = AutoModelForSeq2SeqLM.from_pretrained(run / "checkpoint-4").eval()
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    collate = SpanCorruptionCollator(SpanCorruptionConfig(), sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id)
     (blocks_dir,) = (tmp_path / "cache" / "blocks").iterdir()
     validation = load_from_disk(str(blocks_dir))["validation"]
     hits = total = 0
     nll = 0.0
     with torch.no_grad():
-        for row in validation:
-            ids = torch.tensor([row["input_ids"]])
-            logits = model(ids).logits[0].double()
-            hits += int((logits[:-1].argmax(-1) == ids[0, 1:]).sum())
-            nll -= float(torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).sum())
-            total += ids.shape[1] - 1
+        for i, row in enumerate(validation):
+            batch = collate([{"input_ids": row["input_ids"], "example_index": VALIDATION_OFFSET + i}])
+            labels = batch.pop("labels")[0]
+            logits = model(**batch).logits[0].double()
+            keep = (labels < sentinels[0]) & (labels != tokenizer.eos_token_id)
+            hits += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+            nll -= float(torch.log_softmax(logits, -1)[keep].gather(1, labels[keep, None]).sum())
+            total += int(keep.sum())
     assert record["eval_token_accuracy"] == pytest.approx(hits / total, abs=1e-9)
-    assert record["eval_loss"] == pytest.approx(nll / total, abs=1e-5)
+    assert record["eval_nll"] == pytest.approx(nll / total, abs=1e-5)

@@ -94,14 +94,22 @@ class DataConfig(_Section):
     noise: dict[str, Any] | None = Field(
         None, description="workbench.data.noise.NoiseConfig: word_replace_prob, seed (training text only)"
     )
+    objective: Literal["auto", "causal", "span_corruption"] = Field(
+        "auto", description="auto: causal LM for decoder-only models, span corruption for encoder-decoder ones"
+    )
+    span_corruption: dict[str, Any] | None = Field(
+        None, description="workbench.data.span_corruption.SpanCorruptionConfig: noise_density, mean_span_length, ..."
+    )
 
-    @pydantic.field_validator("noise", "repetition")
+    @pydantic.field_validator("noise", "repetition", "span_corruption")
     @classmethod
     def _check_options(cls, value: dict[str, Any] | None, info: pydantic.ValidationInfo) -> dict[str, Any] | None:
         from workbench.data.noise import NoiseConfig
         from workbench.data.repetition import RepetitionConfig
+        from workbench.data.span_corruption import SpanCorruptionConfig
 
-        config_class = {"noise": NoiseConfig, "repetition": RepetitionConfig}[info.field_name]
+        config_class = {"noise": NoiseConfig, "repetition": RepetitionConfig,
+                        "span_corruption": SpanCorruptionConfig}[info.field_name]
         return None if value is None else dataclass_options(info.field_name, config_class, value)
 
 

@@ -18,7 +18,7 @@ def print_run_summary(result, config_path: str, overrides: list[str] | None = No
         "",
         f"Finished {run.name}: {result.global_step} steps in {result.precision}, "
         f"train loss {result.train_loss:.4f}"
-        + (f", validation loss {result.eval_loss:.4f}{ppl}" if result.eval_loss is not None else ""),
+        + (f", validation NLL {result.eval_loss:.4f}{ppl}" if result.eval_loss is not None else ""),
         f"  config        {run / 'config.yaml'}",
         f"  metrics       {run / 'metrics.jsonl'}  (one JSON line per logging step)",
         f"  checkpoints   {', '.join(c.name for c in checkpoints)}  in {run}/",

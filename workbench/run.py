@@ -16,10 +16,17 @@ from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, 
 from workbench.config import ExperimentConfig, dump_config, resolve_path
 from workbench.data import fact_world_options, prepare_data
 from workbench.data.repetition import RepetitionConfig, repetition_stream
+from workbench.data.span_corruption import (
+    VALIDATION_OFFSET,
+    SpanCorruptionCollator,
+    SpanCorruptionConfig,
+    add_sentinels,
+    counted_targets,
+)
 from workbench.errors import ConfigError
 from workbench.methods import build_methods
-from workbench.metrics import argmax_logits, next_token_accuracy
-from workbench.models import build_model
+from workbench.metrics import token_metrics, token_predictions
+from workbench.models import build_model, is_encoder_decoder
 from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
 from workbench.trainer import WorkbenchTrainer
@@ -39,7 +46,8 @@ class RunResult:
 
 def _width(cfg: ExperimentConfig) -> int:
     if cfg.model.name_or_path is None:
-        return int(cfg.model.overrides.get("hidden_size", PRESETS[cfg.model.preset][1]["hidden_size"]))
+        config_class, fields = PRESETS[cfg.model.preset]
+        return int(config_class(**{**fields, **cfg.model.overrides}).hidden_size)  # T5's d_model too
     return 1024
 
 
@@ -51,9 +59,23 @@ def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
     return choose_precision(cfg.precision, _width(cfg))
 
 
-def training_arguments(cfg: ExperimentConfig, precision: str) -> TrainingArguments:
+def resolve_objective(cfg: ExperimentConfig) -> str:
+    """`data.objective`, with `auto` decided by the model: span corruption for encoder-decoders, else causal."""
+    seq2seq = is_encoder_decoder(cfg.model)
+    objective = cfg.data.objective if cfg.data.objective != "auto" else ("span_corruption" if seq2seq else "causal")
+    if (objective == "span_corruption") != seq2seq:
+        kind = "an encoder-decoder" if seq2seq else "a decoder-only"
+        raise ConfigError(f"field 'data.objective': '{objective}' does not fit {kind} model "
+                          f"({'causal needs a decoder-only' if seq2seq else 'span_corruption needs an encoder-decoder'}"
+                          f" model, e.g. preset {'pythia-tiny' if seq2seq else 't5-tiny'})")
+    return objective
+
+
+def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "causal") -> TrainingArguments:
     """`TrainingArguments` from the `training` section plus what the workbench manages."""
     fields = {**TRAINING_DEFAULTS, **cfg.training}
+    if objective == "span_corruption" and fields.setdefault("remove_unused_columns", False):
+        raise ConfigError("field 'training.remove_unused_columns': span corruption needs false (it reads example_index)")
     repeated = cfg.data.repetition is not None  # the stream is already in training order
     if repeated and fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
         raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
@@ -113,6 +135,23 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     return callbacks
 
 
+def objective_pieces(cfg: ExperimentConfig, objective: str, tokenizer, train_blocks, validation):
+    """The collator and `compute_metrics` of the objective, and the datasets in the form it reads.
+
+    Span corruption adds sentinel tokens to the tokenizer (before the model is sized to it) and numbers
+    every example (`example_index`), from which its noise mask is drawn."""
+    if objective == "causal":
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False), token_metrics(shift=True), train_blocks, validation
+    options = SpanCorruptionConfig(**(cfg.data.span_corruption or {}))
+    sentinels = add_sentinels(tokenizer, options)
+    train_blocks = train_blocks.add_column("example_index", list(range(len(train_blocks))))
+    if validation is not None:
+        validation = validation.add_column("example_index", [VALIDATION_OFFSET + i for i in range(len(validation))])
+    collator = SpanCorruptionCollator(options, sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    metrics = token_metrics(shift=False, counted=counted_targets(min(sentinels), tokenizer.eos_token_id))
+    return collator, metrics, train_blocks, validation
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -121,7 +160,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         prepare_run_dir(cfg, resume, overwrite)
     precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
     report(f"[workbench] precision {precision} ({why})")
-    args = training_arguments(cfg, precision)
+    objective = resolve_objective(cfg)
+    args = training_arguments(cfg, precision, objective)
     with args.main_process_first(desc="building tokenizer and data"):
         tokenizer, blocks = prepare_data(cfg.data, cfg.model)
     train_blocks = blocks["train"]
@@ -130,17 +170,18 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
             train_blocks = repetition_stream(train_blocks, RepetitionConfig(**cfg.data.repetition), cfg.data.block_size)
         except ValueError as err:
             raise ConfigError(f"field 'data.repetition': {err}") from None
+    validation = blocks["validation"] if len(blocks["validation"]) else None
+    collator, metrics, train_blocks, validation = objective_pieces(cfg, objective, tokenizer, train_blocks, validation)
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
-    validation = blocks["validation"] if len(blocks["validation"]) else None
     trainer = WorkbenchTrainer(
         model=model,
         args=args,
         train_dataset=train_blocks,
         eval_dataset=validation,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        compute_metrics=next_token_accuracy if validation is not None else None,
-        preprocess_logits_for_metrics=argmax_logits if validation is not None else None,
+        data_collator=collator,
+        compute_metrics=metrics if validation is not None else None,
+        preprocess_logits_for_metrics=token_predictions(objective == "causal") if validation is not None else None,
         processing_class=tokenizer,
         callbacks=run_callbacks(cfg),
         methods=build_methods(cfg.methods),
@@ -155,5 +196,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
         + (f", resuming from {checkpoint}" if checkpoint else "")
     )
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_loss = trainer.evaluate()["eval_loss"] if validation is not None else None
+    final = trainer.evaluate() if validation is not None else {}
+    eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
     return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision)

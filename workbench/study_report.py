@@ -7,14 +7,17 @@ from typing import Any
 
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.study import PlotSpec, RunSpec, StudyConfig, aggregate, collect_run, run_status
+from workbench.study_analysis import agreement_markdown, compare
 
 
 def write_results(study: StudyConfig, runs: list[RunSpec]) -> tuple[Path, Path]:
     """`<study>/runs.csv` (one row per run), `<study>/results.csv` (over seeds) and `<study>/report.md`."""
     import csv
     import io
+    import json
 
     rows = [collect_run(run, study.collect) for run in runs]
+    agreements = compare(study, rows)
     fixed = {"run", "seed", "status", *study.axes}
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if k not in fixed and isinstance(v, (int, float))))
     table = aggregate(rows, list(study.axes), keys)
@@ -30,9 +33,14 @@ def write_results(study: StudyConfig, runs: list[RunSpec]) -> tuple[Path, Path]:
 
     atomic_write_text(folder / "runs.csv", to_csv(rows))
     atomic_write_text(folder / "results.csv", to_csv(table))
+    atomic_write_text(folder / "analysis.json", json.dumps(agreements, indent=1, default=str))
     failed = [r for r in rows if r["status"] == "failed"]
-    lines = [f"# Study {study.study}", "", f"{len(runs)} runs ({len(failed)} failed); base `{study.base}`.", "",
-             "Mean ± standard deviation over seeds (n = number of seeds with a value).", ""]
+    label = f" (profile **{study.profile}**: a reduced or enlarged grid, not the default one)" if study.profile else ""
+    lines = [f"# Study {study.study}{label}", "", study.description, "",
+             f"{len(runs)} runs ({len(failed)} failed); base `{study.base}`; seeds {study.seeds}.", "",
+             "Mean ± standard deviation over seeds (n = number of seeds with a value). `best_<key>` is the best value "
+             "of a run's curve and `best_step_<key>` its step; `delta_<key>` a paired difference to the reference "
+             "run of the same seed.", ""]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
     lines.append("| " + " | ".join([*study.axes, *shown]) + " |")
     lines.append("|" + "---|" * (len(study.axes) + len(shown)))
@@ -41,6 +49,8 @@ def write_results(study: StudyConfig, runs: list[RunSpec]) -> tuple[Path, Path]:
         cells += [f"{entry[f'{k}_mean']:.4g} ± {entry[f'{k}_std']:.2g} (n={entry[f'{k}_n']})"
                   if f"{k}_mean" in entry else "–" for k in shown]
         lines.append("| " + " | ".join(cells) + " |")
+    for result in agreements:
+        lines += ["", *agreement_markdown(result)]
     for row in failed:
         lines.append(f"\n- failed: `{row['run']}`: {run_status(next(r for r in runs if r.name == row['run']))}")
     for plot in study.plots:
@@ -59,6 +69,11 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     import matplotlib.pyplot as plt
     import numpy as np
 
+    def selected(values: dict[str, Any]) -> bool:
+        return all(str(values.get(axis)) == str(value) for axis, value in plot.where.items())
+
+    table = [t for t in table if selected(t)]
+    runs = [r for r in runs if selected(r.values)]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if plot.kind == "final":
         groups = sorted({str(t.get(plot.group)) for t in table}) if plot.group else [None]
@@ -86,7 +101,8 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     if plot.logx:
         ax.set_xscale("log")
     ax.set_ylabel(plot.y)
-    ax.set_title(f"{study.study}: {plot.y}")
+    where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
+    ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from workbench.checkpoints import write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.methods import Method
+from workbench.models.flops import active_parameters
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
 
@@ -36,6 +37,7 @@ class WorkbenchTrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._loss_methods = [m for m in self.methods if m.overrides("loss")]
         self._group_methods = [m for m in self.methods if m.overrides("param_groups")]
+        self._active_parameters: int | None = None
 
     # --- hooks -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -56,6 +58,15 @@ class WorkbenchTrainer(Trainer):
             for group in groups:  # add_param_group fills in the optimizer's defaults for missing options
                 optimizer.add_param_group(group)
         return optimizer
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """`total_flos` with mixture-of-experts layers counted by the experts a token uses (`models.flops`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if "input_ids" not in inputs or not hasattr(model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self._active_parameters is None:
+            self._active_parameters = active_parameters(model)
+        return 6 * inputs["input_ids"].numel() * self._active_parameters
 
     # --- a non-finite loss stops the run before anything is saved -------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

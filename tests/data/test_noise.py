@@ -30,3 +30,19 @@ def test_only_training_text_is_noised():
 def test_bad_rate():
     with pytest.raises(ValueError, match="word_replace_prob"):
         NoiseConfig(word_replace_prob=1.5)
+
+
+def test_noised_and_clean_runs_share_the_tokenizer_and_validation(tmp_path):
+    from workbench.config import ModelConfig
+    from workbench.data import prepare_data
+
+    base = {"synthetic": {"num_entities": 40}, "cache_dir": str(tmp_path), "block_size": 16}
+    model = ModelConfig(preset="pythia-tiny", tokenizer_vocab_size=300)
+    tok_clean, clean = prepare_data(DataConfig(**base), model)
+    tok_noised, noised = prepare_data(DataConfig(**base, noise={"word_replace_prob": 0.5}), model)
+    assert tok_clean.backend_tokenizer.to_str() == tok_noised.backend_tokenizer.to_str()
+    assert clean["validation"]["input_ids"] == noised["validation"]["input_ids"]
+    assert clean["train"]["input_ids"] != noised["train"]["input_ids"]
+    # repetition and the objective act after packing: they reuse the cached blocks
+    prepare_data(DataConfig(**base, repetition={"budget_tokens": 64, "unique_tokens": 32}), model)
+    assert len(list((tmp_path / "blocks").iterdir())) == 2 and len(list((tmp_path / "tokenizers").iterdir())) == 1

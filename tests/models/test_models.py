@@ -84,3 +84,18 @@ def test_moe_and_dense_pair_have_matching_ffn_parameters(tokenizer):
     assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 1
     assert abs(ffn(moe) - ffn(dense)) / ffn(dense) < 0.05
     assert abs(moe.num_parameters() - dense.num_parameters()) / dense.num_parameters() < 0.05
+
+
+def test_active_parameters_count_only_the_experts_a_token_uses(tokenizer):
+    from workbench.models.flops import active_parameters
+
+    moe = build_model(ModelConfig(preset="mixtral-tiny"), tokenizer)
+    dense = build_model(ModelConfig(preset="mixtral-dense-tiny"), tokenizer)
+    config = moe.config
+    # by hand: per layer the 4 experts hold 3 * hidden * width weights each; top-1 uses one of them
+    experts = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+    # non-embedding parameters + the tied output head (its matmul runs) = every parameter, less unused experts
+    assert active_parameters(dense) == dense.num_parameters()
+    assert active_parameters(moe) == moe.num_parameters() - experts * 3 // 4
+    pythia = build_model(ModelConfig(preset="pythia-tiny"), tokenizer)  # untied head: counted as a Linear
+    assert active_parameters(pythia) == pythia.num_parameters(exclude_embeddings=True)

@@ -88,12 +88,15 @@ def test_aggregation_against_hand_made_metrics(tmp_path):
         '{"step": 3, "task": "t", "style": "s", "metric": "acc", "value": 0.5}\n'
         '{"step": 3, "checkpoint": "checkpoint-4", "status": "skipped", "reason": "corrupt"}\n')
     row = collect_run(runs[1], ["loss"])
-    assert (row["loss"], row["min_loss"], row["argmin_loss"]) == (3.0, 1.0, 2)
+    assert (row["loss"], row["best_loss"], row["best_step_loss"]) == (3.0, 1.0, 2)
+    high = collect_run(runs[1], ["loss:max"])
+    assert (high["best_loss"], high["best_step_loss"]) == (4.0, 1)
+    assert "best_loss" not in collect_run(runs[1], ["loss:last"]) and collect_run(runs[1], ["loss:last"])["loss"] == 3.0
     assert row["t.s.acc"] == 0.5  # the last evaluated checkpoint's score
-    table = aggregate([collect_run(r, ["loss"]) for r in runs], list(study.axes), ["loss", "min_loss"])
+    table = aggregate([collect_run(r, ["loss"]) for r in runs], list(study.axes), ["loss", "best_loss"])
     assert len(table) == 2
     assert table[0]["loss_mean"] == pytest.approx(2.75) and table[0]["loss_std"] == pytest.approx(0.3535534, 1e-6)
-    assert table[0]["min_loss_mean"] == pytest.approx(1.5) and table[0]["loss_n"] == 2
+    assert table[0]["best_loss_mean"] == pytest.approx(1.5) and table[0]["loss_n"] == 2
     from workbench.study import PlotSpec
     from workbench.study_report import write_results
 
@@ -114,3 +117,82 @@ def test_submitit_local_executor(tmp_path):
     (only,) = grid(load_study(path))
     assert run_status(only)["status"] == "done"
     assert list((tmp_path / "runs/s/submitit").glob("*_result.pkl"))
+
+
+def test_variant_axes_name_runs_and_set_their_overrides(tmp_path):
+    variants = {"none": {}, "dropout-0.3": {"methods.dropout_schedule.rate": 0.3, "training.weight_decay": 0.1}}
+    study = load_study(_study(tmp_path, axes={"regulariser": variants, "training.learning_rate": [1e-3]}, seeds=[0]))
+    runs = grid(study)
+    assert [r.name for r in runs] == ["regulariser=none_learning_rate=0.001_seed=0",
+                                      "regulariser=dropout-0.3_learning_rate=0.001_seed=0"]
+    assert runs[1].values == {"regulariser": "dropout-0.3", "training.learning_rate": 1e-3}
+    overrides = runs[1].overrides(study)
+    assert "methods.dropout_schedule.rate=0.3" in overrides and "training.weight_decay=0.1" in overrides
+    assert not any(o.startswith("regulariser") for o in overrides)
+    with pytest.raises(ConfigError, match="regulariser=bad.*dropout_schedule"):
+        load_study(_study(tmp_path, axes={"regulariser": {"bad": {"methods.dropout_schedule.rte": 0.3}}}))
+
+
+def test_profiles_make_a_separate_smaller_grid(tmp_path):
+    profiles = {"quick": {"seeds": [5], "axes": {"training.learning_rate": [1e-3]}, "set": {"training.max_steps": 2}}}
+    path = _study(tmp_path, profiles=profiles)
+    study = load_study(path, "quick")
+    assert study.study == "s-quick" and study.profile == "quick" and study.seeds == [5]
+    assert [r.name for r in grid(study)] == ["learning_rate=0.001_seed=5"]
+    assert "training.max_steps=2" in grid(study)[0].overrides(study)
+    assert grid(study)[0].run_dir == tmp_path / "runs" / "s-quick" / "learning_rate=0.001_seed=5"
+    with pytest.raises(ConfigError, match="no profile 'scale'"):
+        load_study(path, "scale")
+    lines = _launch(str(path), "--quick", "--dry-run").stdout.strip().splitlines()
+    assert lines == [f"learning_rate=0.001_seed=5\tpending\t{tmp_path}/runs/s-quick/learning_rate=0.001_seed=5"]
+    with pytest.raises(ConfigError, match="not an axis"):
+        load_study(_study(tmp_path, profiles={"quick": {"axes": {"model.preset": ["llama-tiny"]}}}), "quick")
+    with pytest.raises(ConfigError, match="key:max"):
+        load_study(_study(tmp_path, collect=["loss:best"]))
+
+
+def test_paired_deltas_against_the_reference_run():
+    from workbench.study import DeltaSpec
+    from workbench.study_analysis import add_deltas
+
+    rows = [{"seed": s, "u": u, "size": z, "nll": 1.0 + s + (2.0 if u == "small" else 0.0) + (0.5 if z == "b" else 0)}
+            for s in (0, 1) for u in ("all", "small") for z in ("a", "b")]
+    rows.append({"seed": 2, "u": "small", "size": "a", "nll": 9.0})  # no reference run for seed 2
+    add_deltas(rows, DeltaSpec(axis="u", reference="all", keys=["nll"]), ["u", "size"])
+    assert [r.get("delta_nll") for r in rows] == [0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0, 2.0, None]
+
+
+def test_agreement_best_x_kendall_tau_and_cost():
+    from scipy import stats
+
+    from workbench.study import AgreementSpec
+    from workbench.study_analysis import agreement
+
+    dense = {0.0: 3.0, 0.1: 2.0, 0.3: 2.5, 0.5: 4.0}
+    moe = {0.0: 3.5, 0.1: 2.6, 0.3: 2.4, 0.5: 4.5}
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        for x in dense:
+            rows.append({"seed": seed, "m": "dense", "rate": x, "nll": dense[x] + shift, "sec": 10.0, "flops": 4.0})
+            rows.append({"seed": seed, "m": "moe", "rate": x, "nll": moe[x] - shift, "sec": 5.0, "flops": 1.0})
+    result = agreement(rows, AgreementSpec(group="m", x="rate", y="nll", cost=["sec", "flops"]), maximize=False)
+    assert result["groups"]["dense"]["best_x"] == 0.1 and result["groups"]["moe"]["best_x"] == 0.3
+    (pair,) = result["pairs"]
+    assert pair["same_best_x"] is False
+    expected = stats.kendalltau([dense[x] + 0.05 for x in dense], [moe[x] - 0.05 for x in dense]).statistic
+    assert pair["tau_of_means"] == pytest.approx(expected) and pair["tau_per_seed_mean"] == pytest.approx(expected)
+    assert result["groups"]["dense"]["cost"] == {"sec": 80.0, "flops": 32.0}
+    assert pair["cost_ratio"] == {"sec": 2.0, "flops": 4.0}
+    best_high = agreement(rows, AgreementSpec(group="m", x="rate", y="nll", cost=[]), maximize=True)
+    assert best_high["groups"]["dense"]["best_x"] == 0.5
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_studies_and_their_profiles_load(path):
+    study = load_study(path)
+    assert grid(study)
+    for profile in study.profiles:
+        smaller = load_study(path, profile)
+        assert smaller.study == f"{study.study}-{profile}" and grid(smaller)
+    if "quick" in study.profiles:
+        assert len(grid(load_study(path, "quick"))) < len(grid(study))

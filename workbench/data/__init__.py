@@ -23,8 +23,9 @@ __all__ = ["documents", "fact_world_options", "load_documents", "prepare_data", 
 
 
 def _source_key(cfg: DataConfig) -> dict:
-    """What identifies the documents: the data config, plus size and mtime of local files."""
-    key = cfg.model_dump(exclude={"num_proc", "cache_dir", "block_size"})
+    """What identifies the documents: the data config (less what is applied after packing: repetition and the
+    objective), plus size and mtime of local files."""
+    key = cfg.model_dump(exclude={"num_proc", "cache_dir", "block_size", "repetition", "objective", "span_corruption"})
     path = Path(cfg.source).expanduser()
     if path.exists():
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -45,24 +46,31 @@ def fact_world_options(data: dict) -> dict:
             "split_seed": data.get("split_seed", 0), "max_documents": data.get("max_documents")}
 
 
-def documents(data: DataConfig) -> DatasetDict:
-    """Train/validation documents; with `data.noise`, the training documents corrupted."""
+def documents(data: DataConfig, noised: bool = True) -> DatasetDict:
+    """Train/validation documents; with `data.noise` (and `noised`), the training documents corrupted."""
     splits = split_documents(load_documents(data), data.validation_fraction, data.split_seed)
-    if data.noise is not None:
+    if noised and data.noise is not None:
         splits["train"] = corrupt_documents(splits["train"], NoiseConfig(**data.noise))
     return splits
 
 
 def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokenizerBase, DatasetDict]:
-    """The tokenizer and the packed `train`/`validation` blocks (column `input_ids`), built or from cache."""
+    """The tokenizer and the packed `train`/`validation` blocks (column `input_ids`), built or from cache.
+
+    A tokenizer trained here learns from the clean training documents, so runs with and without `data.noise`
+    share it and their per-token validation losses compare."""
     cache = Path(data.cache_dir)
     source_key = _source_key(data)
     splits = None
     tokenizer = load_tokenizer(model)
     if tokenizer is None:
-        splits = documents(data)
-        tok_dir = cache / "tokenizers" / _digest([source_key, model.tokenizer_vocab_size])
-        tokenizer = load_or_train_tokenizer(tok_dir, splits["train"]["text"], model.tokenizer_vocab_size)
+        clean_key = {k: v for k, v in source_key.items() if k != "noise"}
+        tok_dir = cache / "tokenizers" / _digest([clean_key, model.tokenizer_vocab_size])
+        if not (tok_dir / "tokenizer.json").is_file():
+            splits = documents(data, noised=False)
+        tokenizer = load_or_train_tokenizer(tok_dir, splits["train"]["text"] if splits else [],
+                                            model.tokenizer_vocab_size)
+        splits = splits if data.noise is None else None  # the packed blocks are made of the noised text
     tokenizer_key = getattr(tokenizer, "backend_tokenizer", None)
     tokenizer_key = tokenizer_key.to_str() if tokenizer_key else [tokenizer.name_or_path, len(tokenizer)]
     blocks_dir = cache / "blocks" / _digest([source_key, data.block_size, tokenizer_key])

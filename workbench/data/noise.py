@@ -24,7 +24,10 @@ class NoiseConfig:
 
 
 def corrupt_documents(docs: Dataset, cfg: NoiseConfig) -> Dataset:
-    """`docs` (column `text`) with words replaced as `cfg` says; deterministic in the seed and the order."""
+    """`docs` (column `text`) with words replaced as `cfg` says; deterministic in the seed and the order.
+    With probability 0 the documents are returned untouched (the clean arm of a quality study)."""
+    if cfg.word_replace_prob == 0:
+        return docs
     vocabulary = sorted({word for text in docs["text"] for word in text.split()})
     rng = random.Random(cfg.seed)
 

@@ -1,17 +1,25 @@
-"""Model factory: tiny presets built from configs, or any HF causal LM by hub name or local path."""
+"""Model factory: tiny presets built from configs, or any HF causal or encoder-decoder LM by hub name or path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from workbench.config import ModelConfig
 from workbench.errors import ConfigError
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 
-__all__ = ["PRESETS", "build_model", "load_tokenizer", "load_or_train_tokenizer", "train_bpe_tokenizer"]
+__all__ = ["PRESETS", "build_model", "is_encoder_decoder", "model_class", "load_tokenizer", "load_or_train_tokenizer", "train_bpe_tokenizer"]
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
@@ -35,10 +43,10 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}
         config = preset_config(cfg.preset, len(tokenizer), special, **cfg.overrides)
-        return AutoModelForCausalLM.from_config(config)
+        return model_class(config).from_config(config)
     _check_local(cfg.name_or_path, "model.name_or_path")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class(_pretrained_config(cfg)).from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **cfg.overrides
         )
     except (OSError, ValueError) as err:
@@ -50,6 +58,26 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
             f"'{cfg.name_or_path}' has only {rows} embedding rows: use the model's own tokenizer"
         )
     return model
+
+
+def model_class(config: PretrainedConfig) -> type:
+    """The Auto class that builds `config`: seq2seq for encoder-decoder models, causal LM otherwise."""
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def is_encoder_decoder(cfg: ModelConfig) -> bool:
+    """Whether the configured model (a preset or a pretrained one) is an encoder-decoder."""
+    if cfg.name_or_path is None:
+        return bool(PRESETS[cfg.preset][0]().is_encoder_decoder)
+    return bool(_pretrained_config(cfg).is_encoder_decoder)
+
+
+def _pretrained_config(cfg: ModelConfig) -> PretrainedConfig:
+    _check_local(cfg.name_or_path, "model.name_or_path")
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model '{cfg.name_or_path}' could not be loaded: {str(err).splitlines()[0]}") from None
 
 
 def _check_local(source: str, field: str) -> None:

@@ -1,4 +1,5 @@
-"""Tiny model presets, built from transformers configs: Pythia-shaped (GPT-NeoX) and Llama-shaped.
+"""Tiny model presets, built from transformers configs: Pythia-shaped (GPT-NeoX), Llama-shaped, Mixtral-shaped
+(dense and MoE) and T5-shaped (encoder-decoder, for the span-corruption objective).
 
 Sizes are given for a 2,048-token vocabulary; `vocab_size` is always set from the tokenizer.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import GPTNeoXConfig, LlamaConfig, MixtralConfig, PretrainedConfig
+from transformers import GPTNeoXConfig, LlamaConfig, MixtralConfig, PretrainedConfig, T5Config
 
 # name -> (config class, fields). Parameter counts with a 2,048-token vocabulary in the comments.
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
@@ -41,6 +42,10 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=1024, num_local_experts=1, num_experts_per_tok=1),
     ),
+    "t5-tiny": (  # ~1.2M parameters: d 128, 2 encoder + 2 decoder layers (train with data.objective span_corruption)
+        T5Config,
+        dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),
+    ),
 }
 
 _SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
@@ -51,6 +56,7 @@ _SHARED: dict[type[PretrainedConfig], dict[str, Any]] = {
     LlamaConfig: dict(max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0),
     MixtralConfig: dict(max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0,
                         router_jitter_noise=0.0, sliding_window=None),
+    T5Config: dict(dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True, n_positions=2048),
 }
 
 
@@ -71,4 +77,7 @@ def preset_config(name: str, vocab_size: int, special_ids: dict[str, int], **ove
     """The transformers config of preset `name`, sized to the tokenizer, with `overrides` applied."""
     check_overrides(name, overrides)
     config_class, fields = PRESETS[name]
+    if config_class is T5Config:  # T5 starts decoding from the pad token and has no BOS
+        special_ids = {"pad_token_id": special_ids.get("pad_token_id"), "eos_token_id": special_ids.get("eos_token_id"),
+                       "decoder_start_token_id": special_ids.get("pad_token_id")}
     return config_class(**{**_SHARED[config_class], **fields, **special_ids, "vocab_size": vocab_size, **overrides})
