@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_folder(target: str | Path, write: Callable[[Path], None]) -> bool:
+    """Build a folder atomically: `write(tmp)` fills a private temporary folder beside `target`, which is then
+    renamed to `target`. Processes racing to build the same cache entry (e.g. a study's parallel runs) each
+    build their own; the first rename wins and the others discard theirs. Returns whether this call won."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)  # fails if target exists and is not empty: someone else published it
+            return True
+        except OSError:
+            if not target.is_dir():
+                raise
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_jsonl(path: str | Path, *records: dict[str, Any]) -> None:

@@ -82,3 +82,35 @@ def test_prepare_data_is_cached_and_deterministic(tmp_path):
     assert blocks1["train"]["input_ids"] == blocks2["train"]["input_ids"]
     assert tok1.get_vocab() == tok2.get_vocab()
     assert len(list((tmp_path / "cache" / "blocks").iterdir())) == 1
+
+
+def test_racing_builders_of_one_cache_folder_both_succeed(tmp_path):
+    """Two processes building the same cache entry (a study's parallel runs): the first rename wins, the
+    second discards its copy without error, and no temporary folder is left behind."""
+    from workbench.io import publish_folder
+
+    target = tmp_path / "cache" / "entry"
+
+    def write(text):
+        return lambda folder: (folder / "data.txt").write_text(text)
+
+    assert publish_folder(target, write("first")) is True
+    assert publish_folder(target, write("second")) is False
+    assert (target / "data.txt").read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["entry"]
+
+
+def test_parallel_runs_share_one_cold_cache(tmp_path):
+    """Two processes preparing the same data into an empty cache at once both succeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from workbench.config import DataConfig, ModelConfig; from workbench.data import prepare_data;"
+            "tok, b = prepare_data(DataConfig(synthetic={'num_entities': 300}, cache_dir=sys.argv[1], block_size=16),"
+            "ModelConfig(preset='pythia-tiny', tokenizer_vocab_size=300)); print(len(b['train']))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert outputs[0][0] == outputs[1][0]
+    assert not [p for p in (tmp_path / "blocks").iterdir() if p.name.endswith(".tmp")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from datasets import DatasetDict, load_from_disk
@@ -17,6 +16,7 @@ from workbench.config import DataConfig, ModelConfig
 from workbench.data.loading import load_documents
 from workbench.data.noise import NoiseConfig, corrupt_documents
 from workbench.data.packing import split_documents, tokenize_and_pack
+from workbench.io import publish_folder
 from workbench.models import load_or_train_tokenizer, load_tokenizer
 
 __all__ = ["documents", "fact_world_options", "load_documents", "prepare_data", "split_documents", "tokenize_and_pack"]
@@ -79,8 +79,5 @@ def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokeni
     if splits is None:
         splits = documents(data)
     blocks = tokenize_and_pack(splits, tokenizer, data.block_size, data.num_proc)
-    tmp = blocks_dir.with_name(blocks_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    blocks.save_to_disk(str(tmp))
-    tmp.replace(blocks_dir)
+    publish_folder(blocks_dir, lambda tmp: blocks.save_to_disk(str(tmp)))
     return tokenizer, load_from_disk(str(blocks_dir))

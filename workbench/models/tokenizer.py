@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from workbench.io import publish_folder
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -55,8 +56,6 @@ def load_or_train_tokenizer(
     if (cache_dir / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
     tokenizer = train_bpe_tokenizer(texts, vocab_size)
-    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(str(tmp))
-    tmp.replace(cache_dir)
+    if not publish_folder(cache_dir, lambda tmp: tokenizer.save_pretrained(str(tmp))):
+        return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))  # another process trained it first
     return tokenizer
