@@ -76,7 +76,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     runs = [r for r in runs if selected(r.values)]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if plot.kind == "final":
-        groups = sorted({str(t.get(plot.group)) for t in table}) if plot.group else [None]
+        groups = list(dict.fromkeys(str(t.get(plot.group)) for t in table)) if plot.group else [None]  # axis order
         for group in groups:
             points = sorted((_number(t[plot.x]), t[f"{plot.y}_mean"], t[f"{plot.y}_std"]) for t in table
                              if f"{plot.y}_mean" in t and (group is None or str(t.get(plot.group)) == group))
