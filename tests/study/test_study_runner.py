@@ -43,14 +43,17 @@ def test_grid_names_and_zip(tmp_path):
 
 
 def test_study_runs_skips_resumes_and_records_failures(tmp_path):
-    path = _study(tmp_path, axes={"training.learning_rate": [1e-3, "fast"]}, seeds=[0, 1])
+    # the second variant passes config validation but fails in the run: more unique tokens than the corpus has
+    too_much = {"data.repetition.budget_tokens": 2**22, "data.repetition.unique_tokens": 2**22}
+    path = _study(tmp_path, axes={"data": {"all": {}, "too-much": too_much}}, seeds=[0, 1])
     result = _launch(str(path))
     assert result.returncode == 0, result.stderr[-2000:]
     study = load_study(path)
     runs = grid(study)
     statuses = {r.name: run_status(r) for r in runs}
     assert [s["status"] for s in statuses.values()] == ["done", "done", "failed", "failed"]
-    assert "learning_rate" in statuses["learning_rate=fast_seed=0"]["error"]  # the one-line config error
+    error = statuses["data=too-much_seed=0"]["error"]  # the run's one-line error
+    assert error.startswith("error:") and "data.repetition" in error and "exceeds the corpus" in error
     rows = list(csv.DictReader((tmp_path / "runs/s/results.csv").open()))
     assert rows[0]["loss_n"] == "2" and float(rows[0]["loss_std"]) >= 0
     # a finished run is skipped
@@ -63,6 +66,13 @@ def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     assert _launch(str(path), "--only", runs[1].name).returncode == 0
     assert "resuming from" in (runs[1].run_dir / "train.log").read_text()
     assert run_status(runs[1])["status"] == "done" and (runs[1].run_dir / "checkpoint-4").is_dir()
+
+
+def test_a_run_config_error_stops_the_study_before_any_run(tmp_path):
+    path = _study(tmp_path, axes={"training.learning_rate": [1e-3, "fast"]}, seeds=[0])
+    result = _launch(str(path))
+    assert result.returncode == 2 and "run 'learning_rate=fast_seed=0'" in result.stderr
+    assert "training.learning_rate" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_dry_run_and_unknown_only(tmp_path):
