@@ -54,6 +54,7 @@ def _with(tmp_path: Path, **sections) -> str:
         ({"model": {"preset": "t5-tiny", "overrides": {}}, "data": {"objective": "causal"}},
          ["data.objective", "causal needs a decoder-only"]),
         ({"data": {"span_corruption": {"noise_density": 2}}}, ["data.span_corruption", "noise_density"]),
+        ({"model": {"preset": "t5-tiny", "overrides": {}}, "eval": {"on_save": True}}, ["eval.on_save", "encoder-decoder"]),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, sections, expected):

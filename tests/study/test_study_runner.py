@@ -206,3 +206,15 @@ def test_shipped_studies_and_their_profiles_load(path):
         assert smaller.study == f"{study.study}-{profile}" and grid(smaller)
     if "quick" in study.profiles:
         assert len(grid(load_study(path, "quick"))) < len(grid(study))
+
+
+def test_a_study_run_launched_by_deepspeed_on_two_ranks(tmp_path):
+    path = _study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]},
+                  launcher={"kind": "deepspeed", "num_gpus": 2})
+    result = _launch(str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (only,) = grid(load_study(path))
+    assert run_status(only)["status"] == "done", (only.run_dir / "train.log").read_text()[-3000:]
+    # the Trainer saved one RNG state per rank: the run really had two
+    assert sorted(p.name for p in (only.run_dir / "checkpoint-4").glob("rng_state_*.pth")) == [
+        "rng_state_0.pth", "rng_state_1.pth"]
