@@ -25,7 +25,8 @@ def print_run_summary(result, config_path: str, overrides: list[str] | None = No
         f"  tokenizer     {run / 'tokenizer'}",
         f"  tensorboard   tensorboard --logdir {run / 'tensorboard'}",
         "Next:",
-        f"  python launch/eval.py {run}   # evaluate every checkpoint (BOSE styles, Kendall-tau stability)",
+        *([f"  python launch/eval.py {run}   # evaluate every checkpoint (BOSE styles, Kendall-tau stability)"]
+          if result.objective == "causal" else []),  # the evaluator scores causal LMs
         f"  deepspeed launch/train.py {again} --set name={run.name} --resume "
         f"--set training.max_steps={2 * result.global_step}   # train further",
         f"  deepspeed --num_gpus 2 launch/train.py {again} --set name={run.name}-2ranks   # the same on two ranks",

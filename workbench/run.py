@@ -42,6 +42,7 @@ class RunResult:
     train_loss: float | None
     eval_loss: float | None
     precision: str
+    objective: str = "causal"
 
 
 def _width(cfg: ExperimentConfig) -> int:
@@ -201,4 +202,4 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
     output = trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate() if validation is not None else {}
     eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
-    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision)
+    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective)
