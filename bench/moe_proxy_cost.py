@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from workbench.config import ModelConfig
 from workbench.models import build_model
-from workbench.models.flops import active_parameters
+from workbench.models.flops import active_parameters, training_flops
 from workbench.models.tokenizer import train_bpe_tokenizer
 
 PAIR = ("mixtral-tiny", "mixtral-dense-tiny")
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.block
     rows = {}
     for name in PAIR:
-        flops = 6 * tokens * active_parameters(models[name])
-        rows[name] = (models[name].num_parameters(), active_parameters(models[name]), flops, statistics.median(times[name]))
+        active = active_parameters(models[name])
+        flops = training_flops(active, tokens)
+        rows[name] = (models[name].num_parameters(), active, flops, statistics.median(times[name]))
         print(f"  {name:20s} parameters {rows[name][0] / 1e6:.3f}M, active {rows[name][1] / 1e6:.3f}M, "
               f"{flops / 1e9:.2f} GFLOP/step, {rows[name][3] * 1e3:.1f} ms/step (median; "
               f"min {min(times[name]) * 1e3:.1f}, max {max(times[name]) * 1e3:.1f})")

@@ -46,6 +46,11 @@ STATUS = "study_status.json"
 DIRECTIONS = ("min", "max", "last")  # what the best value of a collected key is (`last`: none)
 
 
+def collected(items: list[str]) -> dict[str, str]:
+    """`collect` entries (`key`, `key:min`, `key:max`, `key:last`) -> {key: what its best value is}."""
+    return {key: direction or "min" for key, _, direction in (item.partition(":") for item in items)}
+
+
 class Launcher(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["python", "deepspeed"] = "python"
@@ -219,8 +224,9 @@ def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[s
 
 def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int = 29500) -> dict[str, Any]:
     """Train one run (resuming it if it was killed); record done or failed with the error; never raise."""
-    if run_status(run)["status"] == "done":
-        return {**run_status(run), "skipped": True}
+    status = run_status(run)
+    if status["status"] == "done":
+        return {**status, "skipped": True}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads:
@@ -230,7 +236,7 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     with log.open("a") as handle:
         result = subprocess.run(train_command(study, run, port), cwd=REPO_ROOT, env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
-    status: dict[str, Any] = {"status": "done" if result.returncode == 0 else "failed",
+    status = {"status": "done" if result.returncode == 0 else "failed",
                               "seconds": round(time.time() - start, 1), "returncode": result.returncode}
     if result.returncode != 0:
         errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
@@ -245,8 +251,7 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
     metrics = run.run_dir / "metrics.jsonl"
     records = read_jsonl(metrics) if metrics.is_file() else []
-    for item in keys:
-        key, _, direction = item.partition(":")
+    for key, direction in collected(keys).items():
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if not points:
             continue

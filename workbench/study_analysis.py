@@ -8,7 +8,7 @@ import math
 import statistics
 from typing import Any
 
-from workbench.study import AgreementSpec, DeltaSpec, StudyConfig
+from workbench.study import AgreementSpec, DeltaSpec, StudyConfig, collected
 
 
 def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> None:
@@ -95,7 +95,7 @@ def agreement_markdown(result: dict[str, Any]) -> list[str]:
 def compare(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Apply the study's `compare` specs: deltas go into `rows`; agreements are returned."""
     axes = list(study.axes)
-    maximize = {item.partition(":")[0] for item in study.collect if item.endswith(":max")}
+    maximize = {key for key, direction in collected(study.collect).items() if direction == "max"}
     results = []
     for spec in study.compare:
         if isinstance(spec, DeltaSpec):

@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from workbench.checkpoints import write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.methods import Method
-from workbench.models.flops import active_parameters
+from workbench.models.flops import active_parameters, training_flops
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
 
@@ -66,7 +66,7 @@ class WorkbenchTrainer(Trainer):
             return super().floating_point_ops(inputs)
         if self._active_parameters is None:
             self._active_parameters = active_parameters(model)
-        return 6 * inputs["input_ids"].numel() * self._active_parameters
+        return training_flops(self._active_parameters, inputs["input_ids"].numel())
 
     # --- a non-finite loss stops the run before anything is saved -------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -24,3 +24,8 @@ def active_parameters(model: PreTrainedModel) -> int:
         active -= round(expert_weights * (1 - top_k / experts))
     return active
 
+
+
+def training_flops(active: int, tokens: int) -> int:
+    """FLOPs of one forward and backward pass of `tokens` tokens through `active` active parameters (6N)."""
+    return 6 * active * tokens
