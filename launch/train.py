@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 
@@ -41,5 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_distributed(code: int) -> None:
+    """Leave a multi-rank run without the interpreter's final teardown.
+
+    After a finished two-rank CPU run, about one exit in ten to thirty aborted in C++ static destruction
+    ("terminate called without an active exception", no Python frame left, SIGABRT), even after
+    `destroy_process_group()`, which turned a complete run into a failed exit code. Everything the run writes
+    is closed by then, so after a successful run a rank that was part of a process group tears it down, runs
+    the Python exit handlers (logging, trackers such as wandb), flushes its streams and leaves with `os._exit`.
+    Measured: 0 failed exits in 40 two-rank runs, against 1 in 30 with `destroy_process_group()` alone."""
+    if code == 0 and "torch" in sys.modules:  # after an error, exit as usual: the launcher stops the other ranks
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears down while another still talks to it
+            dist.destroy_process_group()
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_distributed(main())
