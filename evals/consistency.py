@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.report import latest_by_cell
-from evals.results import read_results
+from evals.results import metric_info, read_results
 from evals.runs import Target, run_target, sweep
 from evals.stability import consistency
 from workbench.checkpoints import newest_complete_checkpoint
@@ -19,7 +19,6 @@ from workbench.errors import ConfigError
 from workbench.io import atomic_write_text
 
 INSTRUCT_STYLE = "zero_shot"
-PRIMARY_METRIC = {"acc", "f1"}
 
 
 def model_lists(base: list[Path], instruct: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -69,7 +68,7 @@ def evaluate_consistency(base_runs: list[Path], instruct_runs: list[Path], cfg: 
     rows = []
     for key in sorted(set.intersection(*(set(b) for b in base))):
         task, style, metric = key
-        if metric not in PRIMARY_METRIC:
+        if not metric_info(metric).primary:
             continue
         z_key = (task, INSTRUCT_STYLE, metric)
         if not all(z_key in z for z in instruct):

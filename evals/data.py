@@ -1,4 +1,5 @@
-"""Evaluation documents built from the synthetic fact world the model was trained on.
+"""Evaluation documents built from the synthetic data the model was trained on: the fact world, and
+arithmetic word problems (see the arithmetic section below).
 
 The entities are split three ways: test items (all but the last 10% and the few-shot pool, and never an
 entity whose paragraph the run held out for validation), shuffled with a fixed seed so that any `limit`
@@ -8,11 +9,26 @@ next 10%, `factworld_sft`) never asked about in evaluation; and a few-shot pool 
 
 from __future__ import annotations
 
+import random
+import re
+from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from workbench.data.synthetic import FactWorld, FactWorldConfig
+from workbench.data import fact_world_options
+from workbench.data.finetune import QA_PROMPT
+from workbench.data.loading import generator_options
+from workbench.data.synthetic import (
+    OBJECTS,
+    PEOPLE,
+    ArithmeticConfig,
+    FactWorld,
+    FactWorldConfig,
+    arithmetic_problems,
+)
+from workbench.errors import ConfigError
 
 FEWSHOT_ENTITIES = 8  # entities whose facts form the few-shot pool, never test items
 SFT_FRACTION = 0.1  # share of entities reserved for instruction tuning, never test items
@@ -71,8 +87,103 @@ def factworld_sft(**world_options: Any) -> Dataset:
     world = _world(world_options)
     _, sft, _ = entity_pools(len(world.entities))
     qa = world.qa(entities=sft)
-    return Dataset.from_dict({"prompt": [f"Question: {q}\nAnswer:" for q in qa["question"]],
+    return Dataset.from_dict({"prompt": [QA_PROMPT.format(question=q) for q in qa["question"]],
                               "completion": [f" {a}" for a in qa["answer"]]})
 
 
-GENERATORS = {"factworld_qa": factworld_qa, "factworld_mc": factworld_mc}
+# ----------------------------------------------------------------------------------------------------------
+# Arithmetic word problems: in-distribution, with an irrelevant sentence (GSM-IC), one step longer
+# ----------------------------------------------------------------------------------------------------------
+
+ARITHMETIC_TEST = 500  # problems per arithmetic set (a `limit` asks the first N)
+ARITHMETIC_FEWSHOT = 8  # problems per set in its few-shot pool (`train`), never asked
+EVAL_SEED_OFFSET = 1_000_003  # evaluation problems come from the generator's stream for seed + this
+CANDIDATES_PER_PROBLEM = 4  # problems drawn per one needed, to make up for those seen in training
+
+# One sentence with a number that changes nothing: another person, other objects, or neither counted.
+IRRELEVANT_SENTENCES = (
+    "{other} has {n} {obj}.",
+    "{other} has {n} {other_obj}.",
+    "{name} also has {n} {other_obj}.",
+    "{other} is {n} years old.",
+)
+_FINAL_QUESTION = re.compile(r" (How many (?P<obj>.+) does (?P<name>\S+) have now\?)$")
+
+
+def run_data_options(data: dict[str, Any]) -> dict[str, Any]:
+    """What evaluation tasks may know of a run's training data (`data`: its config's `data` section): the
+    fact world's options at the top level (`workbench.data.fact_world_options`) and, for a run trained on
+    arithmetic problems (`synthetic:arithmetic`), their ArithmeticConfig fields under 'arithmetic'."""
+    options = fact_world_options(data)
+    if data.get("source") == "synthetic:arithmetic":
+        options["arithmetic"] = dict(data.get("synthetic") or {})
+    return options
+
+
+def training_arithmetic(world_options: dict[str, Any]) -> ArithmeticConfig:
+    """The config of the run's arithmetic training problems; ArithmeticConfig's defaults when the run did
+    not train on arithmetic (so every run is asked the same problems of the default kind)."""
+    return generator_options("synthetic:arithmetic", world_options.get("arithmetic") or {})
+
+
+@lru_cache(maxsize=8)
+def _questions(cfg: ArithmeticConfig) -> frozenset[str]:
+    return frozenset(arithmetic_problems(cfg)["question"])
+
+
+def unseen_problems(cfg: ArithmeticConfig, training: ArithmeticConfig) -> DatasetDict:
+    """Problems of `cfg`'s kind from the evaluation seed stream (`cfg.seed + EVAL_SEED_OFFSET`), dropping
+    any whose question is in `training`'s problems or already taken: `train`, the first ARITHMETIC_FEWSHOT
+    (few-shot pool), then `test`, up to ARITHMETIC_TEST."""
+    wanted = ARITHMETIC_FEWSHOT + ARITHMETIC_TEST
+    drawn = arithmetic_problems(replace(cfg, num_problems=CANDIDATES_PER_PROBLEM * wanted,
+                                        seed=cfg.seed + EVAL_SEED_OFFSET))
+    taken, keep = set(_questions(training)), []
+    for index, question in enumerate(drawn["question"]):
+        if len(keep) == wanted:
+            break
+        if question not in taken:
+            taken.add(question)
+            keep.append(index)
+    if len(keep) <= ARITHMETIC_FEWSHOT:
+        raise ConfigError(f"field 'data.synthetic': only {len(keep)} of {len(drawn)} arithmetic problems drawn for "
+                          f"evaluation are unseen in training; raise num_steps or max_value")
+    return DatasetDict(train=drawn.select(keep[:ARITHMETIC_FEWSHOT]), test=drawn.select(keep[ARITHMETIC_FEWSHOT:]))
+
+
+def add_irrelevant_sentence(question: str, max_value: int, rng: random.Random) -> str:
+    """`question` with one sentence before its final question that names a number but not the asked
+    person's count of the asked objects, so the answer stays the same (GSM-IC, Shi et al., ICML 2023)."""
+    final = _FINAL_QUESTION.search(question)
+    if final is None:
+        raise ValueError(f"not an arithmetic problem's question: {question!r}")
+    name, obj = final["name"], final["obj"]
+    sentence = rng.choice(IRRELEVANT_SENTENCES).format(
+        name=name, obj=obj, n=rng.randint(2, max_value),
+        other=rng.choice([p for p, _ in PEOPLE if p != name]), other_obj=rng.choice([o for o in OBJECTS if o != obj]))
+    return f"{question[:final.start()]} {sentence} {final[1]}"
+
+
+def arithmetic(**world_options: Any) -> DatasetDict:
+    """Problems like the run's training problems (same num_steps and max_value), none of them trained on."""
+    training = training_arithmetic(world_options)
+    return unseen_problems(training, training)
+
+
+def arithmetic_irrelevant(**world_options: Any) -> DatasetDict:
+    """The `arithmetic` problems, each with an irrelevant sentence added; answers unchanged."""
+    training = training_arithmetic(world_options)
+    rng = random.Random(f"{training.seed + EVAL_SEED_OFFSET}:irrelevant")
+    return DatasetDict({split: Dataset.from_dict({**docs.to_dict(), "question": [
+        add_irrelevant_sentence(q, training.max_value, rng) for q in docs["question"]]})
+        for split, docs in arithmetic(**world_options).items()})
+
+
+def arithmetic_longer(**world_options: Any) -> DatasetDict:
+    """Problems one step longer than the run's training problems (num_steps + 1), otherwise alike."""
+    training = training_arithmetic(world_options)
+    return unseen_problems(replace(training, num_steps=training.num_steps + 1), training)
+
+
+GENERATORS = {"factworld_qa": factworld_qa, "factworld_mc": factworld_mc, "arithmetic": arithmetic,
+              "arithmetic_irrelevant": arithmetic_irrelevant, "arithmetic_longer": arithmetic_longer}

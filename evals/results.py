@@ -1,4 +1,5 @@
-"""`eval/results.jsonl`: one line per (checkpoint, task, style, metric), appended atomically per cell.
+"""`eval/results.jsonl`: one line per (checkpoint, task, style, metric), appended atomically per cell,
+and what each metric means (:data:`METRICS`: its direction, its unit, whether chance applies).
 
 A cell's lines go to disk in one `write` on an `O_APPEND` file, so a killed sweep loses at most the cell
 in progress, and a re-run evaluates only the cells that are missing.
@@ -6,19 +7,79 @@ in progress, and a re-run evaluates only the cells that are missing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from workbench.io import read_jsonl
 
 
-def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None) -> list[dict[str, Any]]:
-    """The lines of one evaluated cell (`evals.sweep.CellResult`), one per metric, items included."""
+@dataclass(frozen=True)
+class Metric:
+    """What a metric in results.jsonl means: the one place its direction is stated.
+
+    `share`: a mean of per-item scores in [0, 1], shown as a percentage. `chance`: a multiple-choice
+    accuracy, which random guessing scores at the mean of 1/(number of options) (recorded per cell).
+    `primary`: the metric a task's plot and the consistency ranking use (one per task kind).
+    """
+
+    name: str
+    higher_is_better: bool
+    label: str  # axis label, in the reader's units
+    description: str
+    share: bool = True
+    chance: bool = False
+    primary: bool = False
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("acc", True, "accuracy (% of items correct)",
+           "share of items whose gold option the model scores best", chance=True, primary=True),
+    Metric("acc_norm", True, "length-normalised accuracy (% of items correct)",
+           "as acc, each option's log-likelihood divided by its length in characters", chance=True),
+    Metric("em", True, "exact match (% of items)",
+           "share of items whose generated answer equals the reference after SQuAD normalisation"),
+    Metric("f1", True, "token F1 (%, mean over items)",
+           "token-overlap F1 between generated and reference answer after SQuAD normalisation", primary=True),
+    Metric("exact_match", True, "exact match of the final answer (% of items)",
+           "lm-eval's exact match: share of items whose extracted final answer equals the reference", primary=True),
+    Metric("gold_ppl", False, "perplexity of the gold option",
+           "Blank-ppl: exp of the mean NLL per token of the gold option's span (1 = certain)", share=False),
+)}
+
+
+@cache
+def metric_info(name: str) -> Metric:
+    """`METRICS[name]`; a metric not listed there (a native lm-eval task's) takes its direction from
+    lm-eval's registry, else counts as higher-is-better."""
+    if name in METRICS:
+        return METRICS[name]
+    import logging
+
+    from lm_eval.api.registry import is_higher_better
+
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it warns about names it does not know
+    try:
+        higher = is_higher_better(name)
+    finally:
+        logger.setLevel(level)
+    return Metric(name, higher is not False, name, "an lm-eval metric", share=False)
+
+
+def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None,
+                 chance: float | None = None) -> list[dict[str, Any]]:
+    """The lines of one evaluated cell (`evals.sweep.CellResult`), one per metric, items included.
+
+    `chance`: a multiple-choice cell's chance accuracy, recorded on the metrics it applies to."""
     return [
         {"run": run, "checkpoint": checkpoint, "step": step, "task": result.task, "style": result.style,
          "limit": limit,
          "metric": metric, "value": value, "n": len(result.items.get(metric, [])),
-         "items": result.items.get(metric, []), "seconds": round(result.seconds, 3)}
+         "items": result.items.get(metric, []), "seconds": round(result.seconds, 3),
+         **({"chance": chance} if chance is not None and metric_info(metric).chance else {})}
         for metric, value in result.metrics.items()
     ]
 

@@ -1,4 +1,5 @@
-"""Sweeping a run's checkpoints (or one model) with the evaluator, resumably, into `eval/results.jsonl`."""
+"""Sweeping a run's checkpoints (or one model) with the evaluator, resumably, into `eval/results.jsonl`
+(or another folder's `results.jsonl`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from evals.data import run_data_options
 from evals.results import cell_records, done_cells, read_results, skip_record
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
-from workbench.data import fact_world_options
 from workbench.errors import CheckpointError, ConfigError
 from workbench.io import append_jsonl
 
@@ -25,27 +26,30 @@ class Target:
     """What to evaluate: a run folder with checkpoints, or one model (hub name or local folder)."""
 
     name: str
-    results: Path  # eval/results.jsonl
+    results: Path  # <run>/eval/results.jsonl, or <out>/results.jsonl
     checkpoints: list[Path]
     tokenizer: str
-    world: dict[str, Any] = field(default_factory=dict)
+    world: dict[str, Any] = field(default_factory=dict)  # what tasks may know of its training data
     eval_cfg: EvalConfig | None = None
 
 
-def run_target(run_dir: Path) -> Target:
-    """A training run: its checkpoints, tokenizer, fact world and `eval` section from its config.yaml."""
+def run_target(run_dir: Path, out_dir: Path | None = None) -> Target:
+    """A training run: its checkpoints, tokenizer, training data's options (fact world, arithmetic problems;
+    `evals.data.run_data_options`) and `eval` section from its config.yaml.
+
+    Results go to `out_dir`/results.jsonl, by default the run's own `eval/` folder."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
     data = config.get("data", {})
-    world = fact_world_options(data)
+    world = run_data_options(data)
     tokenizer = run_dir / "tokenizer"
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise ConfigError(f"'{run_dir}' has no checkpoint-* folders to evaluate")
     eval_cfg = EvalConfig.model_validate(config["eval"]) if "eval" in config else None
-    return Target(run_dir.name, run_dir / "eval" / "results.jsonl", checkpoints,
+    return Target(run_dir.name, (out_dir or run_dir / "eval") / "results.jsonl", checkpoints,
                   str(tokenizer if tokenizer.is_dir() else checkpoints[-1]), world, eval_cfg)
 
 
@@ -55,8 +59,22 @@ def model_target(model: str, out_dir: Path) -> Target:
 
 
 def step_of(checkpoint: Path) -> int | None:
+    """The training step in a `checkpoint-<step>` folder name; None for any other name."""
     match = _STEP.search(checkpoint.name)
     return int(match.group(1)) if match else None
+
+
+def chance_accuracy(task: Any) -> float | None:
+    """Accuracy of guessing uniformly among a built multiple-choice lm-eval task's options: the mean over
+    its documents of 1/(number of options), counted from its request instances; None for other tasks."""
+    if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or not getattr(task, "instances", None):
+        return None
+    metrics = {m.get("metric") for m in getattr(getattr(task, "config", None), "metric_list", None) or []}
+    per_option = 2 if "acc_mutual_info" in metrics else 1  # lm-eval adds an unconditional request per option
+    options: dict[Any, int] = {}
+    for instance in task.instances:
+        options[instance.doc_id] = options.get(instance.doc_id, 0) + 1
+    return sum(per_option / k for k in options.values()) / len(options)
 
 
 def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
@@ -89,7 +107,8 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
                 continue
             for cell in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
                 (result,) = evaluator.evaluate(model, {cell})
-                append_jsonl(target.results, *cell_records(target.name, checkpoint.name, step, result, limit))
+                chance = chance_accuracy(evaluator.tasks.get(cell))
+                append_jsonl(target.results, *cell_records(target.name, checkpoint.name, step, result, limit, chance))
                 finished += 1
                 bar.update(1)
     return finished

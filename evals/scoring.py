@@ -1,7 +1,8 @@
-"""Scoring pieces the prompt styles share: answer normalisation, exact match and F1, and Blank-ppl.
+"""Scoring pieces the prompt styles share: answer normalisation, exact match and F1, Blank-ppl, and the
+number of a worked answer.
 
 Exact match and F1 follow SQuAD's normalisation (lower case, no punctuation, no articles, single spaces).
-Blank-ppl (BOSE, Luan et al., Findings of ACL 2025; our spec `shared/methods/bose.md`) scores each option by
+Blank-ppl (BOSE, Luan et al., Findings of ACL 2025; our spec `docs/specs/bose.md`) scores each option by
 the mean negative log-likelihood of the span after the blank, s_k = -(1/n_k) sum_t log p(x_t | x_<t, P),
 and predicts argmin_k s_k (lowest perplexity exp s_k; a tie goes to the lowest index).
 """
@@ -13,6 +14,8 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+
+from workbench.data.synthetic import _GSM8K_ANSWER  # the answer pattern of parse_gsm8k_answer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -42,6 +45,14 @@ def token_f1(prediction: str, gold: str) -> float:
 def first_line_answer(generation: str) -> str:
     """The answer part of a plain generation: its first line, stripped."""
     return generation.strip().split("\n")[0].strip()
+
+
+# The number of a worked answer ("... #### N"), for lm-eval's regex filter: the pattern of the generator's own
+# `parse_gsm8k_answer` (which takes the last match, as the filter does with group_select -1).
+NUMBER_PATTERN = _GSM8K_ANSWER.pattern
+# What lm-eval's exact_match ignores in the extracted number and the gold one, so that it matches exactly when
+# parse_gsm8k_answer gives the gold integer: thousands separators, a zero fraction, leading zeros.
+NUMBER_VARIANTS = (",", r"\.0+$", r"(?<![\d.])0+(?=\d)")
 
 
 # Counts the tokens a model scores for continuation `cont` after context `ctx`. The sweep installs the

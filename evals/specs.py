@@ -2,8 +2,10 @@
 its options and its answer out of one; `evals/styles.py` turns a spec into one lm-eval task per prompt style.
 
 Specs live in `evals/tasks/` (and any folder passed as `include_path`). A spec takes its data from
-a fact-world generator (`dataset: {generator: factworld_mc}`) or from a stock lm-eval task
-(`stock: arc/arc_easy.yaml`: the stock YAML's dataset, splits and `process_docs`, nothing else).
+a generator of `evals/data.py` (`dataset: {generator: factworld_mc}`), built from what the run trained on,
+or from a stock lm-eval task (`stock: arc/arc_easy.yaml`: the stock YAML's dataset, splits and
+`process_docs`, nothing else). Specs that share a `tag` are selected together by that name, as lm-eval's
+tags are (`arithmetic`: the three arithmetic sets).
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str
-    kind: Literal["open", "multiple_choice"]
+    kind: Literal["open", "multiple_choice", "worked"]  # worked: a worked answer ending "#### N", scored on N
+    tag: str | None = None  # a name that selects this spec together with the others that carry it
     dataset: dict[str, Any] | None = None  # {generator: name}
     stock: str | None = None  # path of a stock task YAML, relative to lm_eval/tasks/
     question: str
-    prompt: str | None = None  # Jinja: the standard prompt; default "Question: {question}\nAnswer:"
+    prompt: str | None = None  # Jinja: the standard prompt; default QA_PROMPT, "Question: {question}\nAnswer:"
     choices: str | None = None  # Jinja rendering a JSON list
     gold: str | None = None  # Jinja rendering the gold option's index
-    answer: str | None = None  # Jinja rendering the reference answer (open)
-    worked_answer: str | None = None  # Jinja: the worked answer ICLiP examples show
+    answer: str | None = None  # Jinja rendering the reference answer (open, worked)
+    worked_answer: str | None = None  # Jinja: the worked answer ICLiP examples (worked: few-shot examples) show
     cloze: str | None = None  # Jinja: the item as a sentence with ___ at the answer (Blank-ppl)
 
 
@@ -56,8 +59,11 @@ class SpecReader:
         return render(self.spec.question, doc).strip()
 
     def prompt(self, doc: dict) -> str:
-        """The standard prompt: the spec's own, else "Question: {question}\nAnswer:"."""
-        return render(self.spec.prompt, doc) if self.spec.prompt else f"Question: {self.question(doc)}\nAnswer:"
+        """The standard prompt: the spec's own, else the fine-tuning format QA_PROMPT,
+        "Question: {question}\nAnswer:"."""
+        from workbench.data.finetune import QA_PROMPT
+
+        return render(self.spec.prompt, doc) if self.spec.prompt else QA_PROMPT.format(question=self.question(doc))
 
     def choices(self, doc: dict) -> list[str]:
         return [str(c).strip() for c in json.loads(render(self.spec.choices, doc))]
@@ -79,49 +85,64 @@ class SpecReader:
         return (before.rstrip(), after) if blank else None
 
 
-def _spec_files(include_paths: tuple[str, ...]) -> dict[str, Path]:
+@cache
+def _catalogue(include_paths: tuple[str, ...]) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """(task name -> spec file, tag -> its task names), from evals/tasks/ and the include paths."""
     files: dict[str, Path] = {}
+    tags: dict[str, list[str]] = {}
     for folder in (TASKS_DIR, *map(Path, include_paths)):
         for path in sorted(folder.glob("*.yaml")):
-            name = yaml.safe_load(path.read_text()).get("task")
-            if name:
-                files[name] = path
-    return files
+            head = yaml.safe_load(path.read_text()) or {}
+            if head.get("task"):
+                files[head["task"]] = path
+                if head.get("tag"):
+                    tags.setdefault(head["tag"], []).append(head["task"])
+    return files, tags
 
 
-@cache
 def available_specs(include_paths: tuple[str, ...] = ()) -> dict[str, Path]:
     """Task name -> spec file, from evals/tasks/ and the include paths."""
-    return _spec_files(include_paths)
+    return _catalogue(include_paths)[0]
+
+
+def spec_names(name: str, include_paths: tuple[str, ...] = ()) -> list[str]:
+    """The spec names a selection `name` stands for: every spec tagged `name`, else `name` itself."""
+    files, tags = _catalogue(include_paths)
+    return [name] if name in files else tags.get(name, [name])
 
 
 def load_spec(name: str, include_paths: tuple[str, ...] = ()) -> TaskSpec:
-    files = available_specs(include_paths)
+    files, tags = _catalogue(include_paths)
     if name not in files:
+        valid = [*files, *tags]
         raise ConfigError(
-            f"unknown task '{name}'{did_you_mean(name, files)}; BOSE tasks: {', '.join(sorted(files))} "
-            f"(or any lm-eval task name with style 'native')"
+            f"unknown task '{name}'{did_you_mean(name, valid)}; BOSE tasks: {', '.join(sorted(files))}"
+            f"{'; tags: ' + ', '.join(sorted(tags)) if tags else ''} (or any lm-eval task name with style 'native')"
         )
     spec = validate_model(TaskSpec, parse_yaml(files[name].read_text()), files[name])
-    needed = ("choices", "gold") if spec.kind == "multiple_choice" else ("answer",)
-    for field in needed:
+    needed = {"multiple_choice": ("choices", "gold"), "open": ("answer",), "worked": ("answer", "worked_answer")}
+    for field in needed[spec.kind]:
         if getattr(spec, field) is None:
             raise ConfigError(f"{files[name]}: a {spec.kind} task needs field '{field}'")
     if (spec.dataset is None) == (spec.stock is None):
         raise ConfigError(f"{files[name]}: give exactly one of 'dataset' and 'stock'")
+    if spec.kind == "worked" and spec.dataset is None:  # its generation budget is read off its documents
+        raise ConfigError(f"{files[name]}: a worked task needs 'dataset' (a generator), not 'stock'")
     return spec
 
 
 def data_config(spec: TaskSpec, world: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The lm-eval data keys for `spec`: a fact-world generator, or a stock task's data with `overrides`."""
+    """The lm-eval data keys for `spec`: a generator's documents, or a stock task's data with `overrides`.
+
+    `world` is what the tasks may know of the run's training data (`evals.data.run_data_options`)."""
     if spec.dataset is not None:
         from evals.data import GENERATORS
 
         generator = spec.dataset.get("generator")
         if generator not in GENERATORS:
             raise ConfigError(f"task '{spec.task}': unknown generator '{generator}'; valid: {', '.join(GENERATORS)}")
-        build = GENERATORS[generator]
-        return {"custom_dataset": lambda **_: build(**world), "test_split": "test", "fewshot_split": "train",
+        docs = GENERATORS[generator](**world)  # built once, shared by the spec's styles
+        return {"custom_dataset": lambda **_: docs, "test_split": "test", "fewshot_split": "train",
                 "training_split": "train", "metadata": {"world": world}}
     import lm_eval.tasks
     from lm_eval.tasks._yaml_loader import load_yaml

@@ -18,7 +18,8 @@ intervals quantify the uncertainty that comes from the finite benchmark (resampl
 small set of models (resampling model pairs).  Resamples in which tau is undefined (a constant vector)
 are dropped; the results report how many were used.
 
-:func:`tau_b_reference` is an independent, SciPy-free O(n^2) implementation used to cross-check.
+Kendall's tau-b itself (:func:`kendall_tau_b`, the SciPy-free cross-check :func:`tau_b_reference`) lives in
+:mod:`workbench.stats`, which the library uses without importing ``evals``; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
+
+from workbench.stats import CHUNK_ELEMENTS, kendall_tau_b, tau_b_reference, tau_b_rows, tau_b_undefined_reason
 
 __all__ = [
     "ConsistencyResult",
@@ -40,101 +42,6 @@ __all__ = [
     "stability",
     "tau_b_reference",
 ]
-
-# Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
-_CHUNK_ELEMENTS = 4_000_000
-
-
-# --------------------------------------------------------------------------------------------------
-# Kendall's tau-b
-# --------------------------------------------------------------------------------------------------
-
-
-def _paired_1d(x: ArrayLike, y: ArrayLike, names: tuple[str, str] = ("x", "y")) -> tuple[NDArray, NDArray]:
-    xa = np.asarray(x, dtype=np.float64)
-    ya = np.asarray(y, dtype=np.float64)
-    if xa.ndim != 1 or ya.ndim != 1:
-        raise ValueError(f"{names[0]} and {names[1]} must be 1-D; got shapes {xa.shape} and {ya.shape}")
-    if xa.shape[0] != ya.shape[0]:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same length; got {xa.shape[0]} and {ya.shape[0]}"
-        )
-    return xa, ya
-
-
-def kendall_tau_b(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
-    """Kendall's tau-b and its two-sided p-value, via ``scipy.stats.kendalltau(x, y, variant="b")``.
-
-    This is the statistic BOSE uses for both stability (steps vs. scores) and consistency (base vs.
-    instruct scores).  Returns ``(nan, nan)`` when there are fewer than 2 points, when either input is
-    constant (tau-b is 0/0 there) or when either input contains a non-finite value.
-
-    Raises:
-        ValueError: if the inputs are not 1-D or differ in length.
-    """
-    xa, ya = _paired_1d(x, y)
-    if xa.shape[0] < 2 or not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
-        return math.nan, math.nan
-    if np.all(xa == xa[0]) or np.all(ya == ya[0]):
-        return math.nan, math.nan
-    res = stats.kendalltau(xa, ya, variant="b")
-    return float(res.statistic), float(res.pvalue)
-
-
-def tau_b_reference(x: ArrayLike, y: ArrayLike) -> float:
-    """Independent O(n^2) float64 implementation of Kendall's tau-b (no SciPy).
-
-    ``tau_b = (C - D) / sqrt((n0 - n1) * (n0 - n2))`` where, over all ``n0 = n(n-1)/2`` pairs ``i < j``,
-    ``C``/``D`` count concordant/discordant pairs, ``n1`` counts pairs tied in ``x`` and ``n2`` pairs
-    tied in ``y`` (a pair tied in both counts in ``n1`` and ``n2``, and in neither ``C`` nor ``D``).
-    Returns NaN for fewer than 2 points or a zero denominator (a constant input).
-    """
-    xa, ya = _paired_1d(x, y)
-    n = xa.shape[0]
-    if n < 2:
-        return math.nan
-    c_minus_d = 0.0
-    n1 = 0
-    n2 = 0
-    for i in range(n - 1):
-        sx = np.sign(xa[i + 1 :] - xa[i])
-        sy = np.sign(ya[i + 1 :] - ya[i])
-        c_minus_d += float(np.sum(sx * sy))
-        n1 += int(np.count_nonzero(sx == 0))
-        n2 += int(np.count_nonzero(sy == 0))
-    n0 = n * (n - 1) // 2
-    denom = math.sqrt(float(n0 - n1) * float(n0 - n2))
-    if denom == 0.0 or math.isnan(c_minus_d):
-        return math.nan
-    return c_minus_d / denom
-
-
-def _tau_b_rows(x: NDArray, y: NDArray) -> NDArray:
-    """Tau-b of each row pair: ``x`` is ``(n,)`` (shared) or ``(B, n)``, ``y`` is ``(B, n)``; returns ``(B,)``.
-
-    Same formula as :func:`tau_b_reference`, vectorised over rows (chunked to bound memory);
-    NaN where a row is constant.
-    """
-    b, n = y.shape
-    out = np.full(b, np.nan)
-    if n < 2 or b == 0:
-        return out
-    i0, i1 = np.triu_indices(n, k=1)
-    n0 = i0.shape[0]
-    chunk = max(1, _CHUNK_ELEMENTS // n0)
-    for start in range(0, b, chunk):
-        stop = min(b, start + chunk)
-        xc = x if x.ndim == 1 else x[start:stop]
-        sx = np.sign(xc[..., i1] - xc[..., i0])
-        sy = np.sign(y[start:stop, i1] - y[start:stop, i0])
-        s = np.sum(sx * sy, axis=-1)
-        n1 = np.count_nonzero(sx == 0, axis=-1)
-        n2 = np.count_nonzero(sy == 0, axis=-1)
-        denom = np.sqrt((n0 - n1).astype(np.float64) * (n0 - n2).astype(np.float64))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:stop] = np.where(denom > 0, s / np.where(denom > 0, denom, 1.0), np.nan)
-    return np.clip(out, -1.0, 1.0)
-
 
 # --------------------------------------------------------------------------------------------------
 # Validation and bootstrap helpers
@@ -193,7 +100,7 @@ def _resampled_means(rng: np.random.Generator, items: NDArray, n_boot: int) -> N
     """
     r, n_items = items.shape
     out = np.empty((n_boot, r))
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, r * n_items))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, r * n_items))
     for start in range(0, n_boot, chunk):
         stop = min(n_boot, start + chunk)
         idx = rng.integers(0, n_items, size=(stop - start, n_items))
@@ -240,7 +147,19 @@ def bootstrap_tau_over_items(
         return math.nan, math.nan, 0
     rng = np.random.default_rng(seed)
     means = _resampled_means(rng, items, int(n_boot))
-    return _percentile_interval(_tau_b_rows(s, means), confidence)
+    return _percentile_interval(tau_b_rows(s, means), confidence)
+
+
+NOTE_CONSTANT = "constant"  # the scores do not change across the checkpoints: tau-b is 0/0
+NOTE_TOO_FEW = "too few checkpoints"  # fewer than 2 in the run, fewer than EARLY_MIN in the early window
+EARLY_MIN = 3  # checkpoints the early window needs for tau_early
+
+
+def _tau_note(steps: NDArray, scores: NDArray, minimum: int) -> str:
+    """Why tau-b of ``steps`` vs ``scores`` is undefined ("" when it is defined); steps are distinct."""
+    if steps.shape[0] < minimum:
+        return NOTE_TOO_FEW
+    return NOTE_CONSTANT if tau_b_undefined_reason(steps, scores) is not None else ""
 
 
 @dataclass(frozen=True)
@@ -252,13 +171,18 @@ class StabilityResult:
         tau_early, p_value_early: the same over the first ``n_early`` checkpoints (NaN if ``n_early < 3``).
         n_checkpoints: ``T``.
         n_early: checkpoints in the early window, ``ceil(early_fraction * T)``.
-        frac_improving: fraction of the ``T - 1`` adjacent pairs with ``y[t+1] > y[t]`` (strictly).
+        frac_improving: fraction of the ``T - 1`` adjacent pairs whose score gets strictly better:
+            ``y[t+1] > y[t]`` for a higher-is-better metric, ``y[t+1] < y[t]`` for a lower-is-better one.
         frac_ties: fraction of adjacent pairs with ``y[t+1] == y[t]``; the decreasing fraction is
             ``1 - frac_improving - frac_ties``.
         successive_variance: ``sum_t (y[t+1] - y[t])^2 / (2 (T - 1))`` (von Neumann's delta^2 / 2).
         total_variance: sample variance of the scores (``ddof=1``).
         ci_low, ci_high: percentile bootstrap interval for ``tau`` over items (NaN without item scores).
         n_boot_used: bootstrap resamples with a defined tau (0 without item scores).
+        higher_is_better: the metric's direction ``frac_improving`` was counted with.  ``tau`` is not
+            re-signed: for a lower-is-better metric a steady improvement gives tau near -1.
+        tau_note, tau_early_note: why ``tau`` / ``tau_early`` is NaN (:data:`NOTE_CONSTANT` or
+            :data:`NOTE_TOO_FEW`); ``""`` when it is defined.
     """
 
     tau: float
@@ -274,6 +198,9 @@ class StabilityResult:
     ci_low: float
     ci_high: float
     n_boot_used: int
+    higher_is_better: bool = True
+    tau_note: str = ""
+    tau_early_note: str = ""
 
     @property
     def variance_ratio(self) -> float:
@@ -296,6 +223,7 @@ def stability(
     n_boot: int = 1000,
     confidence: float = 0.95,
     seed: int | None = 0,
+    higher_is_better: bool = True,
 ) -> StabilityResult:
     """BOSE stability of one run: Kendall tau-b between checkpoint steps and scores, plus descriptives.
 
@@ -307,8 +235,10 @@ def stability(
             interval of :func:`bootstrap_tau_over_items` (otherwise ``ci_*`` are NaN).
         early_fraction: size of the early window as a fraction of the *checkpoint count* (index order
             after sorting by step, not of the step range): the first ``ceil(early_fraction * T)``
-            checkpoints.  ``tau_early`` needs at least 3 of them, else NaN.
+            checkpoints.  ``tau_early`` needs at least :data:`EARLY_MIN` (3) of them, else NaN.
         n_boot, confidence, seed: bootstrap settings (resamples, interval level, ``default_rng`` seed).
+        higher_is_better: the metric's direction; a lower-is-better metric (a perplexity) improves when
+            it falls, and ``frac_improving`` counts falls.  Tau is reported as computed (not re-signed).
 
     Adjacent-pair measures are over consecutive checkpoints in step order and ignore step gaps; ties
     count as not improving in ``frac_improving`` and are reported separately in ``frac_ties``.
@@ -347,10 +277,10 @@ def stability(
 
     tau, p = kendall_tau_b(s, y)
     n_early = min(t_count, max(1, math.ceil(early_fraction * t_count - 1e-9)))
-    tau_e, p_e = kendall_tau_b(s[:n_early], y[:n_early]) if n_early >= 3 else (math.nan, math.nan)
+    tau_e, p_e = kendall_tau_b(s[:n_early], y[:n_early]) if n_early >= EARLY_MIN else (math.nan, math.nan)
 
     if t_count >= 2:
-        d = np.diff(y)
+        d = np.diff(y) if higher_is_better else -np.diff(y)
         frac_imp = float(np.mean(d > 0))
         frac_ties = float(np.mean(d == 0))
         succ_var = float(np.sum(d * d) / (2.0 * (t_count - 1)))
@@ -377,6 +307,9 @@ def stability(
         ci_low=lo,
         ci_high=hi,
         n_boot_used=used,
+        higher_is_better=higher_is_better,
+        tau_note=_tau_note(s, y, 2),
+        tau_early_note=_tau_note(s[:n_early], y[:n_early], EARLY_MIN),
     )
 
 
@@ -475,7 +408,7 @@ def consistency(
         lo, hi, used = math.nan, math.nan, 0
     elif resample == "models":
         idx = rng.integers(0, m, size=(int(n_boot), m))
-        lo, hi, used = _percentile_interval(_tau_b_rows(x[idx], z[idx]), confidence)
+        lo, hi, used = _percentile_interval(tau_b_rows(x[idx], z[idx]), confidence)
     else:
         if b_items is None or i_items is None:
             raise ValueError("resample='items' needs both base_item_scores and instruct_item_scores")
@@ -491,7 +424,7 @@ def consistency(
         else:
             xb = _resampled_means(rng, b_items, int(n_boot))
             zb = _resampled_means(rng, i_items, int(n_boot))
-        lo, hi, used = _percentile_interval(_tau_b_rows(xb, zb), confidence)
+        lo, hi, used = _percentile_interval(tau_b_rows(xb, zb), confidence)
 
     return ConsistencyResult(
         tau=tau, p_value=p, n_models=m, ci_low=lo, ci_high=hi, n_boot_used=used, resample=resample

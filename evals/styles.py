@@ -14,9 +14,13 @@ Open-ended (`kind: open`), greedy generation, exact match and F1 after SQuAD nor
   iclip                L + k examples "Question: q\\nAnswer: {worked answer} The answer is {x}." + the item;
                        the answer is what follows "The answer is" (lm-eval regex filter)
   instruction_only     L and the item, no examples (the ICLiP ablation)
+Worked (`kind: worked`), greedy generation of a worked answer ending "#### N", as lm-eval's gsm8k scores it:
+  zero_shot   the standard prompt (the fine-tuning format QA_PROMPT); N after the last "####" (regex
+              filter), exact_match against the gold number; stops at EOS, "\\n\\nQuestion:" or the budget
+  few_shot    the same after k solved examples "Question: q\\nAnswer: {worked answer}"
 Any lm-eval task can also run as itself with style `native`.
 
-Ambiguous choices of the spec (`shared/methods/bose.md`) are the fields of `StyleOptions`.
+Ambiguous choices of the spec (`docs/specs/bose.md`) are the fields of `StyleOptions`.
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from evals.scoring import BlankPplScorer, exact_match, first_line_answer, token_f1
+from evals.scoring import (
+    NUMBER_PATTERN,
+    NUMBER_VARIANTS,
+    BlankPplScorer,
+    exact_match,
+    first_line_answer,
+    token_f1,
+)
 from evals.specs import SpecReader, TaskSpec
 
 MC_STYLES = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl")
 OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")
+WORKED_STYLES = ("zero_shot", "few_shot")
 ICLIP_PATTERN = r"The answer is (.*)"
 
 
@@ -40,6 +52,8 @@ class StyleOptions:
     mc_instruction: str = "Choose the correct answer. Finish with 'The answer is X'."  # ICLiP's L, MC
     until: tuple[str, ...] = ("\n", "Question:")  # generation stops; examples are one line each
     max_gen_toks: int = 24  # generated tokens per open-ended item
+    worked_until: tuple[str, ...] = ("\n\nQuestion:",)  # worked answers: stops besides EOS (answers span lines)
+    worked_tokens_per_line: int = 64  # worked answers' budget: this times the longest gold answer's lines
     blank_span: Literal["option+suffix", "option", "full"] = "option+suffix"  # scored span of Blank-ppl
     blank_norm: Literal["token", "byte", "none"] = "token"  # Blank-ppl length normalisation
     fewshot_sampler: Literal["first_n", "default"] = "first_n"  # lm-eval sampler: first k, or seeded random
@@ -47,7 +61,7 @@ class StyleOptions:
 
 
 def styles_for(kind: str) -> tuple[str, ...]:
-    return MC_STYLES if kind == "multiple_choice" else OPEN_STYLES
+    return {"multiple_choice": MC_STYLES, "open": OPEN_STYLES, "worked": WORKED_STYLES}[kind]
 
 
 def _base(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
@@ -131,6 +145,28 @@ def _open_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOp
     return cfg
 
 
+def _worked_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
+    """lm-eval's gsm8k recipe: generate, keep the number after the last "####" (regex filter, the pattern of
+    `parse_gsm8k_answer`), exact_match against the gold number with the number's spelling variants ignored.
+
+    Budget: `worked_tokens_per_line` per line of the longest gold worked answer among the task's documents
+    (3 steps: 3 equations + "#### N" = 4 lines, 256 tokens), so longer problems get room to finish."""
+    read = SpecReader(spec)
+    cfg = _base(spec, style, data, opts)
+    lines = max(len(read.worked(d).splitlines()) for d in data["custom_dataset"]()["test"])
+    cfg.update(output_type="generate_until", doc_to_text=read.prompt, doc_to_target=read.answer, target_delimiter=" ",
+               fewshot_config={**cfg["fewshot_config"], "doc_to_target": read.worked},
+               generation_kwargs={"until": list(opts.worked_until), "do_sample": False,
+                                  "max_gen_toks": opts.worked_tokens_per_line * lines},
+               filter_list=[{"name": "last_number", "filter": [
+                   {"function": "regex", "regex_pattern": NUMBER_PATTERN, "group_select": -1},
+                   {"function": "take_first"}]}],
+               metric_list=[{**_metric("exact_match"), "regexes_to_ignore": list(NUMBER_VARIANTS)}])
+    if style == "few_shot":
+        cfg["num_fewshot"] = opts.num_fewshot
+    return cfg
+
+
 def _metric(name: str, higher: bool = True) -> dict[str, Any]:
     return {"metric": name, "aggregation": "mean", "higher_is_better": higher}
 
@@ -145,5 +181,5 @@ def task_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOpt
             f"task '{spec.task}': unknown style '{style}'{did_you_mean(style, valid)}; "
             f"valid for {spec.kind}: {', '.join(valid)}"
         )
-    build = _mc_config if spec.kind == "multiple_choice" else _open_config
+    build = {"multiple_choice": _mc_config, "open": _open_config, "worked": _worked_config}[spec.kind]
     return build(spec, style, data, opts)

@@ -23,7 +23,7 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 
 from evals.scoring import BlankPplScorer  # noqa: E402
-from evals.specs import data_config, load_spec  # noqa: E402
+from evals.specs import data_config, load_spec, spec_names  # noqa: E402
 from evals.styles import StyleOptions, styles_for, task_config  # noqa: E402
 from workbench.config import EvalConfig  # noqa: E402
 from workbench.errors import ConfigError  # noqa: E402
@@ -66,7 +66,9 @@ def style_options(options: dict[str, Any]) -> StyleOptions:
 
 
 def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> dict[tuple[str, str], Any]:
-    """(task, style) -> an lm-eval task with its request instances built, for every selected cell."""
+    """(task, style) -> an lm-eval task with its request instances built, for every selected cell.
+
+    `world`: what the tasks may know of the run's training data (`evals.data.run_data_options`)."""
     from lm_eval.api.task import ConfigurableTask
 
     opts = style_options(cfg.style_options)
@@ -78,12 +80,13 @@ def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> di
             for name, task in _native_tasks(selection.task).items():
                 tasks[(name, NATIVE)] = task
             continue
-        spec = load_spec(selection.task, include)
         overrides = {"dataset_kwargs": selection.dataset_kwargs} if selection.dataset_kwargs else {}
         overrides.update(selection.overrides)
-        data = data_config(spec, world, overrides)
-        for style in styles or styles_for(spec.kind):
-            tasks[(spec.task, style)] = ConfigurableTask(config=task_config(spec, style, data, opts))
+        for name in spec_names(selection.task, include):  # a tag selects several specs
+            spec = load_spec(name, include)
+            data = data_config(spec, world, overrides)
+            for style in styles or styles_for(spec.kind):
+                tasks[(spec.task, style)] = ConfigurableTask(config=task_config(spec, style, data, opts))
     for task in tasks.values():
         task.set_fewshot_seed(1234)  # what lm_eval.simple_evaluate uses
         task.build_all_requests(limit=limit, rank=0, world_size=1)
@@ -166,11 +169,14 @@ class Evaluator:
 
 
 def load_checkpoint_model(path: str | Path):
-    """A checkpoint's model from its safetensors (no remote code): on a GPU as saved, on CPU in fp32
-    (a bf16 checkpoint on CPU can run tens of times slower than fp32, depending on the processor)."""
+    """A checkpoint's model from its safetensors (no remote code), a LoRA adapter merged into its base model:
+    on a GPU as saved, on CPU in fp32 (a bf16 checkpoint on CPU can run tens of times slower than fp32,
+    depending on the processor). Weights that do not fit the architecture are a CheckpointError."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from workbench.models import load_trained_model
+
     if torch.cuda.is_available():
-        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, device_map="cuda")
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=torch.float32)
+        return load_trained_model(path, device_map="cuda", merge=True, auto_class=AutoModelForCausalLM)
+    return load_trained_model(path, dtype=torch.float32, merge=True, auto_class=AutoModelForCausalLM)

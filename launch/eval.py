@@ -1,13 +1,16 @@
 """Evaluate checkpoints with the BOSE evaluator.
 
+    python launch/eval.py --list                                # BOSE tasks, their kinds and prompt styles
     python launch/eval.py runs/quickstart                       # every checkpoint of a run
     python launch/eval.py runs/quickstart --task factworld_mc:blank_ppl,letter --limit 100
+    python launch/eval.py runs/a runs/b --out evals_out         # evals_out/a/, evals_out/b/
     python launch/eval.py --model path/or/hub-name --out evals_out --task arc_easy_bose
     python launch/eval.py --consistency runs/b1 runs/b2 runs/b3 --instruct runs/i1 runs/i2 runs/i3 --out out/
     python launch/eval.py --consistency models.yaml --out out/  # models.yaml: {base: [runs...], instruct: [runs...]}
 
-Results: <run>/eval/results.jsonl (one line per checkpoint, task, style and metric), report.md, <task>.png.
-A re-run evaluates only the cells that are missing.
+Results: <run>/eval/results.jsonl (one line per checkpoint, task, style and metric), report.md, <task>.png;
+with --out DIR they go to DIR instead (DIR/<run name>/ when several runs are given).
+A re-run evaluates only the cells that are missing from the results it writes to.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 
 from workbench.config import EvalConfig, EvalTask, load_eval_config
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 
 
 def _tasks(specs: list[str]) -> list[EvalTask]:
@@ -36,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", action="append", default=[], metavar="TASK[:STYLE,...]", help="repeatable")
     parser.add_argument("--limit", type=int, help="items per task")
     parser.add_argument("--model", help="evaluate one model (hub name or local folder) instead of runs")
-    parser.add_argument("--out", type=Path, help="output folder for --model and --consistency")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run>/eval/; with several runs, "
+                        "OUT/<run name>/)")
+    parser.add_argument("--list", action="store_true", help="list the BOSE tasks and their prompt styles, then exit")
     parser.add_argument("--consistency", nargs="+", type=Path, metavar="BASE_RUN", help="base runs, ranked")
     parser.add_argument("--instruct", nargs="+", type=Path, metavar="INSTRUCT_RUN", help="their instruct runs")
     args = parser.parse_args(argv)
@@ -52,10 +57,50 @@ def _config(args, own: EvalConfig | None) -> EvalConfig:
     return cfg.model_copy(update={"tasks": _tasks(args.task)}) if args.task else cfg
 
 
+def list_tasks(include_path: list[str]) -> str:
+    """The BOSE task specs (evals/tasks/ and `include_path`) with their kind, data and valid prompt styles."""
+    from evals.specs import TASKS_DIR, available_specs, load_spec
+    from evals.styles import styles_for
+
+    rows = []
+    for name in sorted(available_specs(tuple(include_path))):
+        spec = load_spec(name, tuple(include_path))
+        data = f"stock {spec.stock}" if spec.stock else f"generator {(spec.dataset or {}).get('generator')}"
+        rows.append((name, spec.kind, spec.tag or "", data, ", ".join(styles_for(spec.kind))))
+    header = ("task", "kind", "tag", "data", "styles")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = [f"BOSE tasks ({TASKS_DIR.relative_to(TASKS_DIR.parent.parent)}/"
+             f"{''.join(', ' + p for p in include_path)}); select with --task TASK or --task TASK:STYLE,STYLE "
+             "(a tag selects all its tasks)", ""]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+              for r in [header, *rows]]
+    lines += ["", "Stock lm-eval tasks: any name that `lm_eval --tasks list` prints, run as lm-eval defines it",
+              "with style `native`, e.g. --task hellaswag:native (its data must be reachable)."]
+    return "\n".join(lines)
+
+
+def _run_targets(runs: list[Path], out: Path | None) -> list:
+    """A target per run folder; results in OUT (one run) or OUT/<run name> (several), else <run>/eval."""
+    from evals.runs import run_target
+
+    names = [run.resolve().name for run in runs]
+    if out is not None and len(runs) > 1:
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise ConfigError(f"--out: several runs are named '{clash[0]}'; their results would share "
+                              f"'{out / clash[0]}' (evaluate them one at a time with their own --out)")
+        return [run_target(run, out / name) for run, name in zip(runs, names, strict=True)]
+    return [run_target(run, out) for run in runs]
+
+
 def _run(args) -> int:
+    if args.list:  # before the imports below: listing loads no model, torch or lm-eval
+        include = load_eval_config(args.config).include_path if args.config else []
+        print(list_tasks(list(include)))
+        return 0
     from evals.report import write_report
     from evals.results import read_results
-    from evals.runs import model_target, run_target, sweep
+    from evals.runs import model_target, sweep
 
     if args.consistency:
         from evals.consistency import evaluate_consistency, model_lists
@@ -68,7 +113,7 @@ def _run(args) -> int:
     if args.model:
         targets = [model_target(args.model, args.out or Path("runs") / "eval" / Path(args.model).name)]
     elif args.runs:
-        targets = [run_target(run) for run in args.runs]
+        targets = _run_targets(args.runs, args.out)
     else:
         raise WorkbenchError("give run folders, --model, or --consistency (see --help)")
     for target in targets:

@@ -4,6 +4,8 @@
     deepspeed --num_gpus 2 launch/train.py configs/quickstart.yaml --set training.max_steps=50
     deepspeed --hostfile hostfile launch/train.py my.yaml       # several nodes
     python launch/train.py my.yaml --resume                     # one process, no launcher
+    python launch/train.py my.yaml --dry-run                    # check and print the resolved config only
+    python launch/train.py --list presets                       # or methods, deepspeed
 """
 
 from __future__ import annotations
@@ -11,27 +13,88 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import socket
 import sys
+from typing import NoReturn
 
-from workbench.config import DEFAULT_CONFIG, load_config
-from workbench.errors import WorkbenchError
+from workbench.config import DEFAULT_CONFIG, ExperimentConfig, load_config
+from workbench.errors import ConfigError, WorkbenchError
+
+# A launcher (deepspeed, torchrun, mpirun) sets one of these; without any, this is a single process.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...` with exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see python launch/train.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `launch/train.py`."""
+    from workbench.report import LIST_KINDS
+
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set training.learning_rate=1e-3 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run's folder and start over")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    start.add_argument("--overwrite", action="store_true", help="delete the run's folder (checkpoints too) and start over")
+    parser.add_argument("--dry-run", "--print-config", dest="dry_run", action="store_true",
+                        help="validate and print the resolved config as YAML, then exit without writing anything")
+    parser.add_argument("--list", choices=LIST_KINDS, help="print the presets, methods or DeepSpeed configs and exit")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
-    args = parser.parse_args(argv)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from workbench.run import train  # heavy imports after the config is known to be good
+    return parser
 
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_process_environment(cfg: ExperimentConfig) -> str | None:
+    """Make a launcher-less run with DeepSpeed configured a world of one process.
+
+    DeepSpeed reads its rank and rendezvous from RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT,
+    which a launcher sets; without them it looks for MPI (and fails without mpi4py). When no launcher
+    variable is set, set them (MASTER_ADDR/MASTER_PORT only where not given) and return the line that says
+    so; None when there is nothing to do."""
+    if cfg.deepspeed is None or any(v in os.environ for v in LAUNCHER_VARIABLES):
+        return None
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return (f"[workbench] no launcher: one process with DeepSpeed ({cfg.deepspeed}), rendezvous at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv`; the exit code (2 for bad input, 3 for a diverged run)."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.list:
+            from workbench.report import listing
+
+            print(listing(args.list))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            from workbench.report import resolved_config_text
+
+            print(resolved_config_text(cfg, args.config, args.overrides), end="")
+            return 0
+        note = single_process_environment(cfg)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        if rank0:
+            print(*filter(None, [note, f"[workbench] run folder {cfg.run_dir}"]), sep="\n", flush=True)
+        from evals.on_save import eval_on_save_callbacks  # heavy imports after the config is known to be good
+        from workbench.run import train
+
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, callbacks=eval_on_save_callbacks(cfg))
     except WorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -49,7 +49,7 @@ def _with(tmp_path: Path, **sections) -> str:
         ({"data": {"source": "no/such/file.jsonl"}}, ["data.source", "no/such/file.jsonl' not found"]),
         ({"data": {"text_column": "body"}}, ["data.text_column", "'body'"]),
         ({"resume_from_checkpoint": "/nonexistent/checkpoint-4"}, ["resume_from_checkpoint", "not found"]),
-        ({"model": {"name_or_path": "./no-such-model"}}, ["model.name_or_path", "./no-such-model' not found"]),
+        ({"model": {"preset": None, "name_or_path": "./no-such-model"}}, ["model.name_or_path", "./no-such-model' not found"]),
         ({"data": {"objective": "span_corruption"}}, ["data.objective", "span_corruption needs an encoder-decoder"]),
         ({"model": {"preset": "t5-tiny", "overrides": {}}, "data": {"objective": "causal"}},
          ["data.objective", "causal needs a decoder-only"]),
@@ -113,7 +113,8 @@ def test_tokenizer_model_vocabulary_mismatch(tmp_path, capsys):
     docs = load_documents(DataConfig(synthetic={"num_entities": 30}))
     train_bpe_tokenizer(docs["text"], 300).save_pretrained(tmp_path / "tok")
     err = _error_of(
-        [_with(tmp_path, model={"name_or_path": str(model_dir), "tokenizer": str(tmp_path / "tok"), "overrides": {}})], capsys
+        [_with(tmp_path, model={"preset": None, "name_or_path": str(model_dir), "tokenizer": str(tmp_path / "tok"),
+                           "overrides": {}})], capsys
     )
     assert "has only 50 embedding rows" in err and "tok" in err
 
@@ -147,3 +148,117 @@ def test_yaml_1_2_booleans_and_floats(tmp_path):
     loaded = load_config(path, ["training.save_strategy=no", "training.logging_first_step=true"])
     assert loaded.training["eval_strategy"] == "no" and loaded.training["save_strategy"] == "no"
     assert loaded.training["weight_decay"] == 0.01 and loaded.training["logging_first_step"] is True
+
+
+def test_a_bad_override_names_the_set_not_the_file(tmp_path, capsys):
+    path = _with(tmp_path)
+    err = _error_of([path, "--set", "training.learning_rat=1e-3"], capsys)
+    assert err == ("error: --set training.learning_rat=1e-3: field 'training.learning_rat': is not a TrainingArguments "
+                   "field (did you mean 'learning_rate'?)")
+    err = _error_of([path, "--set", "trainig.max_steps=3"], capsys)  # a section typo: the --set under it
+    assert err.startswith("error: --set trainig.max_steps=3: unknown field 'trainig'"), err
+    err = _error_of([_with(tmp_path, training={"learning_rat": 1}), "--set", "training.max_steps=3"], capsys)
+    assert err.startswith(f"error: {path}: field 'training.learning_rat'"), err  # the file's own typo
+
+
+def test_value_origin_is_the_last_set_that_wrote_the_field():
+    from workbench.config import value_origin
+
+    overrides = ["data.noise.seed=1", "training.max_steps=3", "training={max_steps: 4}"]
+    assert value_origin("a.yaml", overrides, "training.max_steps") == "--set training={max_steps: 4}"
+    assert value_origin("a.yaml", overrides, "data.noise") == "--set data.noise.seed=1"
+    assert value_origin("a.yaml", overrides, "data.block_size") == "a.yaml"
+    assert value_origin("a.yaml", overrides, "train") == "a.yaml"  # a prefix of a name is not its section
+
+
+@pytest.mark.parametrize(
+    ("report_to", "expected"),
+    [
+        ("[wandbb]", "field 'training.report_to': unknown integration 'wandbb' (did you mean 'wandb'?); valid: all, none"),
+        ("tensorbord", "unknown integration 'tensorbord' (did you mean 'tensorboard'?)"),
+        ("[tensorboard, wandb]", "field 'training.report_to': 'wandb' is not installed (pip install wandb)"),
+        ("[azure_ml]", "'azure_ml' is not installed (pip install azureml-core)"),
+    ],
+)
+def test_report_to_is_checked_at_load(tmp_path, capsys, monkeypatch, report_to, expected):
+    monkeypatch.setattr("workbench.config.installed_integrations", lambda: {"tensorboard"})
+    err = _error_of([_with(tmp_path), "--set", f"training.report_to={report_to}"], capsys)
+    assert err.startswith(f"error: --set training.report_to={report_to}: ") and expected in err, err
+    assert not (tmp_path / "runs").exists()  # before any work
+
+
+@pytest.mark.parametrize("report_to", ["[]", "none", "all", "[tensorboard]", "tensorboard"])
+def test_report_to_accepts_installed_all_and_none(tmp_path, monkeypatch, report_to):
+    monkeypatch.setattr("workbench.config.installed_integrations", lambda: {"tensorboard"})
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path)), [f"training.report_to={report_to}"])
+    assert cfg.training["report_to"] == yaml.safe_load(report_to)
+
+
+def test_installed_integrations_follow_transformers():
+    from transformers.integrations import get_available_reporting_integrations
+
+    from workbench.config import installed_integrations
+
+    assert set(get_available_reporting_integrations()) <= installed_integrations()
+    assert "tensorboard" in installed_integrations()  # a dependency of the project
+
+
+def test_preset_and_name_or_path_both_set_is_an_error(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    both = _with(tmp_path, model={"preset": "pythia-tiny", "name_or_path": str(model_dir)})
+    err = _error_of([both], capsys)
+    assert err.startswith(f"error: {both}: field 'model': 'preset' (pythia-tiny) and 'name_or_path'"), err
+    err = _error_of([_with(tmp_path), "--set", f"model.name_or_path={model_dir}"], capsys)
+    assert err.startswith(f"error: --set model.name_or_path={model_dir}: field 'model'") and "both set" in err
+
+
+def test_name_or_path_alone_needs_no_preset_and_round_trips(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    data = tiny_config(tmp_path)
+    data["model"] = {"name_or_path": str(model_dir)}  # the default preset is not "set"
+    cfg = load_config(write_config(tmp_path, data))
+    assert cfg.model.name_or_path == str(model_dir)
+    from workbench.config import dump_config
+
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml").model.name_or_path == str(model_dir)
+    assert load_config(write_config(tmp_path, tiny_config(tmp_path))).model.preset == "pythia-tiny"
+
+
+@pytest.mark.parametrize(("field", "name"), [("data.source", "nobody-here/no-such-corpus-7f3a"),
+                                             ("model.name_or_path", "nobody-here/no-such-model-7f3a")])
+def test_hub_source_offline_fails_before_any_work(tmp_path, capsys, monkeypatch, field, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = [f"{field}={name}"] + (["model.preset=null"] if field.startswith("model") else [])
+    path = _with(tmp_path, precision="auto")
+    err = _error_of([path, *(a for o in overrides for a in ("--set", o))], capsys)
+    assert f"field '{field}': '{name}' is not a local" in err and "hub access is off (HF_HUB_OFFLINE=1)" in err, err
+    assert "precision" not in capsys.readouterr().out  # nothing measured
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_hub_source_unreachable_fails_fast(tmp_path, monkeypatch):
+    import socket
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"field 'data.source': .* the hub \(http://127.0.0.1:{port}\) is unreachable"):
+        load_config(write_config(tmp_path, tiny_config(tmp_path)), ["data.source=nobody-here/no-such-corpus-7f3a"])
+
+
+def test_integers_stay_integers(tmp_path):
+    from workbench.config import config_yaml
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert type(cfg.training["warmup_steps"]) is int and cfg.training["warmup_steps"] == 30  # typed float
+    assert type(cfg.training["learning_rate"]) is float
+    text = config_yaml(cfg)
+    assert "\n  warmup_steps: 30\n" in text and "\n  learning_rate: 0.001\n" in text
+    assert load_config(REPO / "configs" / "quickstart.yaml", ["training.warmup_steps=0.1"]).training[
+        "warmup_steps"] == 0.1

@@ -62,7 +62,7 @@ def counter_method():
         def callbacks(self):
             return [_CountSteps(self)]
 
-        def loss(self, model, inputs, outputs, loss):
+        def loss(self, model, inputs, outputs, loss, num_items_in_batch=None):
             self.calls.add("loss")
             if self.steps_seen + 1 == self.config.nan_at_step:
                 return loss * float("nan")
@@ -245,3 +245,35 @@ def test_span_corruption_on_t5_trains_and_its_metrics_match_a_hand_written_loop(
             total += int(keep.sum())
     assert record["eval_token_accuracy"] == pytest.approx(hits / total, abs=1e-9)
     assert record["eval_nll"] == pytest.approx(nll / total, abs=1e-5)
+
+
+def test_metrics_jsonl_skips_a_repeated_evaluation():
+    """A final evaluate() at the step of the last in-training evaluation logs the same metrics again."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from workbench.callbacks import MetricsJsonlCallback
+
+    with tempfile.TemporaryDirectory() as folder:
+        callback = MetricsJsonlCallback(Path(folder) / "metrics.jsonl")
+        state = SimpleNamespace(is_world_process_zero=True, global_step=8, epoch=1.0)
+        log = lambda **logs: callback.on_log(None, state, None, logs=logs)  # noqa: E731
+        log(eval_loss=2.5, eval_token_accuracy=0.25, eval_runtime=0.1, eval_samples_per_second=10.0)
+        log(eval_loss=2.5, eval_token_accuracy=0.25, eval_runtime=0.2, eval_samples_per_second=5.0)  # repeated
+        log(loss=2.4, learning_rate=1e-3)
+        log(eval_loss=2.6, eval_token_accuracy=0.25, eval_runtime=0.1)  # different metrics: kept
+        state.global_step = 9
+        log(eval_loss=2.6, eval_token_accuracy=0.25, eval_runtime=0.1)  # a later step: kept
+        records = read_jsonl(Path(folder) / "metrics.jsonl")
+    assert [(r["step"], r.get("eval_loss"), r.get("loss")) for r in records] == [
+        (8, 2.5, None), (8, None, 2.4), (8, 2.6, None), (9, 2.6, None)]
+
+
+def test_final_evaluation_is_not_logged_twice_and_integers_stay_integers(tmp_path):
+    training = {"eval_strategy": "steps", "eval_steps": 4, "warmup_steps": 2, "max_steps": 8}
+    path = write_config(tmp_path, tiny_config(tmp_path, training=training))
+    assert train_main([str(path)]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r] == [4, 8]
+    text = (run / "config.yaml").read_text()
+    assert "\n  warmup_steps: 2\n" in text and "\n  eval_steps: 4\n" in text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,23 @@ from transformers import TrainerCallback
 
 from workbench.io import append_jsonl, atomic_write_text, read_jsonl
 
-__all__ = ["EvalOnSaveCallback", "MetricsJsonlCallback", "SaveAtStepsCallback"]
+__all__ = ["MetricsJsonlCallback", "SaveAtStepsCallback"]
 
 
 class MetricsJsonlCallback(TrainerCallback):
     """One JSON line per logging step (`step`, `epoch` and everything logged) in `path`, from rank 0.
 
     On resume, lines from steps after the resumed checkpoint (which will be trained again) are dropped,
-    so the file always describes one run.
+    so the file always describes one run. An evaluation that repeats the previous one (same step, same
+    metrics; only its timings differ), such as a final `evaluate()` right after the last in-training
+    evaluation, is not written again.
     """
+
+    TIMINGS = ("_runtime", "_per_second")  # suffixes of logged keys that differ between identical evaluations
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._last_eval: tuple[int, dict[str, Any]] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
         if state.is_world_process_zero and self.path.is_file():
@@ -33,6 +37,11 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
+        measured = {k: v for k, v in logs.items() if k.startswith("eval_") and not k.endswith(self.TIMINGS)}
+        if measured:
+            if self._last_eval == (state.global_step, measured):
+                return
+            self._last_eval = (state.global_step, measured)
         record = {"step": state.global_step, "epoch": state.epoch}
         record.update({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in logs.items()})
         append_jsonl(self.path, record)
@@ -48,42 +57,3 @@ class SaveAtStepsCallback(TrainerCallback):
         if state.global_step in self.steps:
             control.should_save = True
         return control
-
-
-class EvalOnSaveCallback(TrainerCallback):
-    """Run the BOSE evaluator on each checkpoint as it is saved, on rank 0, into `<run>/eval/results.jsonl`.
-
-    The checkpoint is read back from disk into a separate model (so any ZeRO stage works and the training
-    model is untouched), with `limit` items per task; RNG states are restored afterwards so training is
-    unchanged. The other ranks wait at their next collective: keep `limit` small enough that this takes well
-    under the distributed timeout (`training.ddp_timeout`, 30 minutes by default).
-    """
-
-    def __init__(self, eval_cfg, run_dir: str | Path, tokenizer_dir: str | Path, world: dict[str, Any],
-                 limit: int) -> None:
-        self.eval_cfg, self.run_dir, self.limit = eval_cfg, Path(run_dir), limit
-        self.tokenizer_dir, self.world = str(tokenizer_dir), world
-        self._evaluator = None
-
-    def on_save(self, args, state, control, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        import numpy as np
-        import torch
-
-        from evals.runs import Target, sweep
-        from evals.sweep import Evaluator
-
-        checkpoint = self.run_dir / f"checkpoint-{state.global_step}"
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            if self._evaluator is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-                self._evaluator = Evaluator(self.eval_cfg, tokenizer, self.world, self.limit)
-            target = Target(self.run_dir.name, self.run_dir / "eval" / "results.jsonl", [checkpoint],
-                            self.tokenizer_dir, self.world)
-            sweep(target, self.eval_cfg, self.limit, evaluator=self._evaluator, progress=False)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import typing
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import ConfigError, did_you_mean
+from workbench.options import dataclass_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -71,17 +73,61 @@ class ModelConfig(_Section):
     tokenizer_vocab_size: int = Field(2048, ge=64, le=1_000_000, description="vocabulary of a trained tokenizer")
     overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields to override")
     trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off unless asked)")
+    lora: dict[str, Any] | None = Field(
+        None, description="LoRA adapters via PEFT: peft.LoraConfig fields; {} = r 8, lora_alpha 16, lora_dropout 0.05, "
+        "target_modules all-linear (workbench.models.lora)"
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: lora_B trains at this multiple of the learning rate (needs 'lora')"
+    )
+
+    @pydantic.field_validator("lora")
+    @classmethod
+    def _check_lora(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from workbench.models.lora import validate_lora_options
+
+        return None if value is None else validate_lora_options(value)
+
+    @pydantic.model_validator(mode="after")
+    def _check_lora_needs(self) -> ModelConfig:
+        if self.loraplus_lr_ratio is not None and self.lora is None:
+            raise ValueError("[loraplus_lr_ratio] LoRA+ needs LoRA: set 'model.lora' too (e.g. 'lora: {}')")
+        if self.lora is not None and self.name_or_path is None:
+            raise ValueError("[lora] LoRA adapts a pretrained model: set 'model.name_or_path' (a preset's random "
+                             "weights are not saved, so its adapter checkpoints could not be loaded)")
+        return self
 
 
 class DataConfig(_Section):
     source: str = Field(
         "synthetic:fact_world",
-        description="'synthetic:fact_world', a hub dataset name, a .jsonl/.json/.parquet/.txt file or a folder of .txt",
+        description="'synthetic:fact_world' (text), 'synthetic:arithmetic' or 'synthetic:fact_qa' "
+        "(fine-tuning), a hub dataset name, a .jsonl/.json/.parquet/.csv/.txt file, or a folder of .txt or "
+        "of data files",
     )
     text_column: str = "text"
     split: str = Field("train", description="split to read from a hub dataset")
-    synthetic: dict[str, Any] = Field(default_factory=dict, description="FactWorldConfig fields")
-    block_size: int = Field(128, ge=8, le=1_048_576, description="tokens per packed training example")
+    synthetic: dict[str, Any] = Field(
+        default_factory=dict,
+        description="generator options: FactWorldConfig fields (fact_world, fact_qa), ArithmeticConfig "
+        "fields (arithmetic)",
+    )
+    block_size: int = Field(
+        128, ge=8, le=1_048_576, description="tokens per packed training example; fine-tuning: the max length"
+    )
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="fine-tuning examples; auto: prompt_completion for the built-in QA generators and for "
+        "sources with prompt and completion columns, messages for a messages column, text otherwise",
+    )
+    prompt_column: str = Field("prompt", description="fine-tuning: the column read as TRL's 'prompt'")
+    completion_column: str = Field(
+        "completion", description="fine-tuning: the column read as TRL's 'completion'"
+    )
+    messages_column: str = Field("messages", description="fine-tuning: the column read as TRL's 'messages'")
+    packing: bool = Field(
+        False, description="fine-tuning: pack examples into block_size rows, each attending only to itself"
+    )
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out")
     split_seed: int = Field(0, description="seed of the train/validation split (fixed across training seeds)")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents")
@@ -111,27 +157,6 @@ class DataConfig(_Section):
         config_class = {"noise": NoiseConfig, "repetition": RepetitionConfig,
                         "span_corruption": SpanCorruptionConfig}[info.field_name]
         return None if value is None else dataclass_options(info.field_name, config_class, value)
-
-
-def dataclass_options(label: str, config_class: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Check `options` against a config dataclass (unknown keys, types, its own __post_init__ checks) and
-    return them with defaults filled in; raise ValueError('[label.field] ...') naming the field."""
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    for key in options:
-        if key not in fields:
-            raise ValueError(f"[{label}.{key}] unknown option{did_you_mean(key, fields)}")
-    try:
-        config = pydantic.TypeAdapter(config_class).validate_python(options)
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        if not first["loc"]:  # raised by the dataclass's own __post_init__ checks
-            raise ValueError(f"[{label}] {message}") from None
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"[{label}.{field}] {message} (got {first.get('input')!r})") from None
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"[{label}] {err}") from None
-    return dataclasses.asdict(config)
 
 
 class EvalTask(_Section):
@@ -175,7 +200,8 @@ class ExperimentConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
+        """The run's folder, absolute: a relative `runs_dir` is relative to the current directory."""
+        return (Path(self.runs_dir).expanduser() / self.name).absolute()
 
     @pydantic.field_validator("training")
     @classmethod
@@ -188,6 +214,17 @@ class ExperimentConfig(_Section):
         from workbench.methods import validate_method_config
 
         return {name: validate_method_config(name, options or {}) for name, options in value.items()}
+
+    @pydantic.model_validator(mode="after")
+    def _check_methods_fit_the_model(self) -> ExperimentConfig:
+        if self.model.lora is not None and self.methods:
+            from workbench.methods import method_class
+
+            for name in self.methods:
+                if method_class(name).needs_full_finetuning:
+                    raise ValueError(f"[model.lora] method '{name}' trains every weight and cannot run on LoRA "
+                                     "adapters: remove 'model.lora' or the method")
+        return self
 
 
 @functools.cache
@@ -203,15 +240,57 @@ class _TrainingFieldError(ValueError):
 
 
 def _validate_training_field(key: str, value: Any) -> Any:
+    """One `training` value checked against its TrainingArguments type; an int given for a float field
+    (`warmup_steps: 30`, typed `float` so that it may also be a ratio) stays an int."""
     types = _training_field_types()
     if key in MANAGED_TRAINING_FIELDS:
         raise _TrainingFieldError(f"[{key}] is set by the workbench: {MANAGED_TRAINING_FIELDS[key]}")
     if key not in types:
         raise _TrainingFieldError(f"[{key}] is not a TrainingArguments field{did_you_mean(key, types)}")
     try:
-        return pydantic.TypeAdapter(types[key]).validate_python(value)
+        checked = pydantic.TypeAdapter(types[key]).validate_python(value)
     except pydantic.ValidationError as err:
         raise _TrainingFieldError(f"[{key}] {err.errors()[0]['msg']} (got {value!r})") from None
+    if key == "report_to":
+        _check_report_to(checked)
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(checked, float) and checked == value:
+        return value
+    return checked
+
+
+# How to make a `report_to` integration available, where it is not `pip install <name>`.
+REPORT_TO_INSTALL = {"azure_ml": "pip install azureml-core", "dagshub": "pip install dagshub mlflow",
+                     "flyte": "pip install flytekit flytekitplugins-deck-standard",
+                     "kubeflow": "set KUBEFLOW_TRAINER_SERVER_URL"}
+
+
+def installed_integrations() -> set[str]:
+    """The `report_to` integrations that can run in this environment."""
+    from transformers.integrations import integration_utils as integrations
+
+    found = set(integrations.get_available_reporting_integrations())
+    if integrations.is_azureml_available():  # listed by transformers only without mlflow
+        found.add("azure_ml")
+    if integrations.is_flytekit_available() and integrations.is_flyte_deck_standard_available():
+        found.add("flyte")
+    return found
+
+
+def _check_report_to(value: str | list[str] | None) -> None:
+    """Each `report_to` name is 'all', 'none' or an integration of transformers that is installed."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    names = [value] if isinstance(value, str) else list(value or [])
+    valid = ["all", "none", *INTEGRATION_TO_CALLBACK]
+    for name in names:
+        if name not in valid:
+            raise _TrainingFieldError(
+                f"[report_to] unknown integration '{name}'{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
+            )
+    missing = [n for n in names if n not in ("all", "none") and n not in installed_integrations()]
+    if missing:
+        hint = REPORT_TO_INSTALL.get(missing[0], f"pip install {missing[0]}")
+        raise _TrainingFieldError(f"[report_to] '{missing[0]}' is not installed ({hint})")
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -259,23 +338,24 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _format_error(err: pydantic.ValidationError, source: str) -> str:
+def _format_error(err: pydantic.ValidationError) -> tuple[str, str]:
+    """The first error of `err` as (dotted field, one-line message naming that field)."""
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith("[") and "]" in msg:  # a nested field named by our own validators
         inner, _, msg = msg[1:].partition("] ")
         parts = inner.split(".")
-        loc = (loc[:-1] if parts[0] == loc[-1] else loc) + parts  # "[noise.seed]" under data.noise
+        loc = (loc[:-1] if loc and parts[0] == loc[-1] else loc) + parts  # "[noise.seed]" under data.noise
     field = ".".join(loc)
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
-        return f"{source}: unknown field '{field}'{did_you_mean(loc[-1], valid)}"
+        return field, f"unknown field '{field}'{did_you_mean(loc[-1], valid)}"
     got = first.get("input")
-    shown = "" if first["type"] == "extra_forbidden" or isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     if msg.endswith(")") and "(got " in msg:
         shown = ""
-    return f"{source}: field '{field}': {msg}{shown}"
+    return field, f"field '{field}': {msg}{shown}"
 
 
 def _valid_keys(loc: list[str]) -> list[str]:
@@ -288,34 +368,115 @@ def _valid_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def value_origin(config_path: str | Path, overrides: list[str], *fields: str) -> str:
+    """Where the value of a dotted field came from: the last `--set` that wrote it, a field under it or a
+    section holding it (`--set training.learning_rat=1`), else the config file."""
+    for override in reversed(overrides):
+        key = override.partition("=")[0]
+        if any(key == f or key.startswith(f + ".") or f.startswith(key + ".") for f in fields):
+            return f"--set {override}"
+    return str(config_path)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load, override and validate an experiment config; raises ConfigError with a one-line message."""
+    """Load, override and validate an experiment config; raises ConfigError with a one-line message that
+    names the field and where its value came from (the file or the `--set` that gave it).
+
+    Nothing here measures, downloads or writes: it runs before any work, on every rank."""
     config_path = resolve_path(path or DEFAULT_CONFIG)
     data = _read_yaml(config_path)
-    for override in overrides or []:
+    overrides = list(overrides or [])
+    for override in overrides:
         apply_override(data, override)
+
+    def fail(message: str, *fields: str) -> ConfigError:
+        return ConfigError(f"{value_origin(config_path, overrides, *fields)}: {message}")
+
     try:
         cfg = ExperimentConfig.model_validate(data)
     except pydantic.ValidationError as err:
-        raise ConfigError(_format_error(err, str(config_path))) from None
-    for field, value in (("deepspeed", cfg.deepspeed),):
-        if value is not None and not resolve_path(value).is_file():
-            raise ConfigError(f"{config_path}: field '{field}': file '{value}' not found")
-    if cfg.model.name_or_path is None and cfg.model.preset is None:
-        raise ConfigError(f"{config_path}: field 'model': give a 'preset' or a 'name_or_path'")
-    if cfg.model.name_or_path is None:
-        from workbench.models.presets import PRESETS, check_overrides
-
-        if cfg.model.preset not in PRESETS:
-            raise ConfigError(
-                f"{config_path}: field 'model.preset': unknown preset '{cfg.model.preset}'"
-                f"{did_you_mean(cfg.model.preset, PRESETS)}; valid: {', '.join(sorted(PRESETS))}"
-            )
-        check_overrides(cfg.model.preset, cfg.model.overrides)
-    source = cfg.data.source
-    if not source.startswith("synthetic:") and looks_local(source) and not Path(source).expanduser().exists():
-        raise ConfigError(f"{config_path}: field 'data.source': file '{source}' not found")
+        field, message = _format_error(err)
+        raise fail(message, field) from None
+    if cfg.deepspeed is not None and not resolve_path(cfg.deepspeed).is_file():
+        raise fail(f"field 'deepspeed': file '{cfg.deepspeed}' not found", "deepspeed")
+    _check_model_choice(cfg.model, fail)
+    _check_sources(cfg, fail)
     return cfg
+
+
+def _check_model_choice(model: ModelConfig, fail: typing.Callable[..., ConfigError]) -> None:
+    """Exactly one of `preset` and `name_or_path` (the default preset counts only when no path is given);
+    a preset must exist and its overrides must be fields of its config class."""
+    if model.name_or_path is not None and model.preset is not None and "preset" in model.model_fields_set:
+        raise fail(f"field 'model': 'preset' ({model.preset}) and 'name_or_path' ({model.name_or_path}) are both "
+                   "set; keep one (e.g. set model.preset to null to load name_or_path)",
+                   "model.name_or_path", "model.preset")
+    if model.name_or_path is not None:
+        return
+    if model.preset is None:
+        raise fail("field 'model': give a 'preset' or a 'name_or_path'", "model.preset", "model.name_or_path")
+    from workbench.models.presets import PRESETS, check_overrides
+
+    if model.preset not in PRESETS:
+        raise fail(f"field 'model.preset': unknown preset '{model.preset}'{did_you_mean(model.preset, PRESETS)}; "
+                   f"valid: {', '.join(sorted(PRESETS))}", "model.preset")
+    try:
+        check_overrides(model.preset, model.overrides)
+    except ConfigError as err:
+        raise fail(str(err), "model.overrides") from None
+
+
+def _check_sources(cfg: ExperimentConfig, fail: typing.Callable[..., ConfigError]) -> None:
+    """Data, model and tokenizer sources that cannot load: a missing local file, or a hub name while hub
+    access is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) with no cached copy, or with the hub unreachable."""
+    source = cfg.data.source
+    if not source.startswith("synthetic:") and not Path(source).expanduser().exists():
+        if looks_local(source):
+            raise fail(f"field 'data.source': file '{source}' not found", "data.source")
+        problem = hub_problem(source, "dataset")
+        if problem:
+            raise fail(f"field 'data.source': '{source}' is not a local file or folder, and {problem}", "data.source")
+    for field in ("name_or_path", "tokenizer"):
+        name = getattr(cfg.model, field)
+        if name is None or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+            continue  # absent, local, or a missing path (the model loader names it)
+        problem = hub_problem(name, "model")
+        if problem:
+            raise fail(f"field 'model.{field}': '{name}' is not a local folder, and {problem}", f"model.{field}")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_problem(name: str, repo_type: Literal["model", "dataset"]) -> str | None:
+    """Why hub repository `name` cannot load here, or None: hub access is switched off and no copy is cached,
+    or the hub's host does not answer (checked directly only when no proxy is configured)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    cached = [Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}"]
+    offline = ["HF_HUB_OFFLINE"]
+    if repo_type == "dataset":
+        datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"
+        cached.append(Path(datasets_cache) / name.replace("/", "___"))
+        offline.append("HF_DATASETS_OFFLINE")
+    if any(path.exists() for path in cached):
+        return None
+    switched_off = [variable for variable in offline if _env_flag(variable)]
+    if switched_off:
+        return f"hub access is off ({switched_off[0]}=1) with no cached copy in {cached[0].parent}"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        return f"the hub ({endpoint.geturl()}) is unreachable: {err}"
+    return None
 
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
@@ -348,8 +509,16 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     return validate_model(EvalConfig, data.get("eval", data), config_path, ("eval",))
 
 
+def config_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML that `load_config` reads back to the same config."""
+    data = cfg.model_dump(mode="json")
+    if cfg.model.name_or_path is not None:
+        data["model"]["preset"] = None  # unused with a name_or_path (and both set would be an error)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
     from workbench.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(path, config_yaml(cfg))

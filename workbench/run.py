@@ -6,15 +6,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
-from transformers import DataCollatorForLanguageModeling, TrainingArguments, set_seed
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, TrainingArguments, set_seed
 
-from workbench.callbacks import EvalOnSaveCallback, MetricsJsonlCallback, SaveAtStepsCallback
+from workbench.callbacks import MetricsJsonlCallback, SaveAtStepsCallback
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
 from workbench.config import ExperimentConfig, dump_config, resolve_path
-from workbench.data import fact_world_options, prepare_data
+from workbench.data import prepare_data
+from workbench.data.finetune import check_packing
 from workbench.data.repetition import RepetitionConfig, repetition_stream
 from workbench.data.span_corruption import (
     VALIDATION_OFFSET,
@@ -24,12 +26,20 @@ from workbench.data.span_corruption import (
     counted_targets,
 )
 from workbench.errors import ConfigError
-from workbench.methods import build_methods
+from workbench.finetune import (
+    finetuning_splits,
+    finetuning_tokenizer,
+    is_finetuning,
+    resolve_base_run,
+    sft_fields,
+)
+from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
+from workbench.methods import Method, build_methods
 from workbench.metrics import token_metrics, token_predictions
 from workbench.models import build_model, is_encoder_decoder
 from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
-from workbench.trainer import WorkbenchTrainer
+from workbench.trainer import WorkbenchTrainer, sft_trainer_class
 
 USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a user's choice wins over run_dir/tensorboard
 TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "logging_steps": 10, "save_steps": 100}
@@ -43,6 +53,7 @@ class RunResult:
     eval_loss: float | None
     precision: str
     objective: str = "causal"
+    kind: str = "pretrain"  # or "finetune"
 
 
 def _width(cfg: ExperimentConfig) -> int:
@@ -54,7 +65,7 @@ def _width(cfg: ExperimentConfig) -> int:
 
 def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
     """The configured precision; `auto` measures once and a resumed run keeps what it chose."""
-    saved = cfg.run_dir / "config.yaml"
+    saved = cfg.run_dir / RUN_CONFIG
     if cfg.precision == "auto" and resuming and saved.is_file():
         return yaml.safe_load(saved.read_text()).get("precision", "fp32"), f"as chosen at the start ({saved})"
     return choose_precision(cfg.precision, _width(cfg))
@@ -75,18 +86,22 @@ def resolve_objective(cfg: ExperimentConfig) -> str:
     return objective
 
 
-def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "causal") -> TrainingArguments:
-    """`TrainingArguments` from the `training` section plus what the workbench manages."""
-    fields = {**TRAINING_DEFAULTS, **cfg.training}
+def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "causal",
+                       sft: dict[str, Any] | None = None) -> TrainingArguments:
+    """`TrainingArguments` from the `training` section plus what the workbench manages; with `sft` (the
+    fields `workbench.finetune.sft_fields` decides), TRL's `SFTConfig`."""
+    fields = {**TRAINING_DEFAULTS, **cfg.training, **(sft or {})}
     if objective == "span_corruption" and fields.setdefault("remove_unused_columns", False):
         raise ConfigError("field 'training.remove_unused_columns': span corruption needs false (it reads example_index)")
     repeated = cfg.data.repetition is not None  # the stream is already in training order
     if repeated and fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
         raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / TENSORBOARD_DIR)
     deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
     try:
-        return TrainingArguments(
+        if sft is not None:
+            from trl import SFTConfig
+        return (TrainingArguments if sft is None else SFTConfig)(
             output_dir=str(cfg.run_dir),
             seed=cfg.seed,
             deepspeed=deepspeed,
@@ -97,6 +112,20 @@ def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"field 'training': {str(err).strip().splitlines()[0]}") from None
+
+
+def join_process_group(args: TrainingArguments) -> None:
+    """Set up the process group before the model is built.
+
+    Under ZeRO-3, `from_pretrained`/`from_config` build the model inside `deepspeed.zero.Init`, which reads the
+    world size from DeepSpeed's communication backend. On CPU, accelerate starts `torch.distributed` itself
+    (gloo) but not DeepSpeed's backend, so `zero.Init` saw a world of 1 and failed its batch-size check on
+    two ranks. `args.device` starts the process group; `deepspeed.init_distributed` then wraps it."""
+    _ = args.device
+    if args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), timeout=args.ddp_timeout_delta)
 
 
 def find_resume_checkpoint(cfg: ExperimentConfig, resume: bool, report=print) -> str | None:
@@ -117,7 +146,10 @@ def find_resume_checkpoint(cfg: ExperimentConfig, resume: bool, report=print) ->
 
 
 def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over an earlier run unless asked to resume or overwrite it."""
+    """Refuse to train over an earlier run unless asked to resume or overwrite it (not both: nothing deleted)."""
+    if overwrite and (resume or cfg.resume_from_checkpoint):
+        asked = "--resume" if resume else f"resume_from_checkpoint: {cfg.resume_from_checkpoint}"
+        raise ConfigError(f"--overwrite deletes '{cfg.run_dir}' (checkpoints too) and {asked} continues it: give one")
     if overwrite and cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)
     if not (resume or cfg.resume_from_checkpoint) and list_checkpoints(cfg.run_dir):
@@ -128,15 +160,24 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Non
 
 
 def run_callbacks(cfg: ExperimentConfig) -> list:
-    """metrics.jsonl always; extra save steps and evaluation on save when the config asks."""
-    callbacks = [MetricsJsonlCallback(cfg.run_dir / "metrics.jsonl")]
+    """metrics.jsonl always; extra save steps when the config asks. (Evaluation on save is the evaluator's
+    callback, `evals.on_save`, which the entry point adds: the library does not import the evaluator.)"""
+    callbacks = [MetricsJsonlCallback(cfg.run_dir / METRICS)]
     if cfg.save_at_steps:
         callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
-    if cfg.eval.on_save:
-        world = fact_world_options(cfg.data.model_dump())
-        callbacks.append(EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / "tokenizer", world,
-                                            cfg.eval.on_save_limit))
     return callbacks
+
+
+@dataclass
+class DataPieces:
+    """What a run trains on, in the form its trainer class reads."""
+
+    tokenizer: PreTrainedTokenizerBase
+    trainer_class: type
+    train_dataset: Any
+    eval_dataset: Any
+    trainer_kwargs: dict[str, Any]
+    description: str  # e.g. "110 training blocks of 32 tokens"
 
 
 def objective_pieces(cfg: ExperimentConfig, objective: str, tokenizer, train_blocks, validation):
@@ -156,16 +197,26 @@ def objective_pieces(cfg: ExperimentConfig, objective: str, tokenizer, train_blo
     return collator, metrics, train_blocks, validation
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`)."""
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    report = print if rank0 else (lambda *_: None)
-    if rank0:
-        prepare_run_dir(cfg, resume, overwrite)
-    precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
-    report(f"[workbench] precision {precision} ({why})")
-    objective = resolve_objective(cfg)
-    args = training_arguments(cfg, precision, objective)
+def prepare_tokenizer(methods: list[Method], tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Every method's `prepare_tokenizer` hook, in config order, before the model is built or resized."""
+    for method in methods:
+        tokenizer = method.prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """'0.92M parameters (0.92M trainable)' for the model as trained (after LoRA or a method's conversion),
+    counting ZeRO-3 partitioned parameters by their full size."""
+    total = trainable = 0
+    for param in model.parameters():
+        count = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        total += count
+        trainable += count if param.requires_grad else 0
+    return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, {100 * trainable / max(total, 1):.1f}%)"
+
+
+def pretraining_pieces(cfg: ExperimentConfig, args: TrainingArguments, objective: str) -> DataPieces:
+    """Packed text blocks (repetition stream, span corruption) for `WorkbenchTrainer`."""
     with args.main_process_first(desc="building tokenizer and data"):
         tokenizer, blocks = prepare_data(cfg.data, cfg.model)
     train_blocks = blocks["train"]
@@ -176,30 +227,66 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) 
             raise ConfigError(f"field 'data.repetition': {err}") from None
     validation = blocks["validation"] if len(blocks["validation"]) else None
     collator, metrics, train_blocks, validation = objective_pieces(cfg, objective, tokenizer, train_blocks, validation)
+    kwargs = {"data_collator": collator}
+    if validation is not None:
+        kwargs.update(compute_metrics=metrics, preprocess_logits_for_metrics=token_predictions(objective == "causal"))
+    return DataPieces(tokenizer, WorkbenchTrainer, train_blocks, validation, kwargs,
+                      f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens")
+
+
+def finetuning_pieces(cfg: ExperimentConfig, args: TrainingArguments, tokenizer, report) -> DataPieces:
+    """Prompt/completion or chat examples for `WorkbenchSFTTrainer` (TRL tokenises, masks and pads)."""
+    with args.main_process_first(desc="loading fine-tuning data"):
+        splits = finetuning_splits(cfg, tokenizer, report)
+    validation = splits["validation"] if len(splits["validation"]) else None
+    return DataPieces(tokenizer, sft_trainer_class(), splits["train"], validation, {},
+                      f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens")
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
+          callbacks: list | None = None) -> RunResult:
+    """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`).
+
+    Pretraining (text packed into blocks, `WorkbenchTrainer`) or fine-tuning (prompt/completion or chat
+    examples, `WorkbenchSFTTrainer`), decided by the data; `callbacks` are added to the run's own."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    report = print if rank0 else (lambda *_: None)
+    cfg = resolve_base_run(cfg, report)
+    finetune = is_finetuning(cfg.data)
+    tokenizer = finetuning_tokenizer(cfg) if finetune else None
+    sft = sft_fields(cfg, tokenizer) if finetune else None
+    if rank0:
+        prepare_run_dir(cfg, resume, overwrite)
+    precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
+    report(f"[workbench] precision {precision} ({why})")
+    objective = "causal" if finetune else resolve_objective(cfg)
+    args = training_arguments(cfg, precision, objective, sft)
+    join_process_group(args)
+    methods = build_methods(cfg.methods)
+    pieces = finetuning_pieces(cfg, args, tokenizer, report) if finetune else pretraining_pieces(cfg, args, objective)
+    tokenizer = prepare_tokenizer(methods, pieces.tokenizer)
     set_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer)
-    trainer = WorkbenchTrainer(
+    if finetune and cfg.data.packing:
+        check_packing(model)
+    trainer = pieces.trainer_class(
         model=model,
         args=args,
-        train_dataset=train_blocks,
-        eval_dataset=validation,
-        data_collator=collator,
-        compute_metrics=metrics if validation is not None else None,
-        preprocess_logits_for_metrics=token_predictions(objective == "causal") if validation is not None else None,
+        train_dataset=pieces.train_dataset,
+        eval_dataset=pieces.eval_dataset,
         processing_class=tokenizer,
-        callbacks=run_callbacks(cfg),
-        methods=build_methods(cfg.methods),
+        callbacks=run_callbacks(cfg) + list(callbacks or []),
+        methods=methods,
+        **pieces.trainer_kwargs,
     )
     checkpoint = find_resume_checkpoint(cfg, resume, report=report)
     if rank0:
-        dump_config(cfg.model_copy(update={"precision": precision}), cfg.run_dir / "config.yaml")
-        tokenizer.save_pretrained(str(cfg.run_dir / "tokenizer"))
-    report(
-        f"[workbench] {cfg.name}: {model.num_parameters() / 1e6:.2f}M parameters, "
-        f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens"
-        + (f", resuming from {checkpoint}" if checkpoint else "")
-    )
+        dump_config(cfg.model_copy(update={"precision": precision}), cfg.run_dir / RUN_CONFIG)
+        tokenizer.save_pretrained(str(cfg.run_dir / TOKENIZER_DIR))
+    report(f"[workbench] {cfg.name}: {parameter_summary(trainer.model)}, {pieces.description}"
+           + (f", resuming from {checkpoint}" if checkpoint else ""))
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    final = trainer.evaluate() if validation is not None else {}
+    final = trainer.evaluate() if pieces.eval_dataset is not None else {}
     eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
-    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective)
+    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective,
+                     "finetune" if finetune else "pretrain")

@@ -1,6 +1,9 @@
 """The workbench trainer: Hugging Face `Trainer` plus the enabled methods' hooks, method state in every
 checkpoint, a checkpoint manifest written last, and a stop on the first non-finite loss.
 
+The additions live in `WorkbenchMixin`, which goes over any `Trainer` subclass: `WorkbenchTrainer` (plain
+`Trainer`, pretraining on packed text) and `WorkbenchSFTTrainer` (TRL's `SFTTrainer`, fine-tuning on
+prompt/completion or chat data with TRL's own tokenisation, completion masks and padding).
 With no method enabled it adds one `isfinite` per step and a manifest per save to the plain `Trainer`.
 """
 
@@ -11,33 +14,57 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from workbench.checkpoints import write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.methods import Method
 from workbench.models.flops import active_parameters, training_flops
+from workbench.models.lora import loraplus_lr_ratio, loraplus_optimizer
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
 
 
-class WorkbenchTrainer(Trainer):
-    """`Trainer` that composes `methods` (see `workbench.methods` for the hooks)."""
+class _AfterOptimizerStep(TrainerCallback):
+    """Calls each method's `after_optimizer_step` once the optimizer has updated the weights.
+
+    `on_optimizer_step` fires after `optimizer.step()`; under DeepSpeed that call is a no-op and the engine
+    steps inside `backward` at the accumulation boundary, which is earlier still, so in both cases the new
+    weights are in place (in the master copy under ZeRO-1/2/3: read them with `workbench.distributed`)."""
+
+    def __init__(self, trainer: WorkbenchMixin, methods: list[Method]) -> None:
+        self.trainer, self.methods = trainer, methods
+
+    def on_optimizer_step(self, args, state, control, **kwargs: Any) -> None:
+        for method in self.methods:
+            method.after_optimizer_step(self.trainer.model, self.trainer)
+
+
+class WorkbenchMixin:
+    """Method hooks, method state, manifest and NaN stop, over any `transformers.Trainer` subclass.
+
+    Put it first in the bases (`class T(WorkbenchMixin, SFTTrainer)`); it takes `methods=` and passes every
+    other argument on (see `workbench.methods` for the hooks)."""
 
     def __init__(self, *args: Any, methods: list[Method] | None = None, **kwargs: Any) -> None:
         self.methods = list(methods or [])
         for method in self.methods:
             kwargs["model"] = method.prepare_model(kwargs["model"])
-            if kwargs.get("data_collator") is not None:
-                kwargs["data_collator"] = method.wrap_collator(kwargs["data_collator"])
         # method callbacks first, so the metrics they add to the logs reach the other callbacks
         callbacks = [cb for method in self.methods for cb in method.callbacks()]
         callbacks += list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        for method in self.methods:  # after __init__: TRL builds its own collator there
+            self.data_collator = method.wrap_collator(self.data_collator)
         self._loss_methods = [m for m in self.methods if m.overrides("loss")]
         self._group_methods = [m for m in self.methods if m.overrides("param_groups")]
+        stepped = [m for m in self.methods if m.overrides("after_optimizer_step")]
+        if stepped:
+            self.add_callback(_AfterOptimizerStep(self, stepped))
         self._active_parameters: int | None = None
+        for method in self.methods:
+            method.setup(self)
 
     # --- hooks -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -45,10 +72,13 @@ class WorkbenchTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         for method in self._loss_methods:
-            loss = method.loss(model, inputs, outputs, loss)
+            loss = method.loss(model, inputs, outputs, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
+        ratio = loraplus_lr_ratio(self.model)
+        if ratio is not None:  # LoRA+ (model.loraplus_lr_ratio); refused under an optimizer in DeepSpeed's JSON
+            self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, ratio, self.optimizer)
         optimizer = super().create_optimizer(model)
         if self._group_methods:
             groups = [dict(group) for group in optimizer.param_groups]
@@ -121,3 +151,23 @@ class WorkbenchTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, Path)):
             self.load_method_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+class WorkbenchTrainer(WorkbenchMixin, Trainer):
+    """`Trainer` that composes `methods`: pretraining on packed text (and anyone's own data and collator)."""
+
+
+def sft_trainer_class() -> type:
+    """`WorkbenchSFTTrainer`: TRL's `SFTTrainer` with the workbench additions (TRL imported on first use)."""
+    global _SFT_TRAINER
+    if _SFT_TRAINER is None:
+        from trl import SFTTrainer
+
+        class WorkbenchSFTTrainer(WorkbenchMixin, SFTTrainer):
+            """`SFTTrainer` that composes `methods`: fine-tuning on prompt/completion or conversational data."""
+
+        _SFT_TRAINER = WorkbenchSFTTrainer
+    return _SFT_TRAINER
+
+
+_SFT_TRAINER: type | None = None

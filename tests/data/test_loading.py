@@ -9,6 +9,7 @@ from datasets import Dataset
 
 from workbench.config import DataConfig, ModelConfig
 from workbench.data import load_documents, prepare_data, split_documents
+from workbench.data.loading import load_rows
 from workbench.data.packing import pack_blocks
 from workbench.errors import ConfigError
 from workbench.models import train_bpe_tokenizer
@@ -43,6 +44,36 @@ def test_empty_folder_and_unknown_suffix(tmp_path):
     (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(ConfigError, match="unknown suffix"):
         load_documents(DataConfig(source=str(tmp_path / "x.xml")))
+
+
+def test_folder_of_data_files_is_all_their_rows(tmp_path):
+    folder = tmp_path / "parts"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(3)))
+    (folder / "b" / "c.json").write_text(json.dumps([{"text": t} for t in _texts(5)[3:]]))
+    (folder / "README.md").write_text("not data")
+    assert load_rows(DataConfig(source=str(folder)))["text"] == _texts(5)
+    (folder / "notes.txt").write_text("a document")
+    with pytest.raises(ConfigError, match=r"mixes kinds of files \(\.json: 1, \.jsonl: 1, \.txt: 1\)"):
+        load_rows(DataConfig(source=str(folder)))
+
+
+def test_csv_cells_are_text_as_written(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("text,answer\nfirst document, 2\nNA,007\n")
+    rows = load_rows(DataConfig(source=str(path)))
+    assert rows.to_list() == [{"text": "first document", "answer": " 2"}, {"text": "NA", "answer": "007"}]
+
+
+def test_synthetic_sources_check_their_options():
+    assert load_documents(DataConfig(synthetic={"num_entities": 12, "sentences_per_fact": 1}))["text"]
+    with pytest.raises(ConfigError, match=r"^field 'data.synthetic.num_entitys': unknown option \(did you"):
+        load_documents(DataConfig(synthetic={"num_entitys": 12}))
+    with pytest.raises(ConfigError, match=r"^field 'data.synthetic': sentences_per_fact must be >= 1, got 0"):
+        load_documents(DataConfig(synthetic={"sentences_per_fact": 0}))
+    missing = r"^field 'data.text_column': 'text' is not a column of 'synthetic:arithmetic' \(columns: "
+    with pytest.raises(ConfigError, match=missing + r"question, answer, final_answer, num_steps\)$"):
+        load_documents(DataConfig(source="synthetic:arithmetic", synthetic={"num_problems": 3}))
 
 
 def test_validation_never_overlaps_training():

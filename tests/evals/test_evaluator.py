@@ -290,6 +290,81 @@ def test_any_local_model_folder_as_a_model(trained_run, tmp_path):
     assert record["checkpoint"] == "my-model" and record["n"] == 3 and (out / "report.md").is_file()
 
 
+def test_out_folder_for_runs_holds_results_report_plots_and_resumes(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    out = tmp_path / "elsewhere"
+    argv = [str(run), "--out", str(out), "--task", "factworld_mc:zero_shot,blank_ppl", "--limit", "3"]
+    assert _eval_main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {"results.jsonl", "report.md", "factworld_mc.png"}
+    assert not (run / "eval").exists()  # nothing in the run's own eval/
+    records = read_results(out / "results.jsonl")
+    assert len({(r["checkpoint"], r["style"]) for r in records}) == 3 * 2
+    assert {r["chance"] for r in records if r["metric"] == "acc"} == {0.25}  # 4 options per fact-world item
+    assert not any("chance" in r for r in records if r["metric"] == "gold_ppl")
+    capsys.readouterr()
+    assert _eval_main(argv) == 0 and "run: 0 new cells" in capsys.readouterr().out  # resumes at the new place
+    kept = [r for r in records if not (r["checkpoint"] == "checkpoint-4" and r["style"] == "blank_ppl")]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert _eval_main(argv) == 0 and "run: 1 new cells" in capsys.readouterr().out  # only the missing cell
+    assert not (run / "eval").exists()
+
+
+def test_out_folder_with_several_runs_gets_a_folder_per_run(trained_run, tmp_path, capsys):
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(trained_run, tmp_path / name, ignore=shutil.ignore_patterns("checkpoint-2", "checkpoint-4"))
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--task", "factworld_mc:zero_shot", "--limit", "2"]
+    assert _eval_main([str(tmp_path / "a"), str(tmp_path / "b"), *argv]) == 0
+    for name in ("a", "b"):
+        assert {r["run"] for r in read_results(out / name / "results.jsonl")} == {name}
+        assert (out / name / "report.md").is_file() and not (tmp_path / name / "eval").exists()
+    shutil.copytree(tmp_path / "a", tmp_path / "again" / "a")
+    capsys.readouterr()
+    assert _eval_main([str(tmp_path / "a"), str(tmp_path / "again" / "a"), "--out", str(tmp_path / "clash")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out: several runs are named 'a'")
+    assert not (tmp_path / "clash").exists()
+
+
+def test_list_prints_the_task_specs_without_loading_a_model():
+    import subprocess
+    import sys
+
+    import yaml
+
+    code = ("import runpy, sys; sys.argv = ['eval.py', '--list']\n"
+            "try:\n    runpy.run_path('launch/eval.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'lm_eval', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.splitlines()[-1] == "heavy: []"
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    for path in (REPO / "evals" / "tasks").glob("*.yaml"):
+        spec = yaml.safe_load(path.read_text())
+        assert rows[spec["task"]].split()[1] == spec["kind"], path
+    assert rows["factworld_mc"].endswith("zero_shot, few_shot, iclip, letter, blank_ppl")
+    assert rows["factworld_qa"].endswith("zero_shot, few_shot, iclip, instruction_only")
+    assert "`lm_eval --tasks list`" in out and ":native" in out
+
+
+def test_list_includes_the_specs_of_an_include_path(tmp_path, capsys):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "mine.yaml").write_text((REPO / "evals" / "tasks" / "factworld_qa.yaml").read_text()
+                                     .replace("task: factworld_qa", "task: my_qa"))
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"include_path: [{specs}]\n")
+    assert _eval_main(["--list", "--config", str(config)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert rows["my_qa"][1] == "open" and "factworld_mc" in rows
+
+
 def test_consistency_from_a_yaml_listing_the_models(trained_run, tmp_path):
     import shutil
 

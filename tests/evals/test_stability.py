@@ -9,15 +9,17 @@ import pytest
 from scipy import stats
 
 from evals.stability import (
+    NOTE_CONSTANT,
+    NOTE_TOO_FEW,
     ConsistencyResult,
     StabilityResult,
-    _tau_b_rows,
     bootstrap_tau_over_items,
     consistency,
     kendall_tau_b,
     stability,
     tau_b_reference,
 )
+from workbench.stats import tau_b_rows, tau_b_undefined_reason
 
 
 def _noisy_increasing_items(t: int = 10, n_items: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +58,14 @@ def test_vectorised_rows_match_scipy():
     rng = np.random.default_rng(7)
     x = rng.integers(0, 4, (50, 12)).astype(float)
     y = rng.integers(0, 4, (50, 12)).astype(float)
-    got = _tau_b_rows(x, y)
+    got = tau_b_rows(x, y)
     for b in range(50):
         exp = tau_b_reference(x[b], y[b])
         if math.isnan(exp):
             assert math.isnan(got[b])
         else:
             assert got[b] == pytest.approx(exp, abs=1e-12)
-    shared = _tau_b_rows(np.arange(12.0), y)
+    shared = tau_b_rows(np.arange(12.0), y)
     for b in range(50):
         exp = tau_b_reference(np.arange(12.0), y[b])
         assert (math.isnan(exp) and math.isnan(shared[b])) or shared[b] == pytest.approx(exp, abs=1e-12)
@@ -76,6 +78,22 @@ def test_degenerate_tau_is_nan():
     assert math.isnan(tau_b_reference([1], [1]))
     with pytest.raises(ValueError, match="same length"):
         kendall_tau_b([1, 2], [1, 2, 3])
+    assert tau_b_undefined_reason([1.0], [2.0]) == "fewer than 2 points"
+    assert tau_b_undefined_reason([1, 2, 3], [4, 4, 4]) == "y is constant"
+    assert tau_b_undefined_reason([1, 2, 3], [4, 5, 4]) is None
+
+
+def test_library_stats_module_does_not_import_the_evaluator():
+    import subprocess
+    import sys
+
+    code = "import sys, workbench.stats; print(any(m == 'evals' or m.startswith('evals.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    import evals.stability
+    import workbench.stats
+
+    assert evals.stability.kendall_tau_b is workbench.stats.kendall_tau_b  # one implementation, re-exported
 
 
 # ------------------------------------------------------------------------------------ stability
@@ -115,6 +133,31 @@ def test_hand_computed_small_example():
     perm = [3, 0, 4, 2, 1]
     shuffled = stability(np.array([0, 1, 2, 3, 4])[perm], np.array(y)[perm])
     assert shuffled == r
+
+
+def test_lower_is_better_metric_that_falls_counts_as_improving():
+    # the reported case: gold_ppl 11.58 -> 4.68 -> 4.21 falls at every step, so both pairs improve
+    ppl = stability([100, 200, 300], [11.58, 4.68, 4.21], higher_is_better=False)
+    assert ppl.frac_improving == 1.0 and ppl.frac_ties == 0.0 and not ppl.higher_is_better
+    assert ppl.tau == pytest.approx(-1.0)  # tau is not re-signed: it still describes score vs step
+    assert stability([100, 200, 300], [11.58, 4.68, 4.21]).frac_improving == 0.0  # read as higher-is-better
+    # independent count: pairs with y[t+1] < y[t], ties neither improving nor worsening
+    y = [5.0, 4.0, 4.0, 4.5, 3.0, 3.5]
+    falls = sum(b < a for a, b in zip(y, y[1:], strict=False)) / (len(y) - 1)
+    r = stability(range(len(y)), y, higher_is_better=False)
+    assert r.frac_improving == pytest.approx(falls) == pytest.approx(2 / 5)
+    assert r.frac_ties == pytest.approx(1 / 5)
+
+
+def test_undefined_tau_carries_its_reason():
+    flat = stability([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0.25] * 10)
+    assert math.isnan(flat.tau) and flat.tau_note == NOTE_CONSTANT and flat.tau_early_note == NOTE_CONSTANT
+    short = stability([1, 2, 3, 4, 5], [0.1, 0.3, 0.3, 0.2, 0.5])  # early window: ceil(0.3 * 5) = 2 < 3
+    assert short.tau_note == "" and short.tau_early_note == NOTE_TOO_FEW and math.isnan(short.tau_early)
+    one = stability([4], [0.5])
+    assert one.tau_note == NOTE_TOO_FEW and math.isnan(one.tau)
+    ok = stability(range(10), np.linspace(0, 1, 10))
+    assert ok.tau_note == ok.tau_early_note == ""
 
 
 def test_stability_bad_input():

@@ -4,49 +4,32 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, run, tiny_config, write_config
+from conftest import REPO
+from study_files import launch, write_study
 
 from workbench.errors import ConfigError
 from workbench.study import aggregate, collect_run, grid, load_study, run_status
 
-STUDY = REPO / "launch" / "study.py"
-
-
-def _study(tmp_path: Path, **fields) -> Path:
-    base = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 2}), "base.yaml")
-    study = {"study": "s", "base": str(base), "runs_dir": str(tmp_path / "runs"),
-             "axes": {"training.learning_rate": [1e-3, 2e-3]}, "seeds": [0, 1], "collect": ["loss"], **fields}
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(study, sort_keys=False))
-    return path
-
-
-def _launch(*args: str):
-    return run([sys.executable, str(STUDY), *args])
-
 
 def test_grid_names_and_zip(tmp_path):
-    study = load_study(_study(tmp_path, axes={"training.learning_rate": [1e-3, 2e-3],
+    study = load_study(write_study(tmp_path, axes={"training.learning_rate": [1e-3, 2e-3],
                                               "model.preset": ["pythia-tiny", "llama-tiny"]}, combine="zip"))
     names = [r.name for r in grid(study)]
     assert names == ["learning_rate=0.001_preset=pythia-tiny_seed=0", "learning_rate=0.001_preset=pythia-tiny_seed=1",
                      "learning_rate=0.002_preset=llama-tiny_seed=0", "learning_rate=0.002_preset=llama-tiny_seed=1"]
     with pytest.raises(ConfigError, match="same number of values"):
-        load_study(_study(tmp_path, axes={"a.b": [1, 2], "c.d": [1]}, combine="zip"))
+        load_study(write_study(tmp_path, axes={"a.b": [1, 2], "c.d": [1]}, combine="zip"))
     with pytest.raises(ConfigError, match="training.learnig_rate"):
-        load_study(_study(tmp_path, set={"training.learnig_rate": 1}))
+        load_study(write_study(tmp_path, set={"training.learnig_rate": 1}))
 
 
 def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     # the second variant passes config validation but fails in the run: more unique tokens than the corpus has
     too_much = {"data.repetition.budget_tokens": 2**22, "data.repetition.unique_tokens": 2**22}
-    path = _study(tmp_path, axes={"data": {"all": {}, "too-much": too_much}}, seeds=[0, 1])
-    result = _launch(str(path))
+    path = write_study(tmp_path, axes={"data": {"all": {}, "too-much": too_much}}, seeds=[0, 1])
+    result = launch(str(path))
     assert result.returncode == 0, result.stderr[-2000:]
     study = load_study(path)
     runs = grid(study)
@@ -59,32 +42,34 @@ def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     # a finished run is skipped
     log = runs[0].run_dir / "train.log"
     size = log.stat().st_size
-    assert _launch(str(path)).returncode == 0 and log.stat().st_size == size
+    assert launch(str(path)).returncode == 0 and log.stat().st_size == size
     # a killed run (no status, newest checkpoint gone) resumes from its checkpoint
     (runs[1].run_dir / "study_status.json").unlink()
     shutil.rmtree(runs[1].run_dir / "checkpoint-4")
-    assert _launch(str(path), "--only", runs[1].name).returncode == 0
+    assert launch(str(path), "--only", runs[1].name).returncode == 0
     assert "resuming from" in (runs[1].run_dir / "train.log").read_text()
     assert run_status(runs[1])["status"] == "done" and (runs[1].run_dir / "checkpoint-4").is_dir()
 
 
 def test_a_run_config_error_stops_the_study_before_any_run(tmp_path):
-    path = _study(tmp_path, axes={"training.learning_rate": [1e-3, "fast"]}, seeds=[0])
-    result = _launch(str(path))
+    path = write_study(tmp_path, axes={"training.learning_rate": [1e-3, "fast"]}, seeds=[0])
+    result = launch(str(path))
     assert result.returncode == 2 and "run 'learning_rate=fast_seed=0'" in result.stderr
     assert "training.learning_rate" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_dry_run_and_unknown_only(tmp_path):
-    path = _study(tmp_path)
-    lines = _launch(str(path), "--dry-run").stdout.strip().splitlines()
+    path = write_study(tmp_path)
+    result = launch(str(path), "--dry-run")
+    lines = result.stdout.strip().splitlines()
     assert len(lines) == 4 and all("\tpending\t" in line for line in lines)
-    bad = _launch(str(path), "--only", "nope")
+    assert "study s: 4 runs: 4 pending" in result.stderr  # the run count, off stdout (one run a line)
+    bad = launch(str(path), "--only", "nope")
     assert bad.returncode == 2 and "no run named 'nope'" in bad.stderr
 
 
 def test_aggregation_against_hand_made_metrics(tmp_path):
-    study = load_study(_study(tmp_path))
+    study = load_study(write_study(tmp_path))
     runs = grid(study)
     losses = {0: [3.0, 2.0, 2.5], 1: [4.0, 1.0, 3.0]}
     for r in runs:
@@ -107,8 +92,7 @@ def test_aggregation_against_hand_made_metrics(tmp_path):
     assert len(table) == 2
     assert table[0]["loss_mean"] == pytest.approx(2.75) and table[0]["loss_std"] == pytest.approx(0.3535534, 1e-6)
     assert table[0]["best_loss_mean"] == pytest.approx(1.5) and table[0]["loss_n"] == 2
-    from workbench.study import PlotSpec
-    from workbench.study_report import write_results
+    from workbench.study import PlotSpec, write_results
 
     study.plots.extend([PlotSpec(kind="final", x="training.learning_rate", y="loss"),
                         PlotSpec(kind="curve", y="loss", name="loss_curves")])
@@ -121,8 +105,8 @@ def test_aggregation_against_hand_made_metrics(tmp_path):
 
 
 def test_submitit_local_executor(tmp_path):
-    path = _study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]})
-    result = _launch(str(path), "--executor", "submitit-local")
+    path = write_study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]})
+    result = launch(str(path), "--executor", "submitit-local")
     assert result.returncode == 0, result.stderr[-2000:]
     (only,) = grid(load_study(path))
     assert run_status(only)["status"] == "done"
@@ -131,39 +115,39 @@ def test_submitit_local_executor(tmp_path):
 
 def test_variant_axes_name_runs_and_set_their_overrides(tmp_path):
     variants = {"none": {}, "dropout-0.3": {"methods.dropout_schedule.rate": 0.3, "training.weight_decay": 0.1}}
-    study = load_study(_study(tmp_path, axes={"regulariser": variants, "training.learning_rate": [1e-3]}, seeds=[0]))
+    study = load_study(write_study(tmp_path, axes={"regulariser": variants, "training.learning_rate": [1e-3]}, seeds=[0]))
     runs = grid(study)
     assert [r.name for r in runs] == ["regulariser=none_learning_rate=0.001_seed=0",
                                       "regulariser=dropout-0.3_learning_rate=0.001_seed=0"]
     assert runs[1].values == {"regulariser": "dropout-0.3", "training.learning_rate": 1e-3}
-    overrides = runs[1].overrides(study)
+    overrides = runs[1].overrides()
     assert "methods.dropout_schedule.rate=0.3" in overrides and "training.weight_decay=0.1" in overrides
     assert not any(o.startswith("regulariser") for o in overrides)
     with pytest.raises(ConfigError, match="regulariser=bad.*dropout_schedule"):
-        load_study(_study(tmp_path, axes={"regulariser": {"bad": {"methods.dropout_schedule.rte": 0.3}}}))
+        load_study(write_study(tmp_path, axes={"regulariser": {"bad": {"methods.dropout_schedule.rte": 0.3}}}))
 
 
 def test_profiles_make_a_separate_smaller_grid(tmp_path):
     profiles = {"quick": {"seeds": [5], "axes": {"training.learning_rate": [1e-3]}, "set": {"training.max_steps": 2}}}
-    path = _study(tmp_path, profiles=profiles)
+    path = write_study(tmp_path, profiles=profiles)
     study = load_study(path, "quick")
     assert study.study == "s-quick" and study.profile == "quick" and study.seeds == [5]
     assert [r.name for r in grid(study)] == ["learning_rate=0.001_seed=5"]
-    assert "training.max_steps=2" in grid(study)[0].overrides(study)
+    assert "training.max_steps=2" in grid(study)[0].overrides()
     assert grid(study)[0].run_dir == tmp_path / "runs" / "s-quick" / "learning_rate=0.001_seed=5"
     with pytest.raises(ConfigError, match="no profile 'scale'"):
         load_study(path, "scale")
-    lines = _launch(str(path), "--quick", "--dry-run").stdout.strip().splitlines()
+    lines = launch(str(path), "--quick", "--dry-run").stdout.strip().splitlines()
     assert lines == [f"learning_rate=0.001_seed=5\tpending\t{tmp_path}/runs/s-quick/learning_rate=0.001_seed=5"]
     with pytest.raises(ConfigError, match="not an axis"):
-        load_study(_study(tmp_path, profiles={"quick": {"axes": {"model.preset": ["llama-tiny"]}}}), "quick")
+        load_study(write_study(tmp_path, profiles={"quick": {"axes": {"model.preset": ["llama-tiny"]}}}), "quick")
     with pytest.raises(ConfigError, match="key:max"):
-        load_study(_study(tmp_path, collect=["loss:best"]))
+        load_study(write_study(tmp_path, collect=["loss:best"]))
 
 
 def test_paired_deltas_against_the_reference_run():
     from workbench.study import DeltaSpec
-    from workbench.study_analysis import add_deltas
+    from workbench.study.analysis import add_deltas
 
     rows = [{"seed": s, "u": u, "size": z, "nll": 1.0 + s + (2.0 if u == "small" else 0.0) + (0.5 if z == "b" else 0)}
             for s in (0, 1) for u in ("all", "small") for z in ("a", "b")]
@@ -176,7 +160,7 @@ def test_agreement_best_x_kendall_tau_and_cost():
     from scipy import stats
 
     from workbench.study import AgreementSpec
-    from workbench.study_analysis import agreement
+    from workbench.study.analysis import agreement
 
     dense = {0.0: 3.0, 0.1: 2.0, 0.3: 2.5, 0.5: 4.0}
     moe = {0.0: 3.5, 0.1: 2.6, 0.3: 2.4, 0.5: 4.5}
@@ -209,9 +193,9 @@ def test_shipped_studies_and_their_profiles_load(path):
 
 
 def test_a_study_run_launched_by_deepspeed_on_two_ranks(tmp_path):
-    path = _study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]},
+    path = write_study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]},
                   launcher={"kind": "deepspeed", "num_gpus": 2})
-    result = _launch(str(path))
+    result = launch(str(path))
     assert result.returncode == 0, result.stderr[-2000:]
     (only,) = grid(load_study(path))
     assert run_status(only)["status"] == "done", (only.run_dir / "train.log").read_text()[-3000:]

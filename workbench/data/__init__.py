@@ -25,7 +25,8 @@ __all__ = ["documents", "fact_world_options", "load_documents", "prepare_data", 
 def _source_key(cfg: DataConfig) -> dict:
     """What identifies the documents: the data config (less what is applied after packing: repetition and the
     objective), plus size and mtime of local files."""
-    key = cfg.model_dump(exclude={"num_proc", "cache_dir", "block_size", "repetition", "objective", "span_corruption"})
+    key = cfg.model_dump(exclude={"num_proc", "cache_dir", "block_size", "repetition", "objective", "span_corruption",
+                                     "format", "prompt_column", "completion_column", "messages_column", "packing"})
     path = Path(cfg.source).expanduser()
     if path.exists():
         files = sorted(path.rglob("*")) if path.is_dir() else [path]

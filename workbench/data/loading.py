@@ -1,36 +1,149 @@
-"""Documents from anywhere the config points: the synthetic fact world, a hub dataset, a local file or folder."""
+"""Rows from anywhere the config points: a built-in generator, a hub dataset, a local file or folder.
+
+`load_rows` is the one loader. Pre-training text (`load_documents`) and fine-tuning examples
+(`workbench.data.finetune`) both read through it and then pick their columns.
+"""
 
 from __future__ import annotations
 
+import csv
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset
 
 from workbench.config import DataConfig, looks_local
+from workbench.data.synthetic import (
+    ArithmeticConfig,
+    FactWorld,
+    FactWorldConfig,
+    arithmetic_problems,
+    entity_pools,
+)
 from workbench.errors import ConfigError
+from workbench.options import dataclass_options
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+TABLE_FORMATS = {suffix: builder for suffix, builder in LOCAL_FORMATS.items() if suffix != ".txt"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Built-in generators (`synthetic:<name>`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactCorpusConfig(FactWorldConfig):
+    """`synthetic:fact_world` options: the world's, and how many sentences state each fact."""
+
+    sentences_per_fact: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sentences_per_fact < 1:
+            raise ValueError(f"sentences_per_fact must be >= 1, got {self.sentences_per_fact}")
+
+
+def _world(options: FactWorldConfig) -> FactWorld:
+    """The fact world of `options` (only its FactWorldConfig fields count)."""
+    return FactWorld(FactWorldConfig(**{f.name: getattr(options, f.name) for f in fields(FactWorldConfig)}))
+
+
+def _fact_corpus(options: FactCorpusConfig) -> Dataset:
+    return _world(options).corpus(sentences_per_fact=options.sentences_per_fact)
+
+
+def _fact_qa(options: FactWorldConfig) -> Dataset:
+    world = _world(options)
+    try:
+        _, instruction_pool, _ = entity_pools(len(world))
+    except ValueError as err:
+        raise ConfigError(f"field 'data.synthetic.num_entities': {err}") from None
+    return world.qa(entities=instruction_pool)
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A built-in source: its options dataclass (`data.synthetic`), its rows, and the kind of data they are
+    (`text`: pre-training documents in column text; `qa`: columns question and answer)."""
+
+    options: type
+    build: Callable[[Any], Dataset]
+    kind: str
+
+
+GENERATORS: dict[str, Generator] = {
+    # one paragraph of facts per invented entity
+    "fact_world": Generator(FactCorpusConfig, _fact_corpus, "text"),
+    # one question per fact of the instruction-tuning entities, which the evaluator never asks about
+    "fact_qa": Generator(FactWorldConfig, _fact_qa, "qa"),
+    # GSM8K-format word problems; the answer is worked, one equation a line, ending '#### N'
+    "arithmetic": Generator(ArithmeticConfig, arithmetic_problems, "qa"),
+}
+
+
+def generator(source: str) -> Generator:
+    """The built-in generator of a `synthetic:<name>` source, or a ConfigError listing the valid ones."""
+    name = source.removeprefix("synthetic:")
+    if name not in GENERATORS:
+        valid = ", ".join(f"synthetic:{n}" for n in GENERATORS)
+        raise ConfigError(f"field 'data.source': unknown synthetic source '{source}'; valid: {valid}")
+    return GENERATORS[name]
+
+
+def generator_options(source: str, options: dict[str, Any]) -> Any:
+    """`data.synthetic` checked against the generator's options dataclass (cheap: nothing is generated)."""
+    options_class = generator(source).options
+    try:
+        return options_class(**dataclass_options("synthetic", options_class, options))
+    except ValueError as err:
+        raise _options_error(str(err)) from None
+
+
+def _options_error(message: str) -> ConfigError:
+    """'[synthetic.x] msg' (from `dataclass_options`) as "field 'data.synthetic.x': msg"."""
+    match = re.match(r"\[([^\]]+)\] (.*)", message, flags=re.DOTALL)
+    field, text = (match.group(1), match.group(2)) if match else ("synthetic", message)
+    return ConfigError(f"field 'data.{field}': {text.splitlines()[0]}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_rows(cfg: DataConfig) -> Dataset:
+    """Every row of `cfg.source`, with the columns it has, in a fixed order.
+
+    A `synthetic:<name>` source is built from `cfg.synthetic`; a path is a file (by suffix) or a folder (see
+    `_local`); anything else is a hub dataset, read at `cfg.split`."""
+    source = cfg.source
+    if source.startswith("synthetic:"):
+        return generator(source).build(generator_options(source, cfg.synthetic))
+    path = Path(source).expanduser()
+    if path.exists():
+        return _local(path)
+    if looks_local(source):
+        raise ConfigError(f"field 'data.source': file '{source}' not found")
+    return _hub(source, cfg.split)
+
+
+def missing_column(field: str, column: str, source: str, columns: list[str]) -> ConfigError:
+    """The error for a configured column that the source lacks, listing the columns it has."""
+    return ConfigError(
+        f"field 'data.{field}': '{column}' is not a column of '{source}' (columns: {', '.join(columns)})"
+    )
 
 
 def load_documents(cfg: DataConfig) -> Dataset:
     """One row per document with a `text` column, in a fixed order."""
-    source = cfg.source
-    if source.startswith("synthetic:"):
-        docs = _synthetic(source.removeprefix("synthetic:"), cfg)
-    else:
-        path = Path(source).expanduser()
-        if path.exists():
-            docs = _local(path)
-        elif looks_local(source):
-            raise ConfigError(f"field 'data.source': file '{source}' not found")
-        else:
-            docs = _hub(source, cfg.split)
+    docs = load_rows(cfg)
     if cfg.text_column not in docs.column_names:
-        raise ConfigError(
-            f"field 'data.text_column': '{cfg.text_column}' is not a column of '{source}' "
-            f"(columns: {', '.join(docs.column_names)})"
-        )
+        raise missing_column("text_column", cfg.text_column, cfg.source, docs.column_names)
     docs = docs.select_columns([cfg.text_column])
     if cfg.text_column != "text":
         docs = docs.rename_column(cfg.text_column, "text")
@@ -38,40 +151,53 @@ def load_documents(cfg: DataConfig) -> Dataset:
     if cfg.max_documents is not None:
         docs = docs.select(range(min(cfg.max_documents, len(docs))))
     if len(docs) < 2:
-        raise ConfigError(f"field 'data.source': '{source}' has {len(docs)} non-empty documents; need at least 2")
+        raise ConfigError(
+            f"field 'data.source': '{cfg.source}' has {len(docs)} non-empty documents; need at least 2"
+        )
     return docs
 
 
-def _synthetic(kind: str, cfg: DataConfig) -> Dataset:
-    from workbench.data.synthetic import FactWorld, FactWorldConfig
-
-    if kind != "fact_world":
-        raise ConfigError(f"field 'data.source': unknown synthetic source '{kind}'; valid: synthetic:fact_world")
-    options = dict(cfg.synthetic)
-    sentences_per_fact = options.pop("sentences_per_fact", 3)
-    try:
-        world = FactWorld(FactWorldConfig(**options))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"field 'data.synthetic': {err}") from None
-    return world.corpus(sentences_per_fact=sentences_per_fact)
-
-
 def _local(path: Path) -> Dataset:
+    """A file read by its suffix, or a folder: its .txt files (one document per file) or its data files of
+    one format (all their rows); files in sorted order, subfolders included."""
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*.txt"))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
+        suffixes = sorted({p.suffix for p in files})
         if not files:
-            raise ConfigError(f"field 'data.source': folder '{path}' has no .txt files")
-        # One document per file, in sorted order: `sample_by="document"` keeps each file whole.
-        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+            raise ConfigError(
+                f"field 'data.source': folder '{path}' has no .txt files and no data files "
+                f"({', '.join(TABLE_FORMATS)})"
+            )
+        if len(suffixes) > 1 and {TABLE_FORMATS.get(s) for s in suffixes} != {"json"}:
+            counts = ", ".join(f"{s}: {sum(p.suffix == s for p in files)}" for s in suffixes)
+            raise ConfigError(
+                f"field 'data.source': folder '{path}' mixes kinds of files ({counts}); "
+                "point data.source at one file or at a folder of one kind"
+            )
+        names = [str(p) for p in files]
+        if suffixes == [".txt"]:
+            # One document per file, in sorted order: `sample_by="document"` keeps each file whole.
+            return _read(path, "text", names, sample_by="document")
+        return _read(path, LOCAL_FORMATS[suffixes[0]], names)
     builder = LOCAL_FORMATS.get(path.suffix)
     if builder is None:
         raise ConfigError(
-            f"field 'data.source': '{path}' has an unknown suffix; valid: {', '.join(LOCAL_FORMATS)} or a folder"
+            f"field 'data.source': '{path}' has an unknown suffix; valid: {', '.join(LOCAL_FORMATS)} "
+            "or a folder"
         )
+    return _read(path, builder, [str(path)])
+
+
+def _read(path: Path, builder: str, files: list[str], **kwargs: Any) -> Dataset:
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        if builder == "csv":  # CSV has no types: each cell is text as written (" 2" stays " 2", "NA" "NA")
+            with open(files[0], newline="") as f:
+                header = next(csv.reader(f))
+            kwargs.update(features=datasets.Features({name: datasets.Value("string") for name in header}),
+                          keep_default_na=False)
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as err:  # datasets raises many kinds; the user needs the file and the first line
-        raise ConfigError(f"field 'data.source': could not read '{path}': {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"field 'data.source': could not read '{path}': {_first_line(err)}") from None
 
 
 def _hub(name: str, split: str) -> Dataset:
@@ -80,5 +206,9 @@ def _hub(name: str, split: str) -> Dataset:
     except Exception as err:
         raise ConfigError(
             f"field 'data.source': '{name}' is neither a local file nor a reachable hub dataset: "
-            f"{str(err).splitlines()[0]}"
+            f"{_first_line(err)}"
         ) from None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

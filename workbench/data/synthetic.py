@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 __all__ = [
-    "ATTRIBUTES", "ArithmeticConfig", "AttributeSpec", "Entity", "FactWorld", "FactWorldConfig",
-    "arithmetic_problems", "parse_gsm8k_answer",
+    "ATTRIBUTES", "FEWSHOT_ENTITIES", "SFT_FRACTION", "ArithmeticConfig", "AttributeSpec", "Entity",
+    "FactWorld", "FactWorldConfig", "arithmetic_problems", "entity_pools", "parse_gsm8k_answer",
 ]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,3 +437,27 @@ def parse_gsm8k_answer(text: str) -> int | None:
         return None
     number = float(matches[-1].replace(",", ""))
     return int(number) if number.is_integer() else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entity pools: the entities evaluation asks about, those fine-tuning may teach, those of few-shot examples
+# ----------------------------------------------------------------------------------------------------------
+
+FEWSHOT_ENTITIES = 8  # entities whose facts form the few-shot pool, never test items
+SFT_FRACTION = 0.1  # share of entities reserved for instruction tuning, never test items
+
+
+def entity_pools(n: int, untrained: set[int] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(test, instruction tuning, few-shot) entity indices of a world with `n` entities; `untrained` entities
+    are never test items (a question about a fact the model never saw measures nothing).
+
+    The instruction-tuning pool (`synthetic:fact_qa`) is the `SFT_FRACTION` of entities before the last
+    `FEWSHOT_ENTITIES`, so fine-tuning on it never teaches an answer the evaluator asks for."""
+    n_sft = int(n * SFT_FRACTION)
+    if n - n_sft - FEWSHOT_ENTITIES < 1:
+        raise ValueError(
+            f"the fact world has {n} entities; evaluation needs more than {FEWSHOT_ENTITIES + n_sft}"
+        )
+    test_end = n - FEWSHOT_ENTITIES - n_sft
+    test = [i for i in range(test_end) if i not in (untrained or set())]
+    return test, list(range(test_end, n - FEWSHOT_ENTITIES)), list(range(n - FEWSHOT_ENTITIES, n))

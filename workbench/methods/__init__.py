@@ -1,29 +1,48 @@
 """The method interface and registry: a YAML name under `methods:` maps to a `Method` subclass.
 
-A method is built from its config dataclass and may implement any of the hooks below; the
-trainer calls each hook of every enabled method in the order the YAML lists them:
+A method is built from its config dataclass and may implement any of the hooks below; the trainer calls
+each hook of every enabled method in the order the YAML lists them, at these points of a run:
 
-    prepare_model(model) -> model          e.g. SMoE conversion, LoRA wrapping
-    wrap_collator(collator) -> collator    e.g. Masked Thought's token masking
-    callbacks() -> [TrainerCallback]       e.g. SeND masks, the SMoE k schedule, EES logging
-    loss(model, inputs, outputs, loss)     e.g. SinKD's Sinkhorn term added to the LM loss
-    param_groups(model, groups) -> groups  e.g. ALLoRA's per-parameter learning rates
-    state_dict() / load_state_dict(state)  what must survive a restart; saved in every checkpoint
+    prepare_tokenizer(tokenizer) -> tok    before the model is built or resized (Masked Thought's <mask>)
+    prepare_model(model) -> model          after the model (and LoRA) is built, before the Trainer
+                                           (SMoE conversion); under ZeRO-3 parameters are already partitioned
+    wrap_collator(collator) -> collator    on the Trainer's collator, TRL's included (Masked Thought)
+    callbacks() -> [TrainerCallback]       added before the run's own callbacks (SeND masks, k schedules)
+    setup(trainer)                         once, after the Trainer is built: args, accelerator, datasets,
+                                           tokenizer (SinKD's teacher prepared like TRL's reference
+                                           models, SeND's tracking data); every rank calls it
+    loss(model, inputs, outputs, loss, num_items_in_batch) -> loss
+                                           every micro-batch, after the model's own loss; normalise an
+                                           added per-token term by `num_items_in_batch` when it is given
+    param_groups(model, groups) -> groups  once, on the optimizer's groups (ALLoRA's per-row rates)
+    after_optimizer_step(model, trainer)   every optimizer step, after the update, on every rank; read and
+                                           write weights with `workbench.distributed` (all ZeRO stages)
+    state_dict() / load_state_dict(state)  what must survive a restart: tensors of any size, numbers,
+                                           strings, lists, dicts; saved per rank in every checkpoint
 
-Register a method with `@register("name")` on a `Method` subclass whose `Config` is a dataclass.
+`needs_full_finetuning = True` makes a method refuse `model.lora` (a config error naming both).
+
+Built-in methods are listed in `BUILTIN` and imported only when a config names them, so validating a
+config imports nothing it does not use. Your own method, outside this package: `@register("name")` in a
+module you import, or name it in the YAML as `package.module:ClassName`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from workbench.errors import did_you_mean
+from workbench.options import dataclass_options
 
 METHODS: dict[str, type[Method]] = {}
+BUILTIN: dict[str, str] = {  # name -> module that registers it, imported on first use
+    "dropout_schedule": "workbench.methods.dropout_schedule",
+}
 
 
 @dataclasses.dataclass
@@ -36,9 +55,13 @@ class Method:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
+    needs_full_finetuning: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
+
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        return tokenizer
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         return model
@@ -49,8 +72,15 @@ class Method:
     def callbacks(self) -> list[TrainerCallback]:
         return []
 
-    def loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
+    def setup(self, trainer: Trainer) -> None:
+        return None
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any, loss: torch.Tensor,
+             num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         return loss
+
+    def after_optimizer_step(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        return None
 
     def param_groups(self, model: torch.nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return groups
@@ -83,24 +113,44 @@ def register(name: str):
     return decorate
 
 
-def _method_class(name: str) -> type[Method]:
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    if name not in METHODS and ":" in name:
+        return _import_method(name)
     if name not in METHODS:
-        valid = ", ".join(sorted(METHODS)) or "(none registered)"
-        raise ValueError(f"[{name}] unknown method '{name}'{did_you_mean(name, METHODS)}; valid: {valid}")
+        known = sorted({*METHODS, *BUILTIN})
+        raise ValueError(f"[{name}] unknown method '{name}'{did_you_mean(name, known)}; valid: "
+                         f"{', '.join(known) or '(none registered)'}, or package.module:ClassName")
     return METHODS[name]
+
+
+def _import_method(path: str) -> type[Method]:
+    """`package.module:ClassName` -> that Method subclass (registered under `path` if it has no name)."""
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"[{path}] cannot import method '{path}': {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"[{path}] '{path}' is not a Method subclass")
+    if not cls.name:
+        register(path)(cls)
+    return cls
+
+
+def available_methods() -> dict[str, type[Method]]:
+    """Every built-in and registered method, imported (for `launch/train.py --list methods`)."""
+    for module in BUILTIN.values():
+        importlib.import_module(module)
+    return dict(sorted(METHODS.items()))
 
 
 def validate_method_config(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check a method's options against its Config dataclass; raise ValueError('[name.field] ...')."""
-    from workbench.config import dataclass_options
-
-    return dataclass_options(name, _method_class(name).Config, options)
+    return dataclass_options(name, method_class(name).Config, options)
 
 
 def build_methods(configs: dict[str, dict[str, Any]]) -> list[Method]:
     """Instantiate the enabled methods, in config order."""
-    return [_method_class(name)(_method_class(name).Config(**options)) for name, options in configs.items()]
-
-
-# Built-in methods register themselves on import.
-from workbench.methods import dropout_schedule  # noqa: E402, F401
+    return [method_class(name)(method_class(name).Config(**options)) for name, options in configs.items()]

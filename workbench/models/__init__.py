@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from peft import PeftModel
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -15,11 +17,19 @@ from transformers import (
 )
 
 from workbench.config import ModelConfig
-from workbench.errors import ConfigError
+from workbench.errors import CheckpointError, ConfigError
+from workbench.models.lora import (
+    adapter_base,
+    apply_lora,
+    attach_adapter,
+    is_adapter_checkpoint,
+    set_loraplus_lr_ratio,
+)
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 
-__all__ = ["PRESETS", "build_model", "is_encoder_decoder", "model_class", "load_tokenizer", "load_or_train_tokenizer", "train_bpe_tokenizer"]
+__all__ = ["PRESETS", "build_model", "is_encoder_decoder", "model_class", "load_tokenizer", "load_or_train_tokenizer",
+           "load_trained_model", "train_bpe_tokenizer"]
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
@@ -37,8 +47,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A fresh preset sized to `tokenizer`, or the pretrained model at `cfg.name_or_path` (safetensors)."""
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
+    """A fresh preset sized to `tokenizer`, or the pretrained model at `cfg.name_or_path` (safetensors);
+    with `cfg.lora`, that model with LoRA adapters (a PeftModel, marked for LoRA+ by `cfg.loraplus_lr_ratio`)."""
+    model = _build_base_model(cfg, tokenizer)
+    if cfg.lora is None:
+        return model
+    model = apply_lora(model, cfg.lora)
+    set_loraplus_lr_ratio(model, cfg.loraplus_lr_ratio)
+    return model
+
+
+def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     if cfg.name_or_path is None:
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}
@@ -80,8 +100,57 @@ def _pretrained_config(cfg: ModelConfig) -> PretrainedConfig:
         raise ConfigError(f"model '{cfg.name_or_path}' could not be loaded: {str(err).splitlines()[0]}") from None
 
 
+def _looks_local(source: str) -> bool:
+    """A path rather than a hub name ('org/name')."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def _check_local(source: str, field: str) -> None:
     """A path-like source that does not exist is a missing file, not a hub name."""
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().exists():
+    if _looks_local(source) and not Path(source).expanduser().exists():
         raise ConfigError(f"field '{field}': path '{source}' not found")
+
+
+def load_trained_model(checkpoint: str | Path, dtype: torch.dtype | str | None = None, device_map: str | None = None,
+                       merge: bool = False, auto_class: type | None = None) -> PreTrainedModel | PeftModel:
+    """A trained model from `checkpoint` (no remote code, safetensors only), in eval mode: a full model
+    (model.safetensors), or an adapter (adapter_config.json) on the base model it names, merged into it when
+    `merge`. `dtype` and `device_map` go to `from_pretrained` (default: the dtype saved, on CPU); `auto_class`
+    (e.g. AutoModelForCausalLM) builds it, by default the one `model_class` picks for its config.
+
+    Raises CheckpointError when the weights do not fit the architecture (a missing or mis-shaped weight, which
+    transformers would otherwise initialise afresh with only a warning) or an adapter's base model is missing."""
+    checkpoint = Path(checkpoint)
+    if not is_adapter_checkpoint(checkpoint):
+        return _load_full_model(checkpoint, dtype, device_map, auto_class)
+    base = adapter_base(checkpoint)
+    if _looks_local(base) and not Path(base).expanduser().exists():
+        raise CheckpointError(f"checkpoint '{checkpoint}': its base model '{base}' (base_model_name_or_path in "
+                              f"adapter_config.json) not found")
+    model = attach_adapter(_load_full_model(base, dtype, device_map, auto_class, adapter=checkpoint), checkpoint)
+    return (model.merge_and_unload() if merge else model).eval()
+
+
+def _load_full_model(source: str | Path, dtype: torch.dtype | str | None, device_map: str | None,
+                     auto_class: type | None, adapter: Path | None = None) -> PreTrainedModel:
+    """The model at `source` with every weight loaded from its safetensors, or CheckpointError."""
+    what = f"checkpoint '{adapter}': base model '{source}'" if adapter else f"checkpoint '{source}'"
+    options: dict = {"trust_remote_code": False, "use_safetensors": True, "output_loading_info": True,
+                     "ignore_mismatched_sizes": True}  # mismatches are reported below, by name
+    if dtype is not None:
+        options["dtype"] = dtype
+    if device_map is not None:
+        options["device_map"] = device_map
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
+        model, info = (auto_class or model_class(config)).from_pretrained(str(source), **options)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{what} could not be loaded: {str(err).strip().splitlines()[0]}") from None
+    if info["mismatched_keys"]:
+        key, saved, expected = min(info["mismatched_keys"])
+        raise CheckpointError(f"{what} does not fit the model: {len(info['mismatched_keys'])} weights have other "
+                              f"shapes, e.g. '{key}' {tuple(saved)} vs {tuple(expected)}")
+    if info["missing_keys"]:
+        raise CheckpointError(f"{what} does not fit the model: {len(info['missing_keys'])} weights are missing, "
+                              f"e.g. '{min(info['missing_keys'])}'")
+    return model.eval()

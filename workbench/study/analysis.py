@@ -8,7 +8,7 @@ import math
 import statistics
 from typing import Any
 
-from workbench.study import AgreementSpec, DeltaSpec, StudyConfig, collected
+from workbench.study.plan import AgreementSpec, DeltaSpec, StudyConfig, collected
 
 
 def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> None:
@@ -33,8 +33,7 @@ def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -
     Curves are taken on the x values both groups have: the mean over seeds (`tau_of_means`), and seed by
     seed (`tau_per_seed`, mean and standard deviation over the seeds both groups ran). `cost` sums each
     group's collected cost keys over all its runs (the price of the whole sweep)."""
-    from evals.stability import kendall_tau_b
-
+    from workbench.stats import kendall_tau_b  # SciPy: imported only when an agreement is computed
     groups = sorted({str(r.get(spec.group)) for r in rows})
     curves: dict[str, dict[int, dict[float, float]]] = {g: {} for g in groups}  # group -> seed -> x -> y
     cost: dict[str, dict[str, float]] = {g: {} for g in groups}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.study import RunSpec, StudyConfig, execute
+from workbench.study.plan import RunSpec, StudyConfig
+from workbench.study.runner import execute
 
 
 def submit(study: StudyConfig, runs: list[RunSpec], executor: str, partition: str | None = None,

@@ -1,0 +1,66 @@
+"""The evaluator during training: each checkpoint evaluated as it is saved (`eval.on_save: true`).
+
+Lives in `evals/` (the library `workbench/` never imports the evaluator); `launch/train.py` adds it:
+
+    callbacks = eval_on_save_callbacks(cfg)        # [] unless cfg.eval.on_save
+    train(cfg, callbacks=callbacks)
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from evals.data import run_data_options
+from evals.runs import Target, sweep
+from evals.sweep import Evaluator
+from workbench.config import ExperimentConfig
+from workbench.layout import TOKENIZER_DIR, checkpoint_dir, results_path
+
+__all__ = ["EvalOnSaveCallback", "eval_on_save_callbacks"]
+
+
+def eval_on_save_callbacks(cfg: ExperimentConfig) -> list[TrainerCallback]:
+    """`[EvalOnSaveCallback]` for a config with `eval.on_save: true`, else `[]`."""
+    if not cfg.eval.on_save:
+        return []
+    world = run_data_options(cfg.data.model_dump())
+    return [EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / TOKENIZER_DIR, world, cfg.eval.on_save_limit)]
+
+
+class EvalOnSaveCallback(TrainerCallback):
+    """Run the BOSE evaluator on each checkpoint as it is saved, on rank 0, into `<run>/eval/results.jsonl`.
+
+    The checkpoint is read back from disk into a separate model (so any ZeRO stage works and the training
+    model is untouched), with `limit` items per task; RNG states are restored afterwards so training is
+    unchanged. The other ranks wait at their next collective: keep `limit` small enough that this takes well
+    under the distributed timeout (`training.ddp_timeout`, 30 minutes by default).
+    """
+
+    def __init__(self, eval_cfg, run_dir: str | Path, tokenizer_dir: str | Path, world: dict[str, Any],
+                 limit: int) -> None:
+        self.eval_cfg, self.run_dir, self.limit = eval_cfg, Path(run_dir), limit
+        self.tokenizer_dir, self.world = str(tokenizer_dir), world
+        self._evaluator = None
+
+    def on_save(self, args, state, control, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        checkpoint = checkpoint_dir(self.run_dir, state.global_step)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            if self._evaluator is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+                self._evaluator = Evaluator(self.eval_cfg, tokenizer, self.world, self.limit)
+            target = Target(self.run_dir.name, results_path(self.run_dir), [checkpoint],
+                            self.tokenizer_dir, self.world)
+            sweep(target, self.eval_cfg, self.limit, evaluator=self._evaluator, progress=False)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

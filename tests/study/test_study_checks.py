@@ -1,0 +1,110 @@
+"""Planning-time checks of a study (collected metrics, compare and plot references), the collection-time
+warning for a metric no run logged, and the study package's layering."""
+
+from __future__ import annotations
+
+import ast
+import json
+
+import pytest
+from conftest import REPO
+from study_files import launch, write_study
+
+from workbench.errors import ConfigError
+from workbench.study import PlotSpec, grid, load_study, write_results
+
+
+def _load(tmp_path, **fields):
+    """load_study of a written study, with its planning warnings."""
+    warnings: list[str] = []
+    return load_study(write_study(tmp_path, **fields), on_warning=warnings.append), warnings
+
+
+def test_a_compare_reference_that_is_not_an_axis_value_stops_the_study(tmp_path):
+    delta = {"kind": "delta", "axis": "training.learning_rate", "keys": ["loss"]}
+    study, warnings = _load(tmp_path, compare=[{**delta, "reference": 1e-3}])
+    assert study.compare[0].reference == 1e-3 and warnings == []
+    with pytest.raises(ConfigError, match=r"field 'compare\[0\].reference': 0.005 is not a value of axis"):
+        _load(tmp_path, compare=[{**delta, "reference": 5e-3}])
+    with pytest.raises(ConfigError, match=r"field 'compare\[0\].axis': 'training.lr' is not an axis"):
+        _load(tmp_path, compare=[{**delta, "axis": "training.lr", "reference": 1e-3}])
+    with pytest.raises(ConfigError, match=r"field 'compare\[0\].keys': 'eval_nll' is not a column.*collect"):
+        _load(tmp_path, compare=[{**delta, "reference": 1e-3, "keys": ["eval_nll"]}])
+    agreement = {"kind": "agreement", "group": "training.learning_rate", "x": "seed", "y": "loss"}
+    with pytest.raises(ConfigError, match=r"field 'compare\[0\].x': 'seed' is not an axis"):
+        _load(tmp_path, compare=[agreement])
+    with pytest.raises(ConfigError, match=r"field 'plots\[0\].group': 'model.preset' is not an axis"):
+        _load(tmp_path, plots=[{"kind": "final", "x": "training.learning_rate", "y": "loss", "group": "model.preset"}])
+    # through the command line: --dry-run no longer passes; one line naming the field, exit 2, nothing written
+    path = write_study(tmp_path, compare=[{**delta, "reference": 5e-3}])
+    result = launch(str(path), "--dry-run")
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: field 'compare[0].reference': 0.005 is not a value of axis 'training.learning_rate' "
+        "(its values: 0.001, 0.002)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_warning(tmp_path):
+    with pytest.raises(ConfigError, match="field 'collect': no run logs 'eval_los' \\(did you mean 'eval_loss'"):
+        _load(tmp_path, collect=["eval_los"])
+    with pytest.raises(ConfigError, match="field 'collect': no run logs 'accuracy'"):
+        _load(tmp_path, collect=["loss", "accuracy:max"])
+    # without validation data no run evaluates, so eval_loss cannot be logged
+    with pytest.raises(ConfigError, match="no run logs 'eval_loss'.*validation_fraction is 0"):
+        _load(tmp_path, collect=["eval_loss"], set={"data.validation_fraction": 0.0})
+    with pytest.raises(ConfigError, match=r"field 'plots\[0\].y': no run logs 'nll'"):
+        _load(tmp_path, plots=[{"kind": "curve", "y": "nll"}])
+    # logged by every run: no warning
+    _, warnings = _load(tmp_path, collect=["loss", "eval_loss", "eval_token_accuracy:max", "grad_norm", "total_flos"])
+    assert warnings == []
+    # may be logged, cannot be known in advance: a warning each, naming the field and the reason
+    _, warnings = _load(tmp_path, collect=["loss", "train_mem_cpu_alloc_delta", "factworld_qa.zero_shot.f1"])
+    assert len(warnings) == 2 and all("field 'collect'" in w for w in warnings)
+    assert "'train_mem_cpu_alloc_delta' may not be logged" in warnings[0] and "Trainer" in warnings[0]
+    assert "'factworld_qa.zero_shot.f1'" in warnings[1] and "evaluator column" in warnings[1]
+    _, warnings = _load(tmp_path, collect=["loss", "dropout_rate"], set={"methods.dropout_schedule.rate": 0.1})
+    assert len(warnings) == 1 and "method 'dropout_schedule' may log it" in warnings[0]
+    evaluated = {"eval.on_save": True, "eval.tasks": [{"task": "factworld_qa", "styles": ["zero_shot"]}]}
+    _, warnings = _load(tmp_path, collect=["loss", "factworld_qa.zero_shot.f1"], set=evaluated)
+    assert warnings == []
+    # the command line prints the warning on stderr and goes on
+    path = write_study(tmp_path, collect=["loss", "train_mem_cpu_alloc_delta"])
+    result = launch(str(path), "--dry-run")
+    assert result.returncode == 0 and "warning:" in result.stderr and "train_mem_cpu_alloc_delta" in result.stderr
+
+
+def test_a_collected_metric_no_run_logged_is_a_visible_warning_at_collection(tmp_path):
+    study, _ = _load(tmp_path, collect=["loss", "train_mem_cpu_alloc_delta"],
+                     compare=[{"kind": "delta", "axis": "training.learning_rate", "reference": 1e-3, "keys": ["loss"]}])
+    runs = grid(study)
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0 + run.seed}) + "\n")
+    warnings: list[str] = []
+    study.plots.append(PlotSpec(kind="curve", y="loss"))
+    results, report = write_results(study, runs, on_warning=warnings.append)
+    assert len(warnings) == 1 and "'train_mem_cpu_alloc_delta' is in no run's results (collected)" in warnings[0]
+    assert "`train_mem_cpu_alloc_delta` (collected)" in report.read_text()
+    assert "delta_loss_mean" in results.read_text()
+    # a delta whose reference runs logged nothing is named too
+    (runs[0].run_dir / "metrics.jsonl").write_text("")
+    (runs[1].run_dir / "metrics.jsonl").write_text("")
+    warnings.clear()
+    write_results(study, runs, on_warning=warnings.append)
+    assert any("'delta_loss' is in no run's results (compare: delta against training.learning_rate = 0.001)" in w
+               for w in warnings)
+
+
+def test_the_study_package_never_imports_the_evaluator():
+    """`workbench.study` is library code: it reads the evaluator's results files but never imports `evals`."""
+    imported = set()
+    for path in (REPO / "workbench" / "study").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {(path.name, alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add((path.name, node.module or ""))
+    assert ("analysis.py", "workbench.stats") in imported
+    assert [(f, m) for f, m in imported if m == "evals" or m.startswith("evals.")] == []
+    assert not list((REPO / "workbench").glob("study_*.py"))  # the old flat modules are gone

@@ -1,0 +1,130 @@
+"""Fine-tuning through `launch/train.py`: a base run, then prompt/completion data with LoRA from `runs/<base>`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TRAIN, deepspeed_command, run, tiny_config, train_main, write_config
+from safetensors.torch import load_file
+
+from workbench.io import read_jsonl
+
+ARITHMETIC = {"source": "synthetic:arithmetic", "synthetic": {"num_problems": 48, "num_steps": 2}, "block_size": 128}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A tiny pretrained run (fact world, 8 steps) that fine-tuning runs start from."""
+    tmp = tmp_path_factory.mktemp("base")
+    config = write_config(tmp, tiny_config(tmp, name="base"), "base.yaml")
+    assert train_main([str(config)]) == 0
+    return tmp / "runs" / "base"
+
+
+def _finetune_config(tmp_path: Path, base: Path, name: str = "ft", **sections) -> dict:
+    cfg = tiny_config(tmp_path, name=name, data=ARITHMETIC, **sections)
+    cfg["model"] = {"preset": None, "name_or_path": str(base), **sections.get("model", {})}
+    cfg["training"] = {**cfg["training"], "max_steps": 4, "save_steps": 2, "learning_rate": 1e-2,
+                       "lr_scheduler_type": "constant"}
+    return cfg
+
+
+def test_lora_finetune_from_a_run_trains_the_completion_saves_adapters_and_resumes(tmp_path, base_run, capsys):
+    cfg = _finetune_config(tmp_path, base_run, model={"lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}})
+    config = write_config(tmp_path, cfg)
+    assert train_main([str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "starting from run" in out and "checkpoint-8" in out
+    assert "training examples truncated to 128 tokens" in out
+    assert "trainable" in out and "100.0%" not in out.split("trainable")[0].splitlines()[-1]
+    run_dir = tmp_path / "runs" / "ft"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["name_or_path"] == str(base_run / "checkpoint-8")  # what it started from
+    assert saved["model"]["tokenizer"] == str(base_run / "tokenizer")
+    for step in (2, 4):
+        checkpoint = run_dir / f"checkpoint-{step}"
+        assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+        assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
+    losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # the adapters learn the completions
+    uninterrupted = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
+    shutil.rmtree(run_dir / "checkpoint-4")
+    assert train_main([str(config), "--resume"]) == 0
+    resumed = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all((uninterrupted[k] == resumed[k]).all() for k in uninterrupted)
+
+
+def test_full_finetune_loss_covers_only_the_completion(tmp_path, base_run):
+    """With no LoRA every weight trains; the loss TRL reports equals the completion-token NLL of the batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.config import load_config
+    from workbench.data.finetune import QA_PROMPT, load_finetune_splits
+
+    cfg = _finetune_config(tmp_path, base_run, name="full")
+    config = write_config(tmp_path, cfg)
+    assert train_main([str(config)]) == 0
+    checkpoint = tmp_path / "runs" / "full" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").is_file()
+    # an independent completion-only NLL on one validation example, against the evaluator's own prompt format
+    tokenizer = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
+    example = load_finetune_splits(load_config(config).data, tokenizer)["validation"][0]
+    assert example["prompt"].startswith(QA_PROMPT.split("{")[0])
+    prompt = tokenizer(example["prompt"])["input_ids"]
+    full = tokenizer(example["prompt"] + example["completion"] + tokenizer.eos_token)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([full])).logits[0].double()
+    nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(len(full) - 1), torch.tensor(full[1:])]
+    completion_nll = nll[len(prompt) - 1:].mean().item()
+    everything_nll = nll.mean().item()
+    assert abs(completion_nll - everything_nll) > 1e-3  # the two differ, so the test can tell them apart
+    assert completion_nll > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"data": {"source": "rows.jsonl"}}, "field 'data."),
+        ({"model": {"lora": {"lora_alfa": 8}}}, "lora_alpha"),
+        ({"model": {"name_or_path": "EMPTY_RUN"}}, "has no complete checkpoint"),
+    ],
+)
+def test_finetuning_bad_input_is_one_line_and_writes_nothing(tmp_path, base_run, capsys, change, message):
+    (tmp_path / "rows.jsonl").write_text('{"question": "a", "reply": "b"}\n' * 4)
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir(parents=True)
+    (empty / "config.yaml").write_text("name: empty\n")
+    cfg = _finetune_config(tmp_path, base_run)
+    for section, values in change.items():
+        values = {k: (str(empty) if v == "EMPTY_RUN" else str(tmp_path / v) if v == "rows.jsonl" else v)
+                  for k, v in values.items()}
+        cfg[section] = {**cfg[section], **values}
+    config = write_config(tmp_path, cfg)
+    assert train_main([str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the data loading
+    assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "runs" / "ft").exists()
+
+
+def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
+    """Adapters under ZeRO-3 with 2 ranks: trains, saves adapter-only checkpoints, and the evaluator's loader
+    rebuilds base + adapter from them."""
+    from workbench.models import load_trained_model
+
+    cfg = _finetune_config(tmp_path, base_run, deepspeed="configs/deepspeed/zero3.json",
+                           model={"lora": {"r": 4, "lora_dropout": 0.0}})
+    config = write_config(tmp_path, cfg)
+    result = run(deepspeed_command(TRAIN, str(config), ranks=2, port=29760))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = tmp_path / "runs" / "ft" / "checkpoint-4"
+    adapter = load_file(checkpoint / "adapter_model.safetensors")
+    assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not ZeRO-3 placeholders
+    model = load_trained_model(checkpoint)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == sum(t.numel() for t in adapter.values())

@@ -1,0 +1,240 @@
+"""LoRA adapters via PEFT: the `model.lora` options, the adapted model, the LoRA+ optimizer, adapter loading.
+
+`model.lora` takes `peft.LoraConfig` fields by name (`{}` gives the defaults below); rsLoRA and DoRA are one
+option each (`use_rslora: true`, `use_dora: true`). `model.loraplus_lr_ratio` trains `lora_B` (and 1-D
+adapter parameters such as DoRA magnitudes) at that multiple of the learning rate (LoRA+).
+
+    model = apply_lora(model, {"r": 16, "use_dora": True})      # a PeftModel; only the adapters train
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from transformers import PreTrainedModel, TrainingArguments
+
+from workbench.errors import CheckpointError, ConfigError, did_you_mean
+
+LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")  # by the model: decoder-only or encoder-decoder
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LORAPLUS_ATTRIBUTE = "workbench_loraplus_lr_ratio"  # set on the PeftModel by `build_model`
+LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER = (
+    "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section, so DeepSpeed would build "
+    "one optimizer at one learning rate; remove that section (the Trainer's optimizer then comes from "
+    "'training': optim, learning_rate, weight_decay)"
+)
+
+# LoraConfig fields PEFT or the workbench sets.
+MANAGED_LORA_FIELDS = {
+    "peft_type": "always LORA",
+    "base_model_name_or_path": "PEFT records 'model.name_or_path'",
+    "revision": "PEFT records the base model's revision",
+    "inference_mode": "adapters are trained; evaluation loads them for inference",
+    "auto_mapping": "set by PEFT",
+    "peft_version": "set by PEFT",
+}
+# Initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) or need a pass over
+# data (EVA): a checkpoint holds only the adapter, which would not fit the unchanged base model it names.
+BASE_CHANGING_INITS = re.compile(r"^(pissa.*|olora|corda.*|loftq|lora_ga|eva)$", re.IGNORECASE)
+
+
+@functools.cache
+def _lora_field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(LoraConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(LoraConfig) if f.init}
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Union:
+        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The options dataclass a field takes (e.g. LoftQConfig in `LoftQConfig | dict`), if any."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def _typed_value(key: str, value: Any) -> Any:
+    """`value` checked against the LoraConfig field `key`; ValueError('[lora.key] ...') naming the field."""
+    types = _lora_field_types()
+    if key in MANAGED_LORA_FIELDS:
+        raise ValueError(f"[lora.{key}] is set by the workbench: {MANAGED_LORA_FIELDS[key]}")
+    if key not in types:
+        raise ValueError(f"[lora.{key}] is not a LoraConfig field{did_you_mean(key, types)}")
+    if key == "task_type" and value not in TASK_TYPES:
+        raise ValueError(f"[lora.{key}] must be one of {', '.join(TASK_TYPES)} (got {value!r})")
+    options_class = _dataclass_in(types[key])
+    if options_class is not None and isinstance(value, dict):  # unknown keys too, which pydantic would drop
+        from workbench.options import dataclass_options
+
+        value = dataclass_options(f"lora.{key}", options_class, value)
+    try:
+        typed = pydantic.TypeAdapter(types[key]).validate_python(value)
+    except pydantic.ValidationError as err:
+        errors = err.errors()
+        message = errors[0]["msg"] if len(errors) == 1 else f"expected {_type_name(types[key])}"
+        raise ValueError(f"[lora.{key}] {message} (got {value!r})") from None
+    if key == "r" and typed < 1:
+        raise ValueError(f"[lora.{key}] must be at least 1 (got {value!r})")
+    if key == "lora_dropout" and not 0.0 <= typed < 1.0:
+        raise ValueError(f"[lora.{key}] must be in [0, 1) (got {value!r})")
+    if key == "init_lora_weights" and isinstance(typed, str) and BASE_CHANGING_INITS.match(typed):
+        raise ValueError(
+            f"[lora.{key}] '{typed}' rewrites the base weights or needs a pass over data, so an adapter checkpoint "
+            f"would not fit its base model; use true, 'gaussian', 'orthogonal' or 'mica' (got {value!r})"
+        )
+    return typed
+
+
+def _checked(options: dict[str, Any]) -> tuple[dict[str, Any], LoraConfig]:
+    """`options` over `LORA_DEFAULTS`, each typed, and their `LoraConfig`; ValueError('[lora.field] ...')."""
+    typed = {key: _typed_value(key, value) for key, value in {**LORA_DEFAULTS, **options}.items()}
+    try:
+        return typed, LoraConfig(**typed)
+    except (TypeError, ValueError) as err:  # LoraConfig's own checks of option combinations
+        raise ValueError(f"[lora] {str(err).strip().splitlines()[0]}") from None
+
+
+def lora_config(options: dict[str, Any]) -> LoraConfig:
+    """The `LoraConfig` of `options` over `LORA_DEFAULTS`; ValueError('[lora.field] ...') for a bad option."""
+    return _checked(options)[1]
+
+
+def validate_lora_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the defaults filled in, as plain YAML values, once `LoraConfig` accepted them."""
+    typed, _ = _checked(options)
+    types = _lora_field_types()
+    return {key: pydantic.TypeAdapter(types[key]).dump_python(value, mode="json") for key, value in typed.items()}
+
+
+def _config_error(err: ValueError) -> ConfigError:
+    """'[lora.r] message' -> ConfigError("field 'model.lora.r': message")."""
+    field, _, message = str(err).removeprefix("[").partition("] ")
+    return ConfigError(f"field 'model.{field}': {message}")
+
+
+def apply_lora(model: PreTrainedModel, options: dict[str, Any]) -> PeftModel:
+    """`model` with LoRA adapters from `options` (LoraConfig fields); only the adapters are trainable.
+
+    The task type follows the model (CAUSAL_LM, or SEQ_2_SEQ_LM for an encoder-decoder) unless given."""
+    kind = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    try:
+        config = lora_config({"task_type": kind, **options})
+    except ValueError as err:
+        raise _config_error(err) from None
+    if config.task_type != kind:
+        model_kind = "an encoder-decoder" if model.config.is_encoder_decoder else "a decoder-only"
+        raise ConfigError(f"field 'model.lora.task_type': '{config.task_type}' does not fit {model_kind} model; "
+                          f"use '{kind}' or leave it out")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. target modules the model does not have
+        message = str(err).strip().splitlines()[0]
+        if "ParamWrapper" in message and "lora_dropout" in message:  # transformers 5 MoE experts: 3-D parameters
+            raise ConfigError(f"field 'model.lora.lora_dropout': this model's experts are adapted as parameters, "
+                              f"which PEFT cannot do with dropout; set lora_dropout: 0 ({message})") from None
+        field = "model.lora.target_modules" if "target modules" in message.lower() else "model.lora"
+        raise ConfigError(f"field '{field}': {message}") from None
+
+
+def set_loraplus_lr_ratio(model: PeftModel, ratio: float | None) -> None:
+    """Mark `model` for the LoRA+ optimizer (read by `WorkbenchTrainer.create_optimizer`)."""
+    setattr(model, LORAPLUS_ATTRIBUTE, ratio)
+
+
+def loraplus_lr_ratio(model: torch.nn.Module) -> float | None:
+    """The LoRA+ ratio `build_model` set on `model`, or None for the Trainer's usual optimizer."""
+    return getattr(model, LORAPLUS_ATTRIBUTE, None)
+
+
+def deepspeed_defines_optimizer(deepspeed_json: str | Path) -> bool:
+    """Whether a DeepSpeed JSON config has its own 'optimizer' section, which LoRA+ cannot use (the Trainer
+    hands DeepSpeed its optimizer only when there is none); False for a file that does not parse."""
+    try:
+        return "optimizer" in json.loads(Path(deepspeed_json).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def loraplus_optimizer(model: PeftModel, args: TrainingArguments, lr_ratio: float,
+                       existing: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """LoRA+ (`peft.optimizers.create_loraplus_optimizer`) with the optimizer class, learning rate, weight decay
+    and optimizer options `args` give the Trainer: `lora_B` and 1-D parameters train at `lr_ratio` x the rate.
+
+    `existing` is the Trainer's optimizer so far: one built before is kept; DeepSpeed's placeholder for an
+    optimizer its JSON config defines (which would train every parameter at one rate) is a ConfigError."""
+    from accelerate.utils import DummyOptim
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    if isinstance(existing, DummyOptim):
+        raise ConfigError(LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER)
+    if existing is not None:
+        return existing
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+        raise ConfigError(f"field 'model.loraplus_lr_ratio': LoRA+ needs an optimizer over parameter groups, "
+                          f"and 'training.optim' {args.optim!r} builds its own; use e.g. 'adamw_torch'")
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr")
+    return create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=lr_ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a PEFT adapter (adapter_config.json) rather than a full model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(checkpoint: str | Path) -> str:
+    """The base model an adapter checkpoint names (`base_model_name_or_path`); CheckpointError if none."""
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_pretrained(str(checkpoint))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint '{checkpoint}': {ADAPTER_CONFIG} could not be read: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    if not config.base_model_name_or_path:
+        raise CheckpointError(f"checkpoint '{checkpoint}': {ADAPTER_CONFIG} names no base model "
+                              f"(base_model_name_or_path is missing); the adapter cannot be loaded")
+    return config.base_model_name_or_path
+
+
+def attach_adapter(base: PreTrainedModel, checkpoint: str | Path) -> PeftModel:
+    """`base` with the adapter of `checkpoint` (safetensors only) for inference; CheckpointError when the adapter
+    does not fit the base model (a missing, extra or mis-shaped adapter weight)."""
+    weights = Path(checkpoint) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint '{checkpoint}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    try:
+        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatches, target modules not in the base
+        raise CheckpointError(f"checkpoint '{checkpoint}': the adapter does not fit its base model: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    expected = set(get_peft_model_state_dict(model))
+    for keys, what in ((expected - saved, "lacks"), (saved - expected, "has extra")):
+        if keys:
+            raise CheckpointError(f"checkpoint '{checkpoint}': the adapter does not fit its base model: "
+                                  f"{ADAPTER_WEIGHTS} {what} {len(keys)} weights, e.g. '{min(keys)}'")
+    return model

@@ -1,0 +1,127 @@
+"""Pure rank statistics the library and the evaluator share: Kendall's tau-b (NumPy/SciPy only).
+
+:func:`kendall_tau_b` is the statistic (SciPy's ``kendalltau(variant="b")`` plus its p-value),
+:func:`tau_b_reference` an independent SciPy-free O(n^2) implementation to cross-check it,
+:func:`tau_b_rows` the same formula vectorised over many rows (bootstrap resamples), and
+:func:`tau_b_undefined_reason` says in words why tau-b is NaN for an input.
+
+Nothing here imports ``evals`` (the library must not depend on the evaluator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats
+
+__all__ = ["CHUNK_ELEMENTS", "kendall_tau_b", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason"]
+
+# Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
+CHUNK_ELEMENTS = 4_000_000
+
+
+def _paired_1d(x: ArrayLike, y: ArrayLike, names: tuple[str, str] = ("x", "y")) -> tuple[NDArray, NDArray]:
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    if xa.ndim != 1 or ya.ndim != 1:
+        raise ValueError(f"{names[0]} and {names[1]} must be 1-D; got shapes {xa.shape} and {ya.shape}")
+    if xa.shape[0] != ya.shape[0]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same length; got {xa.shape[0]} and {ya.shape[0]}"
+        )
+    return xa, ya
+
+
+def tau_b_undefined_reason(x: ArrayLike, y: ArrayLike) -> str | None:
+    """Why :func:`kendall_tau_b` returns NaN for ``(x, y)``, in words; None when tau-b is defined.
+
+    The reasons, checked in this order: ``"fewer than 2 points"``, ``"non-finite values"``,
+    ``"x is constant"``, ``"y is constant"`` (tau-b is 0/0 for a constant input).
+
+    Raises:
+        ValueError: if the inputs are not 1-D or differ in length.
+    """
+    xa, ya = _paired_1d(x, y)
+    if xa.shape[0] < 2:
+        return "fewer than 2 points"
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
+        return "non-finite values"
+    if np.all(xa == xa[0]):
+        return "x is constant"
+    if np.all(ya == ya[0]):
+        return "y is constant"
+    return None
+
+
+def kendall_tau_b(x: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """Kendall's tau-b and its two-sided p-value, via ``scipy.stats.kendalltau(x, y, variant="b")``.
+
+    ``method="auto"``: the exact null distribution for small samples without ties, the normal
+    approximation otherwise.  Returns ``(nan, nan)`` when there are fewer than 2 points, when either
+    input is constant (tau-b is 0/0 there) or when either input contains a non-finite value
+    (:func:`tau_b_undefined_reason` names which).
+
+    Raises:
+        ValueError: if the inputs are not 1-D or differ in length.
+    """
+    if tau_b_undefined_reason(x, y) is not None:
+        return math.nan, math.nan
+    res = stats.kendalltau(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), variant="b")
+    return float(res.statistic), float(res.pvalue)
+
+
+def tau_b_reference(x: ArrayLike, y: ArrayLike) -> float:
+    """Independent O(n^2) float64 implementation of Kendall's tau-b (no SciPy).
+
+    ``tau_b = (C - D) / sqrt((n0 - n1) * (n0 - n2))`` where, over all ``n0 = n(n-1)/2`` pairs ``i < j``,
+    ``C``/``D`` count concordant/discordant pairs, ``n1`` counts pairs tied in ``x`` and ``n2`` pairs
+    tied in ``y`` (a pair tied in both counts in ``n1`` and ``n2``, and in neither ``C`` nor ``D``).
+    Returns NaN for fewer than 2 points or a zero denominator (a constant input).
+    """
+    xa, ya = _paired_1d(x, y)
+    n = xa.shape[0]
+    if n < 2:
+        return math.nan
+    c_minus_d = 0.0
+    n1 = 0
+    n2 = 0
+    for i in range(n - 1):
+        sx = np.sign(xa[i + 1 :] - xa[i])
+        sy = np.sign(ya[i + 1 :] - ya[i])
+        c_minus_d += float(np.sum(sx * sy))
+        n1 += int(np.count_nonzero(sx == 0))
+        n2 += int(np.count_nonzero(sy == 0))
+    n0 = n * (n - 1) // 2
+    denom = math.sqrt(float(n0 - n1) * float(n0 - n2))
+    if denom == 0.0 or math.isnan(c_minus_d):
+        return math.nan
+    return c_minus_d / denom
+
+
+def tau_b_rows(x: NDArray, y: NDArray) -> NDArray:
+    """Tau-b of each row pair: ``x`` is ``(n,)`` (shared) or ``(B, n)``, ``y`` is ``(B, n)``; returns ``(B,)``.
+
+    Same formula as :func:`tau_b_reference`, vectorised over rows (chunked to bound memory);
+    NaN where a row is constant.
+    """
+    b, n = y.shape
+    out = np.full(b, np.nan)
+    if n < 2 or b == 0:
+        return out
+    i0, i1 = np.triu_indices(n, k=1)
+    n0 = i0.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // n0)
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        xc = x if x.ndim == 1 else x[start:stop]
+        sx = np.sign(xc[..., i1] - xc[..., i0])
+        sy = np.sign(y[start:stop, i1] - y[start:stop, i0])
+        s = np.sum(sx * sy, axis=-1)
+        n1 = np.count_nonzero(sx == 0, axis=-1)
+        n2 = np.count_nonzero(sy == 0, axis=-1)
+        denom = np.sqrt((n0 - n1).astype(np.float64) * (n0 - n2).astype(np.float64))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:stop] = np.where(denom > 0, s / np.where(denom > 0, denom, 1.0), np.nan)
+    return np.clip(out, -1.0, 1.0)

@@ -1,0 +1,132 @@
+"""Collecting runs into rows and a table over seeds: a study's runs, or runs launched by hand (`--collect`).
+
+Runs launched by hand become a study without a YAML (`hand_study`): its axes are the config values in which
+the runs differ (read from each run's `config.yaml`), its seeds their seeds, so runs that differ only by
+seed are pooled into one row of the table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.errors import ConfigError
+from workbench.io import read_jsonl
+from workbench.study.plan import PlotSpec, RunSpec, StudyConfig, check_collect_items, collected
+from workbench.study.runner import run_status
+
+IGNORED = ("name", "runs_dir", "seed", "resume_from_checkpoint")  # config fields that are not a difference
+
+
+def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
+    """For each collected metrics.jsonl key of one run: its final value and (`key:min`, the default, or
+    `key:max`) its best value `best_<key>` and the step of it `best_step_<key>`."""
+    row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
+    metrics = run.run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics) if metrics.is_file() else []
+    for key, direction in collected(keys).items():
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if not points:
+            continue
+        row[key] = points[-1][1]
+        if direction != "last":
+            best = (max if direction == "max" else min)(points, key=lambda p: p[1])
+            row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
+    row.update(final_eval_scores(run.run_dir / "eval" / "results.jsonl"))
+    return row
+
+
+def final_eval_scores(results: Path) -> dict[str, float]:
+    """`task.style.metric` -> score at the run's last evaluated checkpoint (from the BOSE evaluator)."""
+    records = [r for r in (read_jsonl(results) if results.is_file() else [])
+               if r.get("status", "ok") == "ok" and r.get("step") is not None]
+    if not records:
+        return {}
+    last = max(r["step"] for r in records)
+    return {f"{r['task']}.{r['style']}.{r['metric']}": r["value"] for r in records if r["step"] == last}
+
+
+def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """Mean, standard deviation and count over seeds for each combination of axis values."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row.get(a)) for a in axes), []).append(row)
+    out = []
+    for combo, members in groups.items():
+        entry: dict[str, Any] = dict(zip(axes, combo, strict=True))
+        for key in keys:
+            values = [m[key] for m in members if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+            if values:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                entry.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_n": len(values)})
+        out.append(entry)
+    return out
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as `{dotted.key: value}` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def hand_study(run_dirs: list[str | Path], metrics: list[str] | None = None,
+               out: str | Path | None = None) -> tuple[StudyConfig, list[RunSpec], Path]:
+    """Runs launched by hand as a study: (its config, its runs, the folder for its tables and report).
+
+    Each folder must hold the `config.yaml` that `launch/train.py` writes. The axes are the config fields
+    whose values differ between the runs (besides name, runs_dir and seed); `metrics` are `collect` entries
+    (default: the study default); `out` defaults to `collected/` beside the runs. Raises a ConfigError naming
+    the folder or the option at fault, before anything is written."""
+    if not run_dirs:
+        raise ConfigError("--collect: give one or more run folders")
+    folders = [Path(d) for d in run_dirs]
+    seen: set[Path] = set()
+    configs = []
+    for folder in folders:
+        if folder.resolve() in seen:
+            raise ConfigError(f"--collect: run folder '{folder}' is given twice")
+        seen.add(folder.resolve())
+        path = folder / "config.yaml"
+        if not path.is_file():
+            what = "not found" if not folder.is_dir() else "has no config.yaml (not a run of launch/train.py)"
+            raise ConfigError(f"--collect: run folder '{folder}' {what}")
+        try:
+            configs.append(yaml.safe_load(path.read_text()) or {})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--collect: '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        check_collect_items(metrics or [])
+    except ValueError as err:
+        raise ConfigError(f"--metric: {err}") from None
+    flat = [flatten(c) for c in configs]
+    keys = list(dict.fromkeys(k for f in flat for k in f if k not in IGNORED))
+    axes = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    runs = [RunSpec(str(folder), {a: f.get(a) for a in axes}, c.get("seed"), folder, config=str(folder / "config.yaml"),
+                    stage="hand") for folder, f, c in zip(folders, flat, configs, strict=True)]
+    out = Path(out) if out is not None else Path(os.path.commonpath([f.resolve() for f in folders])) / "collected"
+    if out.resolve() in seen:
+        raise ConfigError(f"--out '{out}' is one of the run folders")
+    differ = ", ".join(axes) or "nothing but the seed"
+    study = StudyConfig(
+        study=re.sub(r"[^A-Za-z0-9_.\-]+", "-", out.name) or "collected",
+        description=f"Runs launched by hand, collected with `launch/study.py --collect`; they differ in: {differ}.",
+        base=runs[0].config, runs_dir=str(out.parent), seeds=sorted({r.seed for r in runs if r.seed is not None}),
+        axes={a: list(dict.fromkeys(str(f.get(a)) for f in flat)) for a in axes},
+        **({"collect": metrics} if metrics else {}))
+    study.plots.extend(PlotSpec(kind="curve", y=key, name=f"{_file_name(key)}_curves") for key in collected(study.collect))
+    return study, runs, out
+
+
+def _file_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", key)

@@ -1,0 +1,84 @@
+"""Which metric names a run logs, to check a study's `collect` (and its curve plots) before any run starts.
+
+A run's `metrics.jsonl` holds what the Trainer logs (`loss`, `learning_rate`, `grad_norm`, `epoch`, and at
+the end `train_runtime`, `train_loss`, `total_flos`, ...), the validation metrics when the run holds out
+validation documents (`eval_loss`, `eval_nll`, `eval_token_accuracy`, `eval_runtime`, ...) and whatever its
+methods log. Each row of the study table also gets the BOSE evaluator's columns `task.style.metric`.
+
+Some names cannot be known in advance: the Trainer adds more `train_*`/`eval_*` keys depending on its
+arguments (memory and token-speed metrics; a name close to a known one is taken for a typo), evaluator metric names come from its task specs (the library
+does not import the evaluator), and a method logs what it logs unless its class declares `logged_metrics`.
+Such a name is a warning at planning time; a name that no run can log is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from workbench.config import ExperimentConfig
+from workbench.errors import ConfigError, did_you_mean
+
+TRAINER_METRICS = frozenset({
+    "step", "epoch", "loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
+    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"})
+EVAL_METRICS = frozenset({"eval_loss", "eval_nll", "eval_token_accuracy", "eval_runtime",
+                          "eval_samples_per_second", "eval_steps_per_second"})
+# logged only with some TrainingArguments: memory metrics, tokens per second, compile and preparation times
+OPTIONAL_TRAINER_METRICS = re.compile(r"^((init|train|eval)_mem_(cpu|gpu)_(alloc|peaked)_delta|train_tokens_per_second"
+                                      r"|eval_(model_preparation|jit_compilation)_time)$")
+
+
+def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
+    """Whether a run of `cfg` logs `key`: True, False, or (when that cannot be known in advance) the reason
+    it may."""
+    validates = cfg.data.validation_fraction > 0
+    if key in TRAINER_METRICS or (key in EVAL_METRICS and validates):
+        return True
+    if len(key.split(".")) == 3:  # an evaluator column
+        task, style, _ = key.split(".")
+        if cfg.eval.on_save and any(t.task == task and (t.styles is None or style in t.styles) for t in cfg.eval.tasks):
+            return True
+        return "an evaluator column only if the runs' checkpoints are evaluated (eval.on_save or launch/eval.py)"
+    maybe = []
+    if key.startswith("train_") or (key.startswith("eval_") and validates):
+        if OPTIONAL_TRAINER_METRICS.match(key):
+            maybe.append("the Trainer logs it only with some of its arguments")
+        elif not did_you_mean(key, TRAINER_METRICS | EVAL_METRICS):  # close to a known name: a typo
+            maybe.append("the Trainer may log more train_*/eval_* keys than these checks know")
+    if cfg.methods:
+        from workbench.methods import METHODS
+
+        for name in cfg.methods:
+            declared = getattr(METHODS[name], "logged_metrics", None)
+            if declared is None:
+                maybe.append(f"method '{name}' may log it")
+            elif key in declared:
+                return True
+    return "; ".join(maybe) or False
+
+
+def check_metrics(study, configs: Iterable[ExperimentConfig], path: Path | str,
+                  on_warning: Callable[[str], None]) -> None:
+    """Every `collect` key and `curve` plot's y is logged by some run of `configs` (the arms' distinct
+    configs); raise a ConfigError naming the field for one that none can log, warn for one that may not be."""
+    from workbench.study.plan import collected
+
+    configs = list(configs)
+    fields = [("collect", key) for key in collected(study.collect)]
+    fields += [(f"plots[{i}].y", p.y) for i, p in enumerate(study.plots) if p.kind == "curve"]
+    validates = any(cfg.data.validation_fraction > 0 for cfg in configs)
+    known = sorted(TRAINER_METRICS | (EVAL_METRICS if validates else set()))
+    for field_name, key in fields:
+        answers = [run_logs(cfg, key) for cfg in configs]
+        if not configs or any(answer is True for answer in answers):
+            continue
+        reasons = list(dict.fromkeys(a for a in answers if isinstance(a, str)))
+        if reasons:
+            on_warning(f"{path}: field '{field_name}': '{key}' may not be logged by any run"
+                       f"{did_you_mean(key, known)} ({'; '.join(reasons)})")
+            continue
+        hint = "" if validates else " (no run holds out validation data: data.validation_fraction is 0)"
+        raise ConfigError(f"{path}: field '{field_name}': no run logs '{key}'{did_you_mean(key, known)}{hint}; "
+                          f"a run logs {', '.join(known)}, evaluator columns task.style.metric and method metrics")

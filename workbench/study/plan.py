@@ -1,0 +1,353 @@
+"""A study's YAML, its checks, and its plan: the grid of runs (the arms) and the optional pretrain run.
+
+A study YAML:
+
+    study: repetition-quick                      # runs go to <runs_dir>/<study>/<run name>/
+    base: configs/quickstart.yaml                # an experiment config: every arm starts from it
+    set: {training.max_steps: 64}                # overrides shared by every arm
+    axes:                                        # key -> values; the grid is their product (or zip)
+      data.repetition.unique_tokens: [65536, 16384]
+      model.preset: [pythia-tiny, pythia-small]
+      regulariser:                               # a named-variant axis: name -> the overrides it sets
+        none: {}
+        dropout-0.1: {methods.dropout_schedule.rate: 0.1}
+    combine: product                             # product | zip
+    seeds: [0, 1, 2]
+    launcher: {kind: python}                     # python | deepspeed (with num_gpus)
+    collect: [eval_loss, eval_token_accuracy:max, train_runtime:last]  # final value, best value + its step
+    pretrain: {config: configs/quickstart.yaml, set: {training.max_steps: 100}}  # optional first stage
+    profiles: {quick: {seeds: [0]}}              # smaller/larger grids: --quick, --scale, --profile NAME
+
+Each run goes through `launch/train.py` (so `deepspeed` with several ranks works the same), with its axis
+values as `--set` overrides and `--resume`, so a killed run continues from its checkpoint. With `pretrain`,
+that run is trained first, once, into `<runs_dir>/<study>/pretrain/`, and every arm starts from it
+(`model.name_or_path=<that folder>`, `model.preset=null`).
+
+Everything a study refers to is checked here, before any run starts: every run's config, the collected
+metrics (against what a run logs, `workbench.study.metrics`), and the axes and reference values that
+`compare` and `plots` name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from workbench.config import (
+    REPO_ROOT,
+    ExperimentConfig,
+    load_config,
+    override_string,
+    parse_yaml,
+    resolve_path,
+    validate_model,
+)
+from workbench.errors import ConfigError, did_you_mean
+
+DIRECTIONS = ("min", "max", "last")  # what the best value of a collected key is (`last`: none)
+PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/
+MANAGED = ("seed", "name", "runs_dir")  # overrides the study sets itself on every run
+
+
+def collected(items: list[str]) -> dict[str, str]:
+    """`collect` entries (`key`, `key:min`, `key:max`, `key:last`) -> {key: what its best value is}."""
+    return {key: direction or "min" for key, _, direction in (item.partition(":") for item in items)}
+
+
+def check_collect_items(items: list[str]) -> list[str]:
+    """Raise ValueError for a `collect` entry whose direction is not min, max or last."""
+    for item in items:
+        if item.partition(":")[2] not in ("", *DIRECTIONS):
+            raise ValueError(f"collect '{item}': write key, key:min, key:max or key:last")
+    return items
+
+
+def warn(message: str) -> None:
+    """Print a planning or collection warning, visibly, on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Launcher(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["python", "deepspeed"] = "python"
+    num_gpus: int = Field(1, ge=1, description="ranks per run under deepspeed (GPUs, or CPU processes)")
+
+
+class PlotSpec(BaseModel):
+    """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds), one line per
+    value of `group`; `curve` = a metrics.jsonl key against step, one line per run (mean over seeds)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["final", "curve"] = "final"
+    x: str = "step"  # an axis for `final`
+    y: str  # a collected column (`final`) or a metrics.jsonl key (`curve`)
+    group: str | None = None  # an axis: one line per value
+    logx: bool = False
+    where: dict[str, Any] = Field(default_factory=dict)  # only the runs with these axis values
+    name: str | None = None  # file name (default from y and x)
+
+
+class DeltaSpec(BaseModel):
+    """Per run, `delta_<key>` = its final value minus that of the run with `axis` = `reference` and the same
+    other axis values and seed (a paired difference, then averaged over seeds like every column)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["delta"] = "delta"
+    axis: str
+    reference: Any
+    keys: list[str]
+
+
+class AgreementSpec(BaseModel):
+    """Do the groups of `group` agree on the best value of axis `x` for `y`? Best x per group (mean over
+    seeds, and per seed), Kendall's tau between the groups' y-vs-x curves, and each group's cost."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["agreement"] = "agreement"
+    group: str
+    x: str
+    y: str
+    cost: list[str] = Field(default_factory=lambda: ["train_runtime", "total_flos"])
+
+
+class PretrainSpec(BaseModel):
+    """The first stage of a two-stage study: one run, trained before the arms (resumably, like any run),
+    into `<runs_dir>/<study>/pretrain/`; every arm starts from it (`model.name_or_path=<that folder>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: str | None = None  # an experiment config; default: the study's `base`
+    set: dict[str, Any] = Field(default_factory=dict)  # its overrides (the study's `set` is the arms')
+
+    @pydantic.field_validator("set")
+    @classmethod
+    def _check_set(cls, value: dict[str, Any]) -> dict[str, Any]:
+        managed = [key for key in value if key in ("name", "runs_dir")]
+        if managed:
+            raise ValueError(f"'{managed[0]}' is set by the study (the pretrain run is <runs_dir>/<study>/pretrain)")
+        return value
+
+
+class StudyProfile(BaseModel):
+    """A smaller or larger version of the study (`--quick`, `--scale`): its own seeds, axis values and
+    overrides; its runs go to `<study>-<profile>` so they never mix with the default grid's."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    seeds: list[int] | None = None
+    set: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `set`
+    axes: dict[str, list[Any] | dict[str, dict[str, Any]]] = Field(default_factory=dict)  # replaces these axes
+    pretrain: PretrainSpec | None = None  # its `config` replaces, its `set` is merged over, the study's
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    study: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    base: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    axes: dict[str, list[Any] | dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    combine: Literal["product", "zip"] = "product"
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    runs_dir: str = "runs"
+    launcher: Launcher = Field(default_factory=Launcher)
+    collect: list[str] = Field(default_factory=lambda: ["eval_loss", "loss"])
+    plots: list[PlotSpec] = Field(default_factory=list)
+    compare: list[DeltaSpec | AgreementSpec] = Field(default_factory=list)
+    pretrain: PretrainSpec | None = None
+    profiles: dict[str, StudyProfile] = Field(default_factory=dict)
+    profile: str | None = None  # the profile this config was made from (set by `with_profile`)
+
+    @pydantic.field_validator("collect")
+    @classmethod
+    def _check_collect(cls, value: list[str]) -> list[str]:
+        return check_collect_items(value)
+
+    @property
+    def folder(self) -> Path:
+        """`<runs_dir>/<study>`: the study's runs, tables and report."""
+        return Path(self.runs_dir) / self.study
+
+    def with_profile(self, name: str) -> StudyConfig:
+        """This study as its profile `name` says (runs under `<study>-<name>`)."""
+        if name not in self.profiles:
+            raise ConfigError(f"study '{self.study}' has no profile '{name}'; it has: "
+                              f"{', '.join(self.profiles) or '(none)'}")
+        profile = self.profiles[name]
+        unknown = [axis for axis in profile.axes if axis not in self.axes]
+        if unknown:
+            raise ConfigError(f"profile '{name}': axis '{unknown[0]}' is not an axis of the study")
+        pretrain = self.pretrain
+        if profile.pretrain is not None:
+            if pretrain is None:
+                raise ConfigError(f"profile '{name}': field 'pretrain': the study has no pretrain run to change")
+            pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
+                                    set={**pretrain.set, **profile.pretrain.set})
+        return self.model_copy(update={
+            "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
+            "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
+            "description": profile.description or self.description, "pretrain": pretrain})
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its name, axis values (a variant axis gives its variant's name), seed (None: its config's
+    own), folder, the config it starts from and every `--set` override it adds (the study's `set`, what its
+    axis values stand for, and for an arm of a two-stage study the pretrain folder). `stage` is `arm` (a run
+    of the grid), `pretrain`, or `hand` (a run launched by hand, collected with `--collect`)."""
+
+    name: str
+    values: dict[str, Any]
+    seed: int | None
+    run_dir: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    config: str = ""
+    stage: Literal["arm", "pretrain", "hand"] = "arm"
+
+    def overrides(self) -> list[str]:
+        """The `--set` overrides `launch/train.py` gets: the settings, then seed, name and runs_dir."""
+        managed = {"seed": self.seed} if self.seed is not None else {}
+        pairs = {**self.settings, **managed, "name": self.name, "runs_dir": str(self.run_dir.parent)}
+        return [override_string(key, value) for key, value in pairs.items()]
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.\-]+", "-", str(value)).strip("-")
+
+
+def pretrain_run(study: StudyConfig) -> RunSpec | None:
+    """The study's pretrain run (`<runs_dir>/<study>/pretrain`), or None for a one-stage study."""
+    if study.pretrain is None:
+        return None
+    return RunSpec(PRETRAIN, {}, None, study.folder / PRETRAIN, dict(study.pretrain.set),
+                   study.pretrain.config or study.base, "pretrain")
+
+
+def grid(study: StudyConfig) -> list[RunSpec]:
+    """Every arm of the study, in a fixed order, named from its axis values and seed."""
+    keys = list(study.axes)
+    choices = [[(name, dict(overrides)) for name, overrides in values.items()] if isinstance(values, dict)
+               else [(value, {axis: value}) for value in values] for axis, values in study.axes.items()]
+    combos = zip(*choices, strict=True) if study.combine == "zip" else itertools.product(*choices)
+    pretrain = pretrain_run(study)
+    # an arm loads the pretrain run (launch/train.py runs in the repository, so a relative runs_dir is there)
+    start = {"model.preset": None, "model.name_or_path": str(REPO_ROOT / pretrain.run_dir)} if pretrain else {}
+    runs = []
+    for combo in combos:
+        labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}
+        settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}, **start}
+        for seed in study.seeds:
+            parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
+            name = "_".join(parts)
+            runs.append(RunSpec(name, labels, seed, study.folder / name, settings, study.base))
+    return runs
+
+
+def plan(study: StudyConfig) -> list[RunSpec]:
+    """Every run in the order they train: the pretrain run (if any) first, then the arms."""
+    pretrain = pretrain_run(study)
+    return ([pretrain] if pretrain else []) + grid(study)
+
+
+def load_study(path: str | Path, profile: str | None = None,
+               on_warning: Callable[[str], None] = warn) -> StudyConfig:
+    """Read and check a study YAML (as profile `profile`, if given). Every run's config is validated here,
+    so a bad base config, override or variant fails before any run starts; so do a collected metric that no
+    run can log and a `compare` or `plots` entry that names no axis, axis value or column. A collected name
+    that only some runtime or method may log is passed to `on_warning`."""
+    from workbench.study.metrics import check_metrics
+
+    path = resolve_path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file '{path}' not found")
+    study = validate_model(StudyConfig, parse_yaml(path.read_text()) or {}, path)
+    if profile is not None:
+        study = study.with_profile(profile)
+    if study.combine == "zip" and len({len(v) for v in study.axes.values()}) > 1:
+        raise ConfigError(f"{path}: field 'axes': zipped axes need the same number of values")
+    configs: dict[str, ExperimentConfig] = {}
+    arms: dict[str, ExperimentConfig] = {}  # the distinct configs of the arms (the runs that are collected)
+    for run in plan(study):
+        overrides = [override_string(k, v) for k, v in run.settings.items() if k not in MANAGED]
+        key = str([run.config, overrides])
+        if key not in configs:
+            try:
+                configs[key] = load_config(run.config, overrides)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: run '{run.name}': {err}") from None
+        if run.stage == "arm":
+            arms[key] = configs[key]
+    check_references(study, path, on_warning)
+    check_metrics(study, list(arms.values()), path, on_warning)
+    return study
+
+
+def axis_values(study: StudyConfig, axis: str) -> list[str]:
+    """An axis's values as they appear in the table (a variant axis: its variant names), as strings."""
+    values = study.axes[axis]
+    return [str(v) for v in (values.keys() if isinstance(values, dict) else values)]
+
+
+def columns(study: StudyConfig) -> set[str]:
+    """The numeric columns a run's row can have from `collect` and `compare: delta` (besides evaluator
+    columns `task.style.metric`, which every row gets from the run's evaluation results)."""
+    out: set[str] = set()
+    for key, direction in collected(study.collect).items():
+        out |= {key} | ({f"best_{key}", f"best_step_{key}"} if direction != "last" else set())
+    deltas = {f"delta_{key}" for spec in study.compare if isinstance(spec, DeltaSpec) for key in spec.keys}
+    return out | deltas
+
+
+def is_evaluator_column(key: str) -> bool:
+    """`task.style.metric`: a score the BOSE evaluator writes for a checkpoint."""
+    return len(key.split(".")) == 3 and all(key.split("."))
+
+
+def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str], None] = warn) -> None:
+    """Every axis, axis value and column that `compare` and `plots` name exists (else a ConfigError naming
+    the field); a `where` value no run has is a warning (a profile may drop it)."""
+
+    def axis(field_name: str, name: str) -> None:
+        if name not in study.axes:
+            raise ConfigError(f"{path}: field '{field_name}': '{name}' is not an axis of the study"
+                              f"{did_you_mean(name, study.axes)}; axes: {', '.join(study.axes) or '(none)'}")
+
+    def column(field_name: str, name: str, known: set[str]) -> None:
+        if name not in known and not is_evaluator_column(name):
+            raise ConfigError(f"{path}: field '{field_name}': '{name}' is not a column of the table"
+                              f"{did_you_mean(name, known)}; add it to 'collect' (columns: {', '.join(sorted(known))})")
+
+    known = columns(study)
+    for i, spec in enumerate(study.compare):
+        where = f"compare[{i}]"
+        if isinstance(spec, DeltaSpec):
+            axis(f"{where}.axis", spec.axis)
+            if str(spec.reference) not in axis_values(study, spec.axis):
+                raise ConfigError(f"{path}: field '{where}.reference': {spec.reference!r} is not a value of axis "
+                                  f"'{spec.axis}' (its values: {', '.join(axis_values(study, spec.axis))})")
+            for key in spec.keys:
+                column(f"{where}.keys", key, known)
+        else:
+            axis(f"{where}.group", spec.group)
+            axis(f"{where}.x", spec.x)
+            column(f"{where}.y", spec.y, known)
+            for key in spec.cost if "cost" in spec.model_fields_set else []:
+                column(f"{where}.cost", key, known)
+    for i, plot in enumerate(study.plots):
+        where = f"plots[{i}]"
+        if plot.kind == "final":
+            axis(f"{where}.x", plot.x)
+            column(f"{where}.y", plot.y, known)
+        if plot.group is not None:
+            axis(f"{where}.group", plot.group)
+        for name, value in plot.where.items():
+            axis(f"{where}.where", name)
+            if str(value) not in axis_values(study, name):
+                on_warning(f"{path}: field '{where}.where': no run has {name} = {value!r}: the plot will be empty")

@@ -1,0 +1,172 @@
+"""A study's table, report and plots: `runs.csv`, `results.csv` (over seeds), `analysis.json`, `report.md`,
+PNGs; for a study's runs or for runs launched by hand (`workbench.study.collect.hand_study`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workbench.io import atomic_write_text, read_jsonl
+from workbench.study.analysis import agreement_markdown, compare
+from workbench.study.collect import aggregate, collect_run
+from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_run, warn
+from workbench.study.runner import run_status
+
+
+def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | None = None,
+                  on_warning: Callable[[str], None] = warn) -> tuple[Path, Path]:
+    """`runs.csv` (one row per run), `results.csv` (over seeds), `analysis.json`, `report.md` and the plots,
+    in `folder` (default `<runs_dir>/<study>`); returns the paths of results.csv and report.md. A collected
+    key or a delta that no run has is passed to `on_warning` and named in report.md."""
+    folder = Path(folder) if folder is not None else study.folder
+    rows = [collect_run(run, study.collect) for run in runs]
+    agreements = compare(study, rows)
+    absent = missing_columns(study, rows)
+    for column, why in absent.items():
+        on_warning(f"{folder}: '{column}' is in no run's results ({why}); it is not in the table")
+    fixed = {"run", "seed", "status", *study.axes}
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if k not in fixed and isinstance(v, (int, float))))
+    table = aggregate(rows, list(study.axes), keys)
+    atomic_write_text(folder / "runs.csv", _csv(rows))
+    atomic_write_text(folder / "results.csv", _csv(table))
+    atomic_write_text(folder / "analysis.json", json.dumps(agreements, indent=1, default=str))
+    failed = [r for r in rows if r["status"] == "failed"]
+    statuses = [r["status"] for r in rows]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+    label = f" (profile **{study.profile}**: a reduced or enlarged grid, not the default one)" if study.profile else ""
+    by_hand = bool(runs) and runs[0].stage == "hand"
+    source = (f"runs {', '.join(f'`{r.name}`' for r in runs)}" if by_hand
+              else f"base `{study.base}`; seeds {study.seeds}")
+    lines = [f"# {'Runs' if by_hand else 'Study'} {study.study}{label}", "", study.description, "",
+             f"{len(runs)} runs ({counts or 'none'}); {source}.", "",
+             *_pretrain_lines(study),
+             "Mean ± standard deviation over seeds (n = number of seeds with a value). `best_<key>` is the best value "
+             "of a run's curve and `best_step_<key>` its step; `delta_<key>` a paired difference to the reference "
+             "run of the same seed.", ""]
+    shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
+    lines.append("| " + " | ".join([*study.axes, *shown]) + " |")
+    lines.append("|" + "---|" * (len(study.axes) + len(shown)))
+    for entry in table:
+        cells = [str(entry[a]) for a in study.axes]
+        cells += [f"{entry[f'{k}_mean']:.4g} ± {entry[f'{k}_std']:.2g} (n={entry[f'{k}_n']})"
+                  if f"{k}_mean" in entry else "–" for k in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    if absent:
+        lines += ["", "In no run's results (so not in the table): "
+                  + "; ".join(f"`{column}` ({why})" for column, why in absent.items()) + "."]
+    for result in agreements:
+        lines += ["", *agreement_markdown(result)]
+    for row in failed:
+        lines.append(f"\n- failed: `{row['run']}`: {run_status(next(r for r in runs if r.name == row['run']))}")
+    for plot in (p for p in study.plots if p.y not in absent):  # a missing column was named above
+        path = draw(plot, study, runs, table, folder)
+        lines.append(f"\n![{path.stem}]({path.name})")
+    report = folder / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    return folder / "results.csv", report
+
+
+def missing_columns(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each collected key, and each delta and agreement `y` of `compare`, that no row has -> why it matters."""
+    present = {key for row in rows for key in row}
+    wanted = {key: "collected" for key in collected(study.collect)}
+    for spec in study.compare:
+        if isinstance(spec, DeltaSpec):
+            wanted.update({f"delta_{key}": f"compare: delta against {spec.axis} = {spec.reference}" for key in spec.keys})
+        else:
+            wanted.setdefault(spec.y, f"compare: agreement across {spec.group}")
+    return {key: why for key, why in wanted.items() if key not in present}
+
+
+def _pretrain_lines(study: StudyConfig) -> list[str]:
+    """The report's paragraph on the pretrain run every arm starts from (none for a one-stage study)."""
+    run = pretrain_run(study)
+    if run is None:
+        return []
+    status = run_status(run)
+    overrides = ", ".join(f"`{o}`" for o in run.overrides() if not o.startswith(("name=", "runs_dir="))) or "none"
+    lines = ["## Pretrain run", "",
+             f"Every arm starts from the pretrain run `{run.run_dir}` (config `{run.config}`, overrides {overrides}; "
+             f"`model.name_or_path` of each arm): **{status['status']}**."]
+    if status["status"] == "failed":
+        lines.append(f"The pretrain run failed ({status.get('error')}); **the arms were not started**.")
+    elif status["status"] == "done":
+        row = collect_run(run, study.collect)
+        values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in collected(study.collect))
+        lines.append(f"Its final values: {values or '(none of the collected keys)'}.")
+    return [*lines, ""]
+
+
+def _csv(records: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
+def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[dict[str, Any]],
+         folder: Path) -> Path:
+    """Draw one PlotSpec to `<folder>/<name>.png` and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def selected(values: dict[str, Any]) -> bool:
+        return all(str(values.get(axis)) == str(value) for axis, value in plot.where.items())
+
+    table = [t for t in table if selected(t)]
+    runs = [r for r in runs if selected(r.values)]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if plot.kind == "final":
+        groups = list(dict.fromkeys(str(t.get(plot.group)) for t in table)) if plot.group else [None]  # axis order
+        for group in groups:
+            points = sorted((_number(t[plot.x]), t[f"{plot.y}_mean"], t[f"{plot.y}_std"]) for t in table
+                             if f"{plot.y}_mean" in t and (group is None or str(t.get(plot.group)) == group))
+            if points:
+                x, mean, std = zip(*points, strict=True)
+                ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"{plot.group}={group}" if group else None)
+        ax.set_xlabel(plot.x)
+    else:
+        curves: dict[str, list[list[tuple[int, float]]]] = {}
+        for run in runs:
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()) or "all runs"
+            path = run.run_dir / "metrics.jsonl"
+            points = [(r["step"], r[plot.y]) for r in (read_jsonl(path) if path.is_file() else [])
+                      if isinstance(r.get(plot.y), (int, float))]
+            if points:
+                curves.setdefault(label, []).append(points)
+        for label, seeds in curves.items():
+            length = min(len(s) for s in seeds)
+            steps = [p[0] for p in seeds[0][:length]]
+            ax.plot(steps, np.mean([[p[1] for p in s[:length]] for s in seeds], axis=0), label=label)
+        ax.set_xlabel("step")
+    if plot.logx:
+        ax.set_xscale("log")
+    ax.set_ylabel(plot.y)
+    where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
+    ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = folder / f"{plot.name or f'{plot.y}_vs_{plot.x}'}.png"
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value

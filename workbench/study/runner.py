@@ -1,0 +1,117 @@
+"""Running a study's runs: each through `launch/train.py --resume`, its status in `study_status.json`.
+
+A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
+line and the others go on. In a two-stage study the pretrain run trains first, alone; if it fails, the arms
+are not started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.config import REPO_ROOT, resolve_path
+from workbench.errors import WorkbenchError
+from workbench.io import atomic_write_text, read_jsonl
+from workbench.study.plan import PRETRAIN, RunSpec, StudyConfig, pretrain_run
+
+STATUS = "study_status.json"
+
+
+def run_status(run: RunSpec) -> dict[str, Any]:
+    """The run's recorded status (`pending` before it ran). A run launched by hand has no status file: it is
+    `done` when its metrics.jsonl has the Trainer's end-of-training record (`train_runtime`), else `unfinished`."""
+    path = run.run_dir / STATUS
+    if path.is_file():
+        return yaml.safe_load(path.read_text())
+    if run.stage == "hand":
+        metrics = run.run_dir / "metrics.jsonl"
+        done = metrics.is_file() and any("train_runtime" in r for r in read_jsonl(metrics))
+        return {"status": "done" if done else "unfinished"}
+    return {"status": "pending"}
+
+
+def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[str]:
+    """The `launch/train.py` command line of one run, under the study's launcher, with `--resume`."""
+    script = str(REPO_ROOT / "launch" / "train.py")
+    config = str(resolve_path(run.config))
+    if study.launcher.kind == "deepspeed":
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), script, config]
+    else:
+        head = [sys.executable, script, config]
+    return head + [arg for o in run.overrides() for arg in ("--set", o)] + ["--resume"]
+
+
+def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int = 29500) -> dict[str, Any]:
+    """Train one run (resuming it if it was killed); record done or failed with the error; never raise."""
+    status = run_status(run)
+    if status["status"] == "done":
+        return {**status, "skipped": True}
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = run.run_dir / "train.log"
+    start = time.time()
+    with log.open("a") as handle:
+        result = subprocess.run(train_command(study, run, port), cwd=REPO_ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
+    status = {"status": "done" if result.returncode == 0 else "failed",
+              "seconds": round(time.time() - start, 1), "returncode": result.returncode}
+    if result.returncode != 0:
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+        status["error"] = errors[-1] if errors else log.read_text().splitlines()[-1:]
+    atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
+    return status
+
+
+def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor: str = "local",
+            partition: str | None = None, progress: Callable[[str], None] = print) -> bool:
+    """Train `runs` (the study's plan, or part of it): the pretrain run first, alone, then the arms,
+    `parallel` at a time (`local`) or as a submitit job array (`slurm`, `submitit-local`).
+
+    Returns False when the pretrain run failed, and then starts no arm. Raises a WorkbenchError when arms
+    are asked for without the pretrain run they start from being done or among `runs`."""
+    pretrain = pretrain_run(study)
+    arms = [r for r in runs if r.stage == "arm"]
+    first = [r for r in runs if r.stage == "pretrain"]
+    if pretrain is not None and arms and not first and run_status(pretrain)["status"] != "done":
+        raise WorkbenchError(f"the arms start from the pretrain run '{pretrain.run_dir}', which is "
+                             f"{run_status(pretrain)['status']}: train it first (--only {PRETRAIN})")
+    started = time.time()
+    done = 0
+    for batch in (first, arms):
+        if not batch:
+            continue
+        for run, status in zip(batch, _statuses(study, batch, parallel, executor, partition), strict=True):
+            done += 1
+            took = "finished earlier, skipped" if status.get("skipped") else f"{status.get('seconds', 0):.0f} s"
+            progress(f"[{done}/{len(runs)}] {run.name}: {status['status']} ({took}, "
+                     f"{time.time() - started:.0f} s so far)")
+            if run.stage == "pretrain" and status["status"] != "done":
+                return False
+    return True
+
+
+def _statuses(study: StudyConfig, runs: list[RunSpec], parallel: int, executor: str,
+              partition: str | None) -> Iterator[dict[str, Any]]:
+    """Each run's status, in order, as soon as it and the runs before it are finished."""
+    if executor != "local":
+        from workbench.study.submitit import submit
+
+        yield from submit(study, runs, executor, partition)
+        return
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(execute, study, run, threads, 29500 + i) for i, run in enumerate(runs)]
+        for future in futures:
+            yield future.result()
