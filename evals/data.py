@@ -13,8 +13,10 @@ import random
 import re
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import yaml
 from datasets import Dataset, DatasetDict
 
 from workbench.data import fact_world_options
@@ -187,3 +189,24 @@ def arithmetic_longer(**world_options: Any) -> DatasetDict:
 
 GENERATORS = {"factworld_qa": factworld_qa, "factworld_mc": factworld_mc, "arithmetic": arithmetic,
               "arithmetic_irrelevant": arithmetic_irrelevant, "arithmetic_longer": arithmetic_longer}
+
+
+def training_data_options(config: dict[str, Any], _seen: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`run_data_options` of a run (`config`: its config.yaml as a dict) and of the runs it descends from.
+
+    A fine-tuning run that started from a run of this workbench (`model.name_or_path` is that run's folder or
+    one of its checkpoints) knows the fact world its base was pretrained on: the base's options come first and
+    the run's own on top, so e.g. an instruct model tuned on `synthetic:fact_qa` is asked about the base's
+    fact world and never about the documents the base held out."""
+    from workbench.layout import RUN_CONFIG
+
+    base = (config.get("model") or {}).get("name_or_path")
+    inherited: dict[str, Any] = {}
+    if base:
+        path = Path(base).expanduser()
+        run = path if (path / RUN_CONFIG).is_file() else path.parent
+        key = str(run.absolute())
+        if (run / RUN_CONFIG).is_file() and key not in _seen:
+            parent = yaml.safe_load((run / RUN_CONFIG).read_text()) or {}
+            inherited = training_data_options(parent, _seen | {key})
+    return {**inherited, **run_data_options(config.get("data") or {})}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from evals.data import run_data_options
+from evals.data import training_data_options
 from evals.runs import Target, sweep
 from evals.sweep import Evaluator
 from workbench.config import ExperimentConfig
@@ -29,7 +29,7 @@ def eval_on_save_callbacks(cfg: ExperimentConfig) -> list[TrainerCallback]:
     """`[EvalOnSaveCallback]` for a config with `eval.on_save: true`, else `[]`."""
     if not cfg.eval.on_save:
         return []
-    world = run_data_options(cfg.data.model_dump())
+    world = training_data_options(cfg.model_dump(mode="json"))
     return [EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / TOKENIZER_DIR, world, cfg.eval.on_save_limit)]
 
 

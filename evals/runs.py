@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from evals.data import run_data_options
+from evals.data import training_data_options
 from evals.results import cell_records, done_cells, read_results, skip_record
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
@@ -42,8 +42,7 @@ def run_target(run_dir: Path, out_dir: Path | None = None) -> Target:
     if not config_path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
-    data = config.get("data", {})
-    world = run_data_options(data)
+    world = training_data_options(config)
     tokenizer = run_dir / "tokenizer"
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

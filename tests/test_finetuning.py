@@ -94,6 +94,7 @@ def test_full_finetune_loss_covers_only_the_completion(tmp_path, base_run):
         ({"data": {"source": "rows.jsonl"}}, "field 'data."),
         ({"model": {"lora": {"lora_alfa": 8}}}, "lora_alpha"),
         ({"model": {"name_or_path": "EMPTY_RUN"}}, "has no complete checkpoint"),
+        ({"data": {"block_size": 16}}, "field 'data.block_size': all"),
     ],
 )
 def test_finetuning_bad_input_is_one_line_and_writes_nothing(tmp_path, base_run, capsys, change, message):

@@ -440,6 +440,10 @@ def _check_sources(cfg: ExperimentConfig, fail: typing.Callable[..., ConfigError
         name = getattr(cfg.model, field)
         if name is None or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
             continue  # absent, local, or a missing path (the model loader names it)
+        runs = Path(cfg.runs_dir).expanduser()
+        if Path(name).expanduser().parent in (runs, runs.absolute()):  # runs/<name>: a run not trained yet
+            raise fail(f"field 'model.{field}': run '{name}' not found (train it first: a run's folder holds its "
+                       "config.yaml and checkpoints)", f"model.{field}")
         problem = hub_problem(name, "model")
         if problem:
             raise fail(f"field 'model.{field}': '{name}' is not a local folder, and {problem}", f"model.{field}")

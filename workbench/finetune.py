@@ -50,7 +50,7 @@ def resolve_base_run(cfg: ExperimentConfig, report=print) -> ExperimentConfig:
     source = cfg.model.name_or_path
     if source is None or not is_run_folder(source):
         return cfg
-    run = Path(source).expanduser()
+    run = Path(source).expanduser().absolute()  # adapters record their base path: it must work from anywhere
     checkpoint = newest_complete_checkpoint(run, report=report)
     if checkpoint is None:
         raise ConfigError(f"field 'model.name_or_path': run '{source}' has no complete checkpoint to start from "
@@ -94,5 +94,9 @@ def sft_fields(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> dic
 def finetuning_splits(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, report=print) -> DatasetDict:
     """Train/validation examples, and one line on how many `data.block_size` truncates."""
     splits = load_finetune_splits(cfg.data, tokenizer)
-    report(f"[workbench] {truncation_report(splits['train'], tokenizer, cfg.data)}")
+    truncation = truncation_report(splits["train"], tokenizer, cfg.data)
+    if truncation.no_completion == truncation.total:
+        raise ConfigError(f"field 'data.block_size': all {truncation.total} training examples are cut to "
+                          f"{truncation.max_length} tokens before their completion starts; raise data.block_size")
+    report(f"[workbench] {truncation}")
     return splits

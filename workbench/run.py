@@ -264,9 +264,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     join_process_group(args)
     methods = build_methods(cfg.methods)
     pieces = finetuning_pieces(cfg, args, tokenizer, report) if finetune else pretraining_pieces(cfg, args, objective)
+    vocabulary = len(pieces.tokenizer)
     tokenizer = prepare_tokenizer(methods, pieces.tokenizer)
     set_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer)
+    model = build_model(cfg.model, tokenizer, added_tokens=len(tokenizer) - vocabulary)
     if finetune and cfg.data.packing:
         check_packing(model)
     trainer = pieces.trainer_class(

@@ -80,13 +80,15 @@ class WorkbenchMixin:
         if ratio is not None:  # LoRA+ (model.loraplus_lr_ratio); refused under an optimizer in DeepSpeed's JSON
             self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, ratio, self.optimizer)
         optimizer = super().create_optimizer(model)
-        if self._group_methods:
+        if self._group_methods and not getattr(optimizer, "_workbench_grouped", False):
+            # under DeepSpeed the Trainer calls create_optimizer twice on one optimizer: group it once
             groups = [dict(group) for group in optimizer.param_groups]
             for method in self._group_methods:
                 groups = method.param_groups(self.model if model is None else model, groups)
             optimizer.param_groups.clear()
             for group in groups:  # add_param_group fills in the optimizer's defaults for missing options
                 optimizer.add_param_group(group)
+            optimizer._workbench_grouped = True
         return optimizer
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:

@@ -4,8 +4,9 @@ instruction-tuned counterpart?
     python evals/experiments/consistency.py            # 6 base models (2 sizes x 3 lengths), ~15 min CPU
     python evals/experiments/consistency.py --quick    # 3 tiny models, short runs: a smoke test
 
-Each base model is pretrained on the fact world, then instruction-tuned with one TRL SFT recipe on QA pairs
-about entities that evaluation never asks about. Base models are scored in every style; instruct models
+Each base model is pretrained on the fact world, then instruction-tuned by one recipe (`RECIPE`, through
+`launch/train.py` like any fine-tuning run: TRL's SFTTrainer, loss on the answer) on QA pairs about entities
+that evaluation never asks about (`synthetic:fact_qa`). Base models are scored in every style; instruct models
 with plain zero-shot prompts; Kendall's tau-b between the two rankings, per task, style and metric.
 """
 
@@ -17,17 +18,18 @@ from pathlib import Path
 import yaml
 
 from evals.consistency import evaluate_consistency
-from evals.data import factworld_sft
 from evals.experiments.common import REPO, train
 from workbench.checkpoints import newest_complete_checkpoint
-from workbench.config import load_config
+from workbench.config import load_config, override_string
 from workbench.io import atomic_write_text
-from workbench.sft import SFTRecipe, instruction_tune
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
 FULL = [("pythia-tiny", 60), ("pythia-tiny", 150), ("pythia-tiny", 377),
         ("pythia-small", 60), ("pythia-small", 150), ("pythia-small", 377)]
 QUICK = [("pythia-tiny", 20), ("pythia-tiny", 40), ("pythia-tiny", 80)]
+# One instruction-tuning recipe for every model, so differences between instruct models come from their bases.
+RECIPE = {"training.max_steps": 150, "training.per_device_train_batch_size": 16, "training.learning_rate": 1e-3,
+          "training.lr_scheduler_type": "cosine", "training.warmup_steps": 10, "data.block_size": 128, "seed": 0}
 
 
 def base_run(preset: str, steps: int, runs_dir: Path) -> Path:
@@ -39,13 +41,17 @@ def base_run(preset: str, steps: int, runs_dir: Path) -> Path:
     return run
 
 
-def instruct_run(base: Path, recipe: SFTRecipe) -> Path:
+def instruct_run(base: Path, recipe: dict) -> Path:
+    """`base` fine-tuned on the fact world's instruction-tuning QA pairs (the run's own fact world)."""
     run = base.with_name(base.name.replace("bose-base", "bose-instruct"))
-    if not (run / f"checkpoint-{recipe.max_steps}").is_dir():
-        config = yaml.safe_load((base / "config.yaml").read_text())
-        world = config["data"]["synthetic"]
-        final = newest_complete_checkpoint(base, report=print)
-        instruction_tune(final, base / "tokenizer", factworld_sft(**world), run, recipe, config)
+    steps = recipe["training.max_steps"]
+    if newest_complete_checkpoint(run, report=lambda _: None) is None or not (run / f"checkpoint-{steps}").is_dir():
+        world = dict(yaml.safe_load((base / "config.yaml").read_text())["data"]["synthetic"])
+        world.pop("sentences_per_fact", None)  # a corpus option; the QA pairs take the world's options only
+        settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
+                    "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
+                    "training.save_steps": steps, "training.logging_steps": max(1, steps // 10), **recipe}
+        train(CONFIG, [override_string(k, v) for k, v in settings.items()], run.parent / f"{run.name}.log")
     return run
 
 
@@ -55,7 +61,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    grid, recipe = (QUICK, SFTRecipe(max_steps=20)) if args.quick else (FULL, SFTRecipe())
+    grid, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
     limit = 40 if args.quick else args.limit
     bases = [base_run(preset, steps, args.runs_dir) for preset, steps in grid]
     instructs = [instruct_run(base, recipe) for base in bases]

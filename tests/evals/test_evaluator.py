@@ -257,17 +257,18 @@ def test_entity_pools_are_disjoint_and_sft_data_avoids_test_entities():
 
 
 def test_instruction_tuning_writes_an_evaluable_run(trained_run, tmp_path):
-    import yaml
-
-    from evals.data import factworld_sft
-    from workbench.sft import SFTRecipe, instruction_tune
-
-    config = yaml.safe_load((trained_run / "config.yaml").read_text())
-    final = instruction_tune(trained_run / "checkpoint-6", trained_run / "tokenizer", factworld_sft(**WORLD),
-                             tmp_path / "instruct", SFTRecipe(max_steps=3, per_device_train_batch_size=4), config)
+    """A fine-tuning run from a fact-world run (as the consistency reproduction makes its instruct models)
+    is evaluated on its base's fact world: the evaluator follows `model.name_or_path` back to the base run."""
+    cfg = tiny_config(tmp_path, name="instruct", data={"source": "synthetic:fact_qa", "synthetic": WORLD,
+                                                          "block_size": 64},
+                      training={"max_steps": 3, "save_steps": 3, "per_device_train_batch_size": 4})
+    cfg["model"] = {"preset": None, "name_or_path": str(trained_run)}
+    assert train_main([str(write_config(tmp_path, cfg))]) == 0
+    final = tmp_path / "runs" / "instruct" / "checkpoint-3"
     assert (final / "model.safetensors").is_file()
-    target = run_target(tmp_path / "instruct")
+    target = run_target(tmp_path / "runs" / "instruct")
     assert {k: target.world[k] for k in WORLD} == WORLD and target.checkpoints == [final]
+    assert target.world["validation_fraction"] == 0.1  # the base run's held-out split, not the QA data's
     assert sweep(target, EvalConfig(tasks=[EvalTask(task="factworld_qa", styles=["zero_shot"])], limit=2),
                  progress=False) == 1
 

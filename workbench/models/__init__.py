@@ -47,10 +47,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase | None:
     return tokenizer
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
-    """A fresh preset sized to `tokenizer`, or the pretrained model at `cfg.name_or_path` (safetensors);
-    with `cfg.lora`, that model with LoRA adapters (a PeftModel, marked for LoRA+ by `cfg.loraplus_lr_ratio`)."""
-    model = _build_base_model(cfg, tokenizer)
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, added_tokens: int = 0) -> PreTrainedModel | PeftModel:
+    """A fresh preset sized to `tokenizer`, or the pretrained model at `cfg.name_or_path` (safetensors; a
+    LoRA checkpoint is merged into its base); with `cfg.lora`, that model with LoRA adapters (a PeftModel,
+    marked for LoRA+ by `cfg.loraplus_lr_ratio`).
+
+    `added_tokens`: how many tokens methods added to the pretrained tokenizer (`Method.prepare_tokenizer`); the
+    embeddings grow to fit them (new rows initialised to the mean of the old ones, transformers' default)."""
+    model = _build_base_model(cfg, tokenizer, added_tokens)
     if cfg.lora is None:
         return model
     model = apply_lora(model, cfg.lora)
@@ -58,25 +62,35 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrai
     return model
 
 
-def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, added_tokens: int) -> PreTrainedModel:
     if cfg.name_or_path is None:
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}
         config = preset_config(cfg.preset, len(tokenizer), special, **cfg.overrides)
         return model_class(config).from_config(config)
     _check_local(cfg.name_or_path, "model.name_or_path")
+    if is_adapter_checkpoint(cfg.name_or_path):  # e.g. a LoRA run as the base of the next stage
+        return _fit_vocabulary(load_trained_model(cfg.name_or_path, merge=True).train(), cfg, tokenizer, added_tokens)
     try:
         model = model_class(_pretrained_config(cfg)).from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **cfg.overrides
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model '{cfg.name_or_path}' could not be loaded: {str(err).splitlines()[0]}") from None
+    return _fit_vocabulary(model, cfg, tokenizer, added_tokens)
+
+
+def _fit_vocabulary(model: PreTrainedModel, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+                    added_tokens: int) -> PreTrainedModel:
+    """Check the tokenizer fits the pretrained embeddings, and grow them for tokens methods added."""
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
+    if len(tokenizer) - added_tokens > rows:
         raise ConfigError(
-            f"tokenizer '{cfg.tokenizer or cfg.name_or_path}' has {len(tokenizer)} tokens but model "
+            f"tokenizer '{cfg.tokenizer or cfg.name_or_path}' has {len(tokenizer) - added_tokens} tokens but model "
             f"'{cfg.name_or_path}' has only {rows} embedding rows: use the model's own tokenizer"
         )
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer))
     return model
 
 
