@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
 from workbench.errors import CheckpointError, ConfigError
 from workbench.io import append_jsonl
-
-_STEP = re.compile(r"checkpoint-(\d+)$")
+from workbench.layout import EVAL_DIR, MANIFEST, RESULTS, RUN_CONFIG, TOKENIZER_DIR, checkpoint_step
 
 
 @dataclass
@@ -38,29 +36,28 @@ def run_target(run_dir: Path, out_dir: Path | None = None) -> Target:
     `evals.data.run_data_options`) and `eval` section from its config.yaml.
 
     Results go to `out_dir`/results.jsonl, by default the run's own `eval/` folder."""
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / RUN_CONFIG
     if not config_path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder: no config.yaml")
     config = yaml.safe_load(config_path.read_text()) or {}
     world = training_data_options(config)
-    tokenizer = run_dir / "tokenizer"
+    tokenizer = run_dir / TOKENIZER_DIR
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise ConfigError(f"'{run_dir}' has no checkpoint-* folders to evaluate")
     eval_cfg = EvalConfig.model_validate(config["eval"]) if "eval" in config else None
-    return Target(run_dir.name, (out_dir or run_dir / "eval") / "results.jsonl", checkpoints,
+    return Target(run_dir.name, (out_dir or run_dir / EVAL_DIR) / RESULTS, checkpoints,
                   str(tokenizer if tokenizer.is_dir() else checkpoints[-1]), world, eval_cfg)
 
 
 def model_target(model: str, out_dir: Path) -> Target:
     """One model by hub name or local path; results go to `out_dir`/results.jsonl."""
-    return Target(Path(model).name, out_dir / "results.jsonl", [Path(model)], model)
+    return Target(Path(model).name, out_dir / RESULTS, [Path(model)], model)
 
 
 def step_of(checkpoint: Path) -> int | None:
     """The training step in a `checkpoint-<step>` folder name; None for any other name."""
-    match = _STEP.search(checkpoint.name)
-    return int(match.group(1)) if match else None
+    return checkpoint_step(checkpoint)
 
 
 def chance_accuracy(task: Any) -> float | None:
@@ -95,7 +92,7 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
                 continue
             step = step_of(checkpoint)
             try:
-                if (checkpoint / "workbench_manifest.json").exists():
+                if (checkpoint / MANIFEST).exists():
                     verify_checkpoint(checkpoint)
                 model = load_checkpoint_model(checkpoint)
             except (CheckpointError, OSError, ValueError, RuntimeError) as err:

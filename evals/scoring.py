@@ -15,7 +15,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from workbench.data.synthetic import _GSM8K_ANSWER  # the answer pattern of parse_gsm8k_answer
+from workbench.answers import GSM8K_ANSWER  # the answer pattern of parse_gsm8k_answer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -49,7 +49,7 @@ def first_line_answer(generation: str) -> str:
 
 # The number of a worked answer ("... #### N"), for lm-eval's regex filter: the pattern of the generator's own
 # `parse_gsm8k_answer` (which takes the last match, as the filter does with group_select -1).
-NUMBER_PATTERN = _GSM8K_ANSWER.pattern
+NUMBER_PATTERN = GSM8K_ANSWER.pattern
 # What lm-eval's exact_match ignores in the extracted number and the gold one, so that it matches exactly when
 # parse_gsm8k_answer gives the gold integer: thousands separators, a zero fraction, leading zeros.
 NUMBER_VARIANTS = (",", r"\.0+$", r"(?<![\d.])0+(?=\d)")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from workbench.errors import CheckpointError, ConfigError, WorkbenchError
+from workbench.layout import TOKENIZER_DIR
 
 
 def find_adapter_checkpoint(path: Path) -> Path:
@@ -46,7 +47,7 @@ def find_adapter_checkpoint(path: Path) -> Path:
 
 def tokenizer_source(checkpoint: Path) -> Path | None:
     """The run's tokenizer folder (runs/<name>/tokenizer), else the checkpoint when the Trainer saved one there."""
-    for folder in (checkpoint.parent / "tokenizer", checkpoint):
+    for folder in (checkpoint.parent / TOKENIZER_DIR, checkpoint):
         if (folder / "tokenizer_config.json").is_file():
             return folder
     return None

@@ -115,12 +115,13 @@ def test_finetuning_bad_input_is_one_line_and_writes_nothing(tmp_path, base_run,
 
 
 def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
-    """Adapters under ZeRO-3 with 2 ranks: trains, saves adapter-only checkpoints, and the evaluator's loader
-    rebuilds base + adapter from them."""
+    """Adapters under ZeRO-3 with 2 ranks, with the hook probe (every method hook, on TRL's SFTTrainer): trains,
+    saves adapter-only checkpoints, and the evaluator's loader rebuilds base + adapter from them."""
     from workbench.models import load_trained_model
 
     cfg = _finetune_config(tmp_path, base_run, deepspeed="configs/deepspeed/zero3.json",
-                           model={"lora": {"r": 4, "lora_dropout": 0.0}})
+                           model={"lora": {"r": 4, "lora_dropout": 0.0}},
+                           methods={"tests.integration.hook_probe:HookProbe": {"bump": 0.5}})
     config = write_config(tmp_path, cfg)
     result = run(deepspeed_command(TRAIN, str(config), ranks=2, port=29760))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -129,3 +130,10 @@ def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
     assert adapter and all(t.numel() > 0 for t in adapter.values())  # gathered, not ZeRO-3 placeholders
     model = load_trained_model(checkpoint)
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == sum(t.numel() for t in adapter.values())
+    probes = [json.loads((tmp_path / "runs" / "ft" / "probe" / f"rank{r}-fresh.json").read_text()) for r in (0, 1)]
+    for probe in probes:
+        assert probe["world_size"] == 2 and probe["zero_stage"] == 3 and probe["model_class"] == "PeftModelForCausalLM"
+        assert probe["steps_seen"] == 4 and probe["state_intact"] and all(n > 0 for n in probe["num_items"])
+        assert probe["embedding_rows"] >= probe["vocab"]  # the pretrained embeddings grew for the added token
+        assert abs(probe["target_mean"] - 2.0) < 1e-6  # a frozen weight: changed in the model copy only, kept
+    assert probes[0]["param_sha256"] == probes[1]["param_sha256"]

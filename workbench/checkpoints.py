@@ -7,16 +7,13 @@ saving), every file it lists has the recorded size, and every safetensors file h
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from safetensors import safe_open
 
 from workbench.errors import CheckpointError
 from workbench.io import atomic_write_text
-
-MANIFEST = "workbench_manifest.json"
-_STEP = re.compile(r"^checkpoint-(\d+)$")
+from workbench.layout import CHECKPOINT_PATTERN, MANIFEST
 
 
 def write_manifest(checkpoint: Path, step: int) -> None:
@@ -63,7 +60,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """`checkpoint-<step>` folders of a run, oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
     return [p for _, p in sorted(found)]
 
 

@@ -35,8 +35,9 @@ def is_partitioned(param: torch.nn.Parameter) -> bool:
 def _has_master(param: torch.nn.Parameter) -> bool:
     """Whether the optimizer keeps a master copy of `param` (ZeRO-1/2/3, the bf16 optimizer). Under ZeRO-1/2
     a rank whose partition holds no fragment of `param` has `_hp_mapping = None` but must still join the
-    collective, so the attribute's presence is what counts."""
-    return is_partitioned(param) or hasattr(param, "_hp_mapping")
+    collective, so the attribute's presence is what counts. A frozen parameter (e.g. a LoRA base weight) has
+    no master copy: the optimizer never sees it."""
+    return param.requires_grad and (is_partitioned(param) or hasattr(param, "_hp_mapping"))
 
 
 @contextlib.contextmanager

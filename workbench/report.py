@@ -11,6 +11,7 @@ from pathlib import Path
 
 from workbench.checkpoints import list_checkpoints
 from workbench.config import REPO_ROOT, ExperimentConfig, config_yaml
+from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
 
 LIST_KINDS = ("presets", "methods", "deepspeed")
 
@@ -27,17 +28,19 @@ def print_run_summary(result, config_path: str, overrides: list[str] | None = No
         f"Finished {run.name}: {result.global_step} steps in {result.precision}, "
         f"train loss {result.train_loss:.4f}"
         + (f", validation NLL {result.eval_loss:.4f}{ppl}" if result.eval_loss is not None else ""),
-        f"  config        {run / 'config.yaml'}",
-        f"  metrics       {run / 'metrics.jsonl'}  (one JSON line per logging step)",
+        f"  config        {run / RUN_CONFIG}",
+        f"  metrics       {run / METRICS}  (one JSON line per logging step)",
         f"  checkpoints   {', '.join(c.name for c in checkpoints)}  in {run}/",
-        f"  tokenizer     {run / 'tokenizer'}",
-        f"  tensorboard   tensorboard --logdir {run / 'tensorboard'}",
+        f"  tokenizer     {run / TOKENIZER_DIR}",
+        f"  tensorboard   tensorboard --logdir {run / TENSORBOARD_DIR}",
         "Next:",
         *([f"  python launch/eval.py {run}   # evaluate every checkpoint (BOSE styles, Kendall-tau stability)"]
           if result.objective == "causal" else []),  # the evaluator scores causal LMs
         f"  deepspeed launch/train.py {again} --set name={run.name} --resume "
         f"--set training.max_steps={2 * result.global_step}   # train further",
         f"  deepspeed --num_gpus 2 launch/train.py {again} --set name={run.name}-2ranks   # the same on two ranks",
+        *([f"  python launch/merge.py {run} --out {run}-merged   # LoRA adapters merged into the base: one model"]
+          if checkpoints and (checkpoints[-1] / "adapter_config.json").is_file() else []),
     ]
     print("\n".join(lines))
 

@@ -146,13 +146,26 @@ class WorkbenchMixin:
             saved_keys = set(handle.keys())
         if saved_keys == set(self.model.state_dict()):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reloaded = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype)
+        reloaded, info = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype,
+                                                          output_loading_info=True)
+        missing = info["missing_keys"] or info["mismatched_keys"]
+        if missing:  # from_pretrained would have initialised them afresh: never resume on that
+            raise CheckpointError(f"checkpoint '{resume_from_checkpoint}' does not fit the model being trained: "
+                                  f"{len(missing)} weights missing or of another shape, e.g. {sorted(missing)[0]!r}")
         self.model.load_state_dict(reloaded.state_dict(), strict=True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if isinstance(resume_from_checkpoint, (str, Path)):
             self.load_method_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except RuntimeError as err:  # a strict state-dict load (DeepSpeed's engine, torch) that does not fit
+            if "state_dict" not in str(err) or resume_from_checkpoint is None:
+                raise
+            first = str(err).strip().splitlines()
+            detail = next((line.strip() for line in first[1:] if line.strip()), first[0])
+            raise CheckpointError(f"checkpoint '{resume_from_checkpoint}' does not fit the model being trained "
+                                  f"(a method changed the architecture?): {detail}") from None
 
 
 class WorkbenchTrainer(WorkbenchMixin, Trainer):

@@ -22,6 +22,7 @@ from evals.experiments.common import REPO, train
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config, override_string
 from workbench.io import atomic_write_text
+from workbench.layout import RUN_CONFIG, checkpoint_dir
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
 FULL = [("pythia-tiny", 60), ("pythia-tiny", 150), ("pythia-tiny", 377),
@@ -45,8 +46,8 @@ def instruct_run(base: Path, recipe: dict) -> Path:
     """`base` fine-tuned on the fact world's instruction-tuning QA pairs (the run's own fact world)."""
     run = base.with_name(base.name.replace("bose-base", "bose-instruct"))
     steps = recipe["training.max_steps"]
-    if newest_complete_checkpoint(run, report=lambda _: None) is None or not (run / f"checkpoint-{steps}").is_dir():
-        world = dict(yaml.safe_load((base / "config.yaml").read_text())["data"]["synthetic"])
+    if newest_complete_checkpoint(run, report=lambda _: None) is None or not checkpoint_dir(run, steps).is_dir():
+        world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
         world.pop("sentences_per_fact", None)  # a corpus option; the QA pairs take the world's options only
         settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
                     "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,

@@ -22,6 +22,7 @@ from evals.runs import run_target, sweep
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config
 from workbench.io import atomic_write_text
+from workbench.layout import results_path
 
 CONFIG = REPO / "configs" / "bose" / "stability.yaml"
 METRICS = {("factworld_mc", "acc"), ("factworld_mc", "acc_norm"), ("factworld_qa", "f1"), ("factworld_qa", "em")}
@@ -48,7 +49,7 @@ def run_seed(seed: int, steps: list[int], runs_dir: Path, limit: int) -> Path:
 
 
 def summarise(runs: list[Path], out: Path, early_fraction: float, n_boot: int) -> str:
-    per_seed = [series(read_results(run / "eval" / "results.jsonl")) for run in runs]
+    per_seed = [series(read_results(results_path(run))) for run in runs]
     keys = sorted(k for k in per_seed[0] if (k[0], k[2]) in METRICS)
     lines = ["| task | style | metric | tau (whole run) | tau (first 30%) | improving pairs | successive/total var |"
              " final score |", "|---|---|---|---:|---:|---:|---:|---:|"]

@@ -11,7 +11,7 @@ from conftest import REPO
 from study_files import launch, write_study
 
 from workbench.errors import ConfigError
-from workbench.study import PlotSpec, grid, load_study, write_results
+from workbench.study import STATUS, PlotSpec, grid, load_study, write_results
 
 
 def _load(tmp_path, **fields):
@@ -81,6 +81,7 @@ def test_a_collected_metric_no_run_logged_is_a_visible_warning_at_collection(tmp
     for run in runs:
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0 + run.seed}) + "\n")
+        (run.run_dir / STATUS).write_text("status: done\n")
     warnings: list[str] = []
     study.plots.append(PlotSpec(kind="curve", y="loss"))
     results, report = write_results(study, runs, on_warning=warnings.append)
@@ -94,6 +95,12 @@ def test_a_collected_metric_no_run_logged_is_a_visible_warning_at_collection(tmp
     write_results(study, runs, on_warning=warnings.append)
     assert any("'delta_loss' is in no run's results (compare: delta against training.learning_rate = 0.001)" in w
                for w in warnings)
+    # before any run is done nothing is expected, so nothing is warned about
+    for run in runs:
+        (run.run_dir / STATUS).unlink()
+    warnings.clear()
+    write_results(study, runs, on_warning=warnings.append)
+    assert warnings == []
 
 
 def test_the_study_package_never_imports_the_evaluator():

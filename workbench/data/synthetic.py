@@ -11,11 +11,12 @@ instances, never the global random state) and both returning ``datasets.Dataset`
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from datasets import Dataset
+
+from workbench.answers import parse_gsm8k_answer
 
 __all__ = [
     "ATTRIBUTES", "FEWSHOT_ENTITIES", "SFT_FRACTION", "ArithmeticConfig", "AttributeSpec", "Entity",
@@ -427,16 +428,6 @@ def arithmetic_problems(cfg: ArithmeticConfig | None = None) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-_GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\d(?:\.\d+)?)")
-
-
-def parse_gsm8k_answer(text: str) -> int | None:
-    """Return the integer after the last ``####`` marker, or None if absent or not an integer."""
-    matches = _GSM8K_ANSWER.findall(text)
-    if not matches:
-        return None
-    number = float(matches[-1].replace(",", ""))
-    return int(number) if number.is_integer() else None
 
 
 # ----------------------------------------------------------------------------------------------------------

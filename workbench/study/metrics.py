@@ -1,14 +1,16 @@
 """Which metric names a run logs, to check a study's `collect` (and its curve plots) before any run starts.
 
 A run's `metrics.jsonl` holds what the Trainer logs (`loss`, `learning_rate`, `grad_norm`, `epoch`, and at
-the end `train_runtime`, `train_loss`, `total_flos`, ...), the validation metrics when the run holds out
-validation documents (`eval_loss`, `eval_nll`, `eval_token_accuracy`, `eval_runtime`, ...) and whatever its
-methods log. Each row of the study table also gets the BOSE evaluator's columns `task.style.metric`.
+the end `train_runtime`, `train_loss`, `total_flos`, ...; TRL's SFTTrainer, for fine-tuning data, adds
+`entropy`, `mean_token_accuracy`, `num_tokens`), the validation metrics when the run holds out validation
+documents (`eval_loss`, `eval_nll`, `eval_token_accuracy`, `eval_runtime`, ...) and whatever its methods
+log. Each row of the study table also gets the BOSE evaluator's columns `task.style.metric`.
 
 Some names cannot be known in advance: the Trainer adds more `train_*`/`eval_*` keys depending on its
-arguments (memory and token-speed metrics; a name close to a known one is taken for a typo), evaluator metric names come from its task specs (the library
-does not import the evaluator), and a method logs what it logs unless its class declares `logged_metrics`.
-Such a name is a warning at planning time; a name that no run can log is an error.
+arguments (memory and token-speed metrics; a name close to a known one is taken for a typo), evaluator
+metric names come from its task specs (the library does not import the evaluator), and a method logs what
+it logs unless its class declares `logged_metrics`. Such a name is a warning at planning time; a name that
+no run can log is an error.
 """
 
 from __future__ import annotations
@@ -16,18 +18,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workbench.config import ExperimentConfig
 from workbench.errors import ConfigError, did_you_mean
 
+if TYPE_CHECKING:
+    from workbench.study.plan import StudyConfig
+
+# A run is trained by the workbench's Trainer (packed text) or, for fine-tuning data, by TRL's SFTTrainer,
+# which logs entropy, mean_token_accuracy and num_tokens instead of eval_nll and eval_token_accuracy. Which one
+# a run uses can depend on its data's columns, so these sets are the union of both; a key that no run logged
+# after all is a warning when the runs are collected.
 TRAINER_METRICS = frozenset({
     "step", "epoch", "loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
-    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"})
+    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos",
+    "entropy", "mean_token_accuracy", "num_tokens"})
 EVAL_METRICS = frozenset({"eval_loss", "eval_nll", "eval_token_accuracy", "eval_runtime",
-                          "eval_samples_per_second", "eval_steps_per_second"})
+                          "eval_samples_per_second", "eval_steps_per_second", "eval_entropy",
+                          "eval_mean_token_accuracy"})
 # logged only with some TrainingArguments: memory metrics, tokens per second, compile and preparation times
 OPTIONAL_TRAINER_METRICS = re.compile(r"^((init|train|eval)_mem_(cpu|gpu)_(alloc|peaked)_delta|train_tokens_per_second"
-                                      r"|eval_(model_preparation|jit_compilation)_time)$")
+                                      r"|eval_(model_preparation|jit_compilation)_time|(eval_)?aux_loss)$")
 
 
 def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
@@ -42,11 +54,11 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
             return True
         return "an evaluator column only if the runs' checkpoints are evaluated (eval.on_save or launch/eval.py)"
     maybe = []
-    if key.startswith("train_") or (key.startswith("eval_") and validates):
-        if OPTIONAL_TRAINER_METRICS.match(key):
-            maybe.append("the Trainer logs it only with some of its arguments")
-        elif not did_you_mean(key, TRAINER_METRICS | EVAL_METRICS):  # close to a known name: a typo
-            maybe.append("the Trainer may log more train_*/eval_* keys than these checks know")
+    if OPTIONAL_TRAINER_METRICS.match(key) and (validates or not key.startswith("eval_")):
+        maybe.append("the Trainer logs it only with some of its arguments")
+    elif (key.startswith("train_") or (key.startswith("eval_") and validates)) and not did_you_mean(
+            key, TRAINER_METRICS | EVAL_METRICS):  # a name close to a known one is taken for a typo
+        maybe.append("the Trainer may log more train_*/eval_* keys than these checks know")
     if cfg.methods:
         from workbench.methods import METHODS
 
@@ -59,7 +71,7 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
     return "; ".join(maybe) or False
 
 
-def check_metrics(study, configs: Iterable[ExperimentConfig], path: Path | str,
+def check_metrics(study: StudyConfig, configs: Iterable[ExperimentConfig], path: Path | str,
                   on_warning: Callable[[str], None]) -> None:
     """Every `collect` key and `curve` plot's y is logged by some run of `configs` (the arms' distinct
     configs); raise a ConfigError naming the field for one that none can log, warn for one that may not be."""

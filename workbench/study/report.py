@@ -20,12 +20,13 @@ from workbench.study.runner import run_status
 def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | None = None,
                   on_warning: Callable[[str], None] = warn) -> tuple[Path, Path]:
     """`runs.csv` (one row per run), `results.csv` (over seeds), `analysis.json`, `report.md` and the plots,
-    in `folder` (default `<runs_dir>/<study>`); returns the paths of results.csv and report.md. A collected
-    key or a delta that no run has is passed to `on_warning` and named in report.md."""
+    in `folder` (default `<runs_dir>/<study>`); returns the paths of results.csv and report.md. Once a run is
+    done, a collected key or a delta that no run has is passed to `on_warning` and named in report.md."""
     folder = Path(folder) if folder is not None else study.folder
     rows = [collect_run(run, study.collect) for run in runs]
     agreements = compare(study, rows)
-    absent = missing_columns(study, rows)
+    # with no run done yet (all pending, failed or not started), nothing is expected to be there
+    absent = missing_columns(study, rows) if any(r["status"] == "done" for r in rows) else {}
     for column, why in absent.items():
         on_warning(f"{folder}: '{column}' is in no run's results ({why}); it is not in the table")
     fixed = {"run", "seed", "status", *study.axes}

@@ -8,6 +8,7 @@ are not started.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -51,8 +52,17 @@ def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[s
     return head + [arg for o in run.overrides() for arg in ("--set", o)] + ["--resume"]
 
 
-def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int = 29500) -> dict[str, Any]:
-    """Train one run (resuming it if it was killed); record done or failed with the error; never raise."""
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (the rendezvous of a multi-rank run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int | None = None) -> dict[str, Any]:
+    """Train one run (resuming it if it was killed); record done or failed with the error; never raise.
+    A multi-rank run meets at `port`, by default one that is free when it starts (so runs in parallel, and
+    other jobs on the machine, never collide)."""
     status = run_status(run)
     if status["status"] == "done":
         return {**status, "skipped": True}
@@ -63,7 +73,7 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     log = run.run_dir / "train.log"
     start = time.time()
     with log.open("a") as handle:
-        result = subprocess.run(train_command(study, run, port), cwd=REPO_ROOT, env=env, stdout=handle,
+        result = subprocess.run(train_command(study, run, port or free_port()), cwd=REPO_ROOT, env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
     status = {"status": "done" if result.returncode == 0 else "failed",
               "seconds": round(time.time() - start, 1), "returncode": result.returncode}
@@ -112,6 +122,6 @@ def _statuses(study: StudyConfig, runs: list[RunSpec], parallel: int, executor: 
         return
     threads = max(1, (os.cpu_count() or 1) // parallel)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(execute, study, run, threads, 29500 + i) for i, run in enumerate(runs)]
+        futures = [pool.submit(execute, study, run, threads) for run in runs]
         for future in futures:
             yield future.result()
