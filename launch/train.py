@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import socket
 import sys
 from typing import NoReturn
 
 from workbench.config import DEFAULT_CONFIG, ExperimentConfig, load_config
 from workbench.errors import ConfigError, WorkbenchError
+from workbench.net import free_port
 
 # A launcher (deepspeed, torchrun, mpirun) sets one of these; without any, this is a single process.
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
@@ -47,13 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", choices=LIST_KINDS, help="print the presets, methods or DeepSpeed configs and exit")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
     return parser
-
-
-def free_port() -> int:
-    """A TCP port on this machine that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def single_process_environment(cfg: ExperimentConfig) -> str | None:

@@ -135,5 +135,5 @@ def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
         assert probe["world_size"] == 2 and probe["zero_stage"] == 3 and probe["model_class"] == "PeftModelForCausalLM"
         assert probe["steps_seen"] == 4 and probe["state_intact"] and all(n > 0 for n in probe["num_items"])
         assert probe["embedding_rows"] >= probe["vocab"]  # the pretrained embeddings grew for the added token
-        assert abs(probe["target_mean"] - 2.0) < 1e-6  # a frozen weight: changed in the model copy only, kept
+        assert abs(probe["target_mean"] - 2.0) < 0.02  # frozen (its pretrained value is ~0), +0.5 a step, kept
     assert probes[0]["param_sha256"] == probes[1]["param_sha256"]

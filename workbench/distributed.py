@@ -63,7 +63,8 @@ def full_parameter(param: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param).detach().clone()
-    return param.detach().clone()
+    with gathered_parameters([param]):  # a frozen ZeRO-3 parameter: gathered from the shards
+        return param.detach().clone()
 
 
 def set_full_parameter(param: torch.nn.Parameter, value: torch.Tensor) -> None:

@@ -56,6 +56,7 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs_full_finetuning: ClassVar[bool] = False
+    logged_metrics: ClassVar[tuple[str, ...] | None] = None  # what it adds to the logs (None: not declared)
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()

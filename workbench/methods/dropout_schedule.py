@@ -86,6 +86,7 @@ def _hook_output_dropout(module: nn.Module, name: str) -> nn.Dropout:
 @register("dropout_schedule")
 class DropoutSchedule(Method):
     Config = DropoutScheduleConfig
+    logged_metrics = ("dropout_rate",)
 
     def __init__(self, config: DropoutScheduleConfig | None = None) -> None:
         super().__init__(config)

@@ -17,6 +17,7 @@ import yaml
 
 from workbench.errors import ConfigError
 from workbench.io import read_jsonl
+from workbench.layout import METRICS, RUN_CONFIG, results_path
 from workbench.study.plan import PlotSpec, RunSpec, StudyConfig, check_collect_items, collected
 from workbench.study.runner import run_status
 
@@ -27,7 +28,7 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
     """For each collected metrics.jsonl key of one run: its final value and (`key:min`, the default, or
     `key:max`) its best value `best_<key>` and the step of it `best_step_<key>`."""
     row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
-    metrics = run.run_dir / "metrics.jsonl"
+    metrics = run.run_dir / METRICS
     records = read_jsonl(metrics) if metrics.is_file() else []
     for key, direction in collected(keys).items():
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
@@ -37,7 +38,7 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
         if direction != "last":
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
-    row.update(final_eval_scores(run.run_dir / "eval" / "results.jsonl"))
+    row.update(final_eval_scores(results_path(run.run_dir)))
     return row
 
 
@@ -97,7 +98,7 @@ def hand_study(run_dirs: list[str | Path], metrics: list[str] | None = None,
         if folder.resolve() in seen:
             raise ConfigError(f"--collect: run folder '{folder}' is given twice")
         seen.add(folder.resolve())
-        path = folder / "config.yaml"
+        path = folder / RUN_CONFIG
         if not path.is_file():
             what = "not found" if not folder.is_dir() else "has no config.yaml (not a run of launch/train.py)"
             raise ConfigError(f"--collect: run folder '{folder}' {what}")
@@ -112,7 +113,7 @@ def hand_study(run_dirs: list[str | Path], metrics: list[str] | None = None,
     flat = [flatten(c) for c in configs]
     keys = list(dict.fromkeys(k for f in flat for k in f if k not in IGNORED))
     axes = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
-    runs = [RunSpec(str(folder), {a: f.get(a) for a in axes}, c.get("seed"), folder, config=str(folder / "config.yaml"),
+    runs = [RunSpec(str(folder), {a: f.get(a) for a in axes}, c.get("seed"), folder, config=str(folder / RUN_CONFIG),
                     stage="hand") for folder, f, c in zip(folders, flat, configs, strict=True)]
     out = Path(out) if out is not None else Path(os.path.commonpath([f.resolve() for f in folders])) / "collected"
     if out.resolve() in seen:

@@ -284,8 +284,8 @@ def load_study(path: str | Path, profile: str | None = None,
                 raise ConfigError(f"{path}: run '{run.name}': {err}") from None
         if run.stage == "arm":
             arms[key] = configs[key]
-    check_references(study, path, on_warning)
     check_metrics(study, list(arms.values()), path, on_warning)
+    check_references(study, path, on_warning)
     return study
 
 

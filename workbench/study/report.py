@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.io import atomic_write_text, read_jsonl
+from workbench.layout import METRICS
 from workbench.study.analysis import agreement_markdown, compare
 from workbench.study.collect import aggregate, collect_run
 from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_run, warn
@@ -139,7 +140,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for run in runs:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()) or "all runs"
-            path = run.run_dir / "metrics.jsonl"
+            path = run.run_dir / METRICS
             points = [(r["step"], r[plot.y]) for r in (read_jsonl(path) if path.is_file() else [])
                       if isinstance(r.get(plot.y), (int, float))]
             if points:

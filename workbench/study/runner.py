@@ -8,7 +8,6 @@ are not started.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import yaml
 from workbench.config import REPO_ROOT, resolve_path
 from workbench.errors import WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
+from workbench.layout import METRICS
+from workbench.net import free_port
 from workbench.study.plan import PRETRAIN, RunSpec, StudyConfig, pretrain_run
 
 STATUS = "study_status.json"
@@ -34,7 +35,7 @@ def run_status(run: RunSpec) -> dict[str, Any]:
     if path.is_file():
         return yaml.safe_load(path.read_text())
     if run.stage == "hand":
-        metrics = run.run_dir / "metrics.jsonl"
+        metrics = run.run_dir / METRICS
         done = metrics.is_file() and any("train_runtime" in r for r in read_jsonl(metrics))
         return {"status": "done" if done else "unfinished"}
     return {"status": "pending"}
@@ -50,13 +51,6 @@ def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[s
     else:
         head = [sys.executable, script, config]
     return head + [arg for o in run.overrides() for arg in ("--set", o)] + ["--resume"]
-
-
-def free_port() -> int:
-    """A TCP port on this machine that nothing listens on now (the rendezvous of a multi-rank run)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int | None = None) -> dict[str, Any]:
