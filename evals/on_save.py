@@ -8,7 +8,9 @@ Lives in `evals/` (the library `workbench/` never imports the evaluator); `launc
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,23 @@ from workbench.config import ExperimentConfig
 from workbench.layout import TOKENIZER_DIR, checkpoint_dir, results_path
 
 __all__ = ["EvalOnSaveCallback", "eval_on_save_callbacks"]
+
+
+@contextlib.contextmanager
+def _outside_zero3() -> Iterator[None]:
+    """Load the evaluated checkpoint as a plain model even while a ZeRO-3 run is training.
+
+    transformers keeps the training run's DeepSpeed config in a module-level weak reference; with ZeRO-3 in it,
+    `from_pretrained` builds the model inside `deepspeed.zero.Init`, whose broadcasts wait for every rank, and
+    only rank 0 evaluates: the run would hang. The reference is cleared for the evaluation and restored."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def eval_on_save_callbacks(cfg: ExperimentConfig) -> list[TrainerCallback]:
@@ -53,7 +72,7 @@ class EvalOnSaveCallback(TrainerCallback):
             return
         checkpoint = checkpoint_dir(self.run_dir, state.global_step)
         python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _outside_zero3():
             if self._evaluator is None:
                 from transformers import AutoTokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def base_run(tmp_path_factory) -> Path:
 
 
 def _finetune_config(tmp_path: Path, base: Path, name: str = "ft", **sections) -> dict:
-    cfg = tiny_config(tmp_path, name=name, data=ARITHMETIC, **sections)
+    cfg = tiny_config(tmp_path, name=name, **{"data": ARITHMETIC, **sections})
     cfg["model"] = {"preset": None, "name_or_path": str(base), **sections.get("model", {})}
     cfg["training"] = {**cfg["training"], "max_steps": 4, "save_steps": 2, "learning_rate": 1e-2,
                        "lr_scheduler_type": "constant"}
@@ -40,7 +41,8 @@ def test_lora_finetune_from_a_run_trains_the_completion_saves_adapters_and_resum
     out = capsys.readouterr().out
     assert "starting from run" in out and "checkpoint-8" in out
     assert "training examples truncated to 128 tokens" in out
-    assert "trainable" in out and "100.0%" not in out.split("trainable")[0].splitlines()[-1]
+    share = re.search(r"M trainable, ([0-9.]+)%\)", out)
+    assert share and 0 < float(share.group(1)) < 50  # LoRA: a small share of the weights trains
     run_dir = tmp_path / "runs" / "ft"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["name_or_path"] == str(base_run / "checkpoint-8")  # what it started from
@@ -53,14 +55,22 @@ def test_lora_finetune_from_a_run_trains_the_completion_saves_adapters_and_resum
     assert len(losses) == 4 and losses[-1] < losses[0]  # the adapters learn the completions
     uninterrupted = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
     shutil.rmtree(run_dir / "checkpoint-4")
-    assert train_main([str(config), "--resume"]) == 0
+    newer = base_run / "checkpoint-9"  # the base trains on meanwhile: the resumed run keeps its own base
+    shutil.copytree(base_run / "checkpoint-8", newer)
+    try:
+        assert train_main([str(config), "--resume"]) == 0
+    finally:
+        shutil.rmtree(newer)
+    assert f"resuming on the base it started from: {base_run / 'checkpoint-8'}" in capsys.readouterr().out
     resumed = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     assert all((uninterrupted[k] == resumed[k]).all() for k in uninterrupted)
 
 
 def test_full_finetune_loss_covers_only_the_completion(tmp_path, base_run):
-    """With no LoRA every weight trains; the loss TRL reports equals the completion-token NLL of the batch."""
+    """With no LoRA every weight trains; the final validation loss the run logs equals an independent
+    completion-only NLL (prompt tokens not counted, EOS counted, each example cut at data.block_size) over the
+    validation examples, and differs from the NLL over every token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,22 +80,36 @@ def test_full_finetune_loss_covers_only_the_completion(tmp_path, base_run):
     cfg = _finetune_config(tmp_path, base_run, name="full")
     config = write_config(tmp_path, cfg)
     assert train_main([str(config)]) == 0
-    checkpoint = tmp_path / "runs" / "full" / "checkpoint-4"
-    assert (checkpoint / "model.safetensors").is_file()
-    # an independent completion-only NLL on one validation example, against the evaluator's own prompt format
+    run_dir = tmp_path / "runs" / "full"
+    assert (run_dir / "checkpoint-4" / "model.safetensors").is_file()
+    logged = [r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r][-1]
     tokenizer = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
-    example = load_finetune_splits(load_config(config).data, tokenizer)["validation"][0]
-    assert example["prompt"].startswith(QA_PROMPT.split("{")[0])
-    prompt = tokenizer(example["prompt"])["input_ids"]
-    full = tokenizer(example["prompt"] + example["completion"] + tokenizer.eos_token)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([full])).logits[0].double()
-    nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(len(full) - 1), torch.tensor(full[1:])]
-    completion_nll = nll[len(prompt) - 1:].mean().item()
-    everything_nll = nll.mean().item()
-    assert abs(completion_nll - everything_nll) > 1e-3  # the two differ, so the test can tell them apart
-    assert completion_nll > 0
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoint-4"), dtype=torch.float32).eval()
+    completion = everything = 0.0
+    n_completion = n_everything = 0
+    for example in load_finetune_splits(load_config(config).data, tokenizer)["validation"]:
+        assert example["prompt"].startswith(QA_PROMPT.split("{")[0])
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        full = tokenizer(example["prompt"] + example["completion"] + tokenizer.eos_token)["input_ids"]
+        full = full[:ARITHMETIC["block_size"]]  # truncated at the end, as data.block_size asks
+        if len(full) <= len(prompt):
+            continue  # no completion token left: TRL drops the example
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0].double()
+        nll = -torch.log_softmax(logits[:-1], -1)[torch.arange(len(full) - 1), torch.tensor(full[1:])]
+        completion += nll[len(prompt) - 1:].sum().item()
+        n_completion += len(full) - len(prompt)
+        everything += nll.sum().item()
+        n_everything += len(full) - 1
+    assert abs(logged - completion / n_completion) < 2e-3, (logged, completion / n_completion)
+    assert abs(logged - everything / n_everything) > 2e-2  # the test can tell the two apart
+
+
+def test_packing_through_a_run(tmp_path, base_run):
+    """`data.packing`: TRL's padding-free packing, checked against the model's attention, trains."""
+    cfg = _finetune_config(tmp_path, base_run, name="packed", data={**ARITHMETIC, "packing": True})
+    assert train_main([str(write_config(tmp_path, cfg))]) == 0
+    assert (tmp_path / "runs" / "packed" / "checkpoint-4" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -95,6 +119,7 @@ def test_full_finetune_loss_covers_only_the_completion(tmp_path, base_run):
         ({"model": {"lora": {"lora_alfa": 8}}}, "lora_alpha"),
         ({"model": {"name_or_path": "EMPTY_RUN"}}, "has no complete checkpoint"),
         ({"data": {"block_size": 16}}, "field 'data.block_size': all"),
+        ({"data": {"noise": {"word_replace_prob": 0.1}}}, "field 'data.noise': applies to pretraining"),
     ],
 )
 def test_finetuning_bad_input_is_one_line_and_writes_nothing(tmp_path, base_run, capsys, change, message):
@@ -134,6 +159,7 @@ def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
     for probe in probes:
         assert probe["world_size"] == 2 and probe["zero_stage"] == 3 and probe["model_class"] == "PeftModelForCausalLM"
         assert probe["steps_seen"] == 4 and probe["state_intact"] and all(n > 0 for n in probe["num_items"])
+        assert probe["logits_with_graph"]  # TRL's SFTTrainer: the hook sees the training forward pass
         assert probe["embedding_rows"] >= probe["vocab"]  # the pretrained embeddings grew for the added token
         assert abs(probe["target_mean"] - 2.0) < 0.02  # frozen (its pretrained value is ~0), +0.5 a step, kept
     assert probes[0]["param_sha256"] == probes[1]["param_sha256"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import typing
@@ -378,6 +379,22 @@ def value_origin(config_path: str | Path, overrides: list[str], *fields: str) ->
     return str(config_path)
 
 
+LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER = (
+    "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section, so DeepSpeed would build "
+    "one optimizer at one learning rate; remove that section (the Trainer's optimizer then comes from "
+    "'training': optim, learning_rate, weight_decay)"
+)
+
+
+def deepspeed_defines_optimizer(deepspeed_json: str | Path) -> bool:
+    """Whether a DeepSpeed JSON config has its own 'optimizer' section, which LoRA+ cannot use (the Trainer
+    hands DeepSpeed its optimizer only when there is none); False for a file that does not parse."""
+    try:
+        return "optimizer" in json.loads(Path(deepspeed_json).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load, override and validate an experiment config; raises ConfigError with a one-line message that
     names the field and where its value came from (the file or the `--set` that gave it).
@@ -399,6 +416,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise fail(message, field) from None
     if cfg.deepspeed is not None and not resolve_path(cfg.deepspeed).is_file():
         raise fail(f"field 'deepspeed': file '{cfg.deepspeed}' not found", "deepspeed")
+    if cfg.model.loraplus_lr_ratio is not None and cfg.deepspeed is not None \
+            and deepspeed_defines_optimizer(resolve_path(cfg.deepspeed)):
+        raise fail(LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, "model.loraplus_lr_ratio", "deepspeed")
     _check_model_choice(cfg.model, fail)
     _check_sources(cfg, fail)
     return cfg

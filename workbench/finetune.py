@@ -43,13 +43,22 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path).expanduser() / RUN_CONFIG).is_file()
 
 
-def resolve_base_run(cfg: ExperimentConfig, report=print) -> ExperimentConfig:
+def resolve_base_run(cfg: ExperimentConfig, report=print, resuming: bool = False) -> ExperimentConfig:
     """`model.name_or_path: runs/<name>` -> that run's newest complete checkpoint, and (unless
     `model.tokenizer` is set) its tokenizer; the config is returned with both paths filled in, so the run's
-    `config.yaml` records exactly what it started from. Any other `name_or_path` is returned unchanged."""
+    `config.yaml` records exactly what it started from. Any other `name_or_path` is returned unchanged.
+
+    When `resuming`, the checkpoint the run started from (its own `config.yaml`) is kept, even if the base run
+    has trained on since: adapters and optimizer state belong to that base."""
     source = cfg.model.name_or_path
     if source is None or not is_run_folder(source):
         return cfg
+    started = base_run_of(cfg.run_dir) if resuming else None
+    if started is not None and Path(started).parent == Path(source).expanduser().absolute():
+        report(f"[workbench] resuming on the base it started from: {started}")
+        tokenizer = cfg.model.tokenizer or str(Path(started).parent / TOKENIZER_DIR)
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": started,
+                                                                             "tokenizer": tokenizer})})
     run = Path(source).expanduser().absolute()  # adapters record their base path: it must work from anywhere
     checkpoint = newest_complete_checkpoint(run, report=report)
     if checkpoint is None:
@@ -80,8 +89,19 @@ def finetuning_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+PRETRAINING_ONLY = ("noise", "repetition", "span_corruption")
+
+
 def sft_fields(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """The `trl.SFTConfig` fields the data section decides; the `training` section may not set them too."""
+    """The `trl.SFTConfig` fields the data section decides; the `training` section may not set them too.
+    Data options that only packed-text pretraining reads are a config error here, never silently ignored."""
+    for option in PRETRAINING_ONLY:
+        if getattr(cfg.data, option) is not None:
+            raise ConfigError(f"field 'data.{option}': applies to pretraining on text, and this run fine-tunes on "
+                              f"{resolve_format(cfg.data)} examples; remove it")
+    if cfg.data.objective not in ("auto", "causal"):
+        raise ConfigError(f"field 'data.objective': fine-tuning trains a causal LM on completions, not "
+                          f"'{cfg.data.objective}'")
     fields = sft_config_fields(cfg.data, tokenizer)
     fields.pop("dataset_num_proc", None) if cfg.data.num_proc is None else None
     clash = sorted(set(fields) & set(cfg.training))

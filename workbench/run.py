@@ -90,7 +90,10 @@ def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "
                        sft: dict[str, Any] | None = None) -> TrainingArguments:
     """`TrainingArguments` from the `training` section plus what the workbench manages; with `sft` (the
     fields `workbench.finetune.sft_fields` decides), TRL's `SFTConfig`."""
-    fields = {**TRAINING_DEFAULTS, **cfg.training, **(sft or {})}
+    # SFTConfig's own defaults differ from TrainingArguments' (activation checkpointing on, lr 2e-5): one run
+    # kind does not silently train differently from the other
+    sft_defaults = {"gradient_checkpointing": False, "learning_rate": 5e-5} if sft is not None else {}
+    fields = {**TRAINING_DEFAULTS, **sft_defaults, **cfg.training, **(sft or {})}
     if objective == "span_corruption" and fields.setdefault("remove_unused_columns", False):
         raise ConfigError("field 'training.remove_unused_columns': span corruption needs false (it reads example_index)")
     repeated = cfg.data.repetition is not None  # the stream is already in training order
@@ -251,7 +254,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     examples, `WorkbenchSFTTrainer`), decided by the data; `callbacks` are added to the run's own."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     report = print if rank0 else (lambda *_: None)
-    cfg = resolve_base_run(cfg, report)
+    cfg = resolve_base_run(cfg, report, resuming=resume or cfg.resume_from_checkpoint is not None)
     finetune = is_finetuning(cfg.data)
     tokenizer = finetuning_tokenizer(cfg) if finetune else None
     sft = sft_fields(cfg, tokenizer) if finetune else None

@@ -68,11 +68,24 @@ class WorkbenchMixin:
 
     # --- hooks -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss, then each method's `loss` hook with the forward pass's outputs (logits and graph).
+
+        With loss methods the loss is `transformers.Trainer`'s own computation, one forward pass through the
+        model's LM head: TRL's `SFTTrainer` would use its fused LM head, which returns per-token
+        log-probabilities and no logits (its `entropy`/`mean_token_accuracy` logs are then absent).
+        `num_items_in_batch` reaches the hooks as the model's loss's own denominator: the global token count
+        over ranks and accumulation steps divided by the ranks, because the Trainer multiplies the loss by the
+        ranks when it averages tokens across devices; `None` where the model's loss is a per-micro-batch mean."""
         if not self._loss_methods:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if getattr(getattr(self.model, "config", None), "use_cache", False) and "use_cache" not in inputs:
+            inputs = {**inputs, "use_cache": False}  # as SFTTrainer does: a cache is no use to a training step
+        loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        if items is not None and self.args.average_tokens_across_devices:
+            items = items / max(1, self.accelerator.num_processes // self.get_tp_size())
         for method in self._loss_methods:
-            loss = method.loss(model, inputs, outputs, loss, num_items_in_batch)
+            loss = method.loss(model, inputs, outputs, loss, items)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -146,13 +159,16 @@ class WorkbenchMixin:
             saved_keys = set(handle.keys())
         if saved_keys == set(self.model.state_dict()):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        reloaded, info = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype,
-                                                          output_loading_info=True)
-        missing = info["missing_keys"] or info["mismatched_keys"]
-        if missing:  # from_pretrained would have initialised them afresh: never resume on that
-            raise CheckpointError(f"checkpoint '{resume_from_checkpoint}' does not fit the model being trained: "
-                                  f"{len(missing)} weights missing or of another shape, e.g. {sorted(missing)[0]!r}")
-        self.model.load_state_dict(reloaded.state_dict(), strict=True)
+        # The model's own class renames the checkpoint's keys; layers a method added (`prepare_model`) are not
+        # part of that class, and are read by their own names from the file. Anything still missing, or of
+        # another shape, fails the strict load: never resume on freshly initialised weights.
+        reloaded = type(self.model).from_pretrained(resume_from_checkpoint, dtype=self.model.dtype)
+        state = reloaded.state_dict()
+        added = [key for key in self.model.state_dict() if key not in state and key in saved_keys]
+        if added:
+            with safe_open(str(weights), framework="pt") as handle:
+                state.update({key: handle.get_tensor(key) for key in added})
+        self.model.load_state_dict(state, strict=True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if isinstance(resume_from_checkpoint, (str, Path)):

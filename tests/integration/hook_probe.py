@@ -7,7 +7,7 @@ was restored from a checkpoint), so a test can check every hook under every ZeRO
 - `prepare_tokenizer` adds a token; the model must be built with room for it;
 - `prepare_model` sees the built model; `wrap_collator` counts the batches it collates;
 - `setup` sees the trainer (world size, ZeRO stage);
-- `loss` records `num_items_in_batch` and adds nothing to the loss;
+- `loss` records `num_items_in_batch` (per rank) and whether the outputs carry their graph, and adds nothing;
 - `after_optimizer_step` adds `bump` to the full value of the `target` parameter through
   `workbench.distributed`, so the change must reach the optimizer's master copy to survive the next step;
 - a callback runs a forward pass that every rank joins at step 1 and records its loss;
@@ -80,7 +80,7 @@ class _Recorder(TrainerCallback):
             "rank": _rank(), "world_size": probe.world_size, "zero_stage": probe.zero_stage,
             "vocab": probe.vocab, "embedding_rows": probe.embedding_rows, "token_id": probe.token_id,
             "model_class": probe.model_class, "batches_collated": probe.batches_collated,
-            "num_items": probe.num_items, "steps_seen": probe.steps_seen, "restored_steps": probe.restored_steps,
+            "num_items": probe.num_items, "logits_with_graph": probe.logits_with_graph, "steps_seen": probe.steps_seen, "restored_steps": probe.restored_steps,
             "state_intact": bool(torch.equal(probe.tensor, _state_tensor(_rank()) + probe.steps_seen)),
             "forward_loss": probe.forward_loss, "target_mean": float(target.mean()),
             "global_step": state.global_step, "param_sha256": digest.hexdigest(),
@@ -99,6 +99,7 @@ class HookProbe(Method):
         self.batches_collated, self.num_items, self.steps_seen = 0, [], 0
         self.restored_steps: int | None = None
         self.forward_loss: float | None = None
+        self.logits_with_graph = True
         self.tensor = _state_tensor(_rank())
 
     def prepare_tokenizer(self, tokenizer):
@@ -129,7 +130,8 @@ class HookProbe(Method):
         self.zero_stage = plugin.zero_stage if plugin is not None else None
 
     def loss(self, model, inputs, outputs, loss, num_items_in_batch=None):
-        self.num_items.append(None if num_items_in_batch is None else int(num_items_in_batch))
+        self.num_items.append(None if num_items_in_batch is None else float(num_items_in_batch))
+        self.logits_with_graph = self.logits_with_graph and bool(outputs.logits.requires_grad)
         return loss
 
     def after_optimizer_step(self, model, trainer) -> None:

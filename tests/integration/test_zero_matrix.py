@@ -48,6 +48,8 @@ def test_stage_ranks_train_save_resume_and_every_hook(tmp_path, stage, ranks):
         training={"max_steps": STEPS, "save_steps": 2, "per_device_train_batch_size": BATCH,
                   "lr_scheduler_type": "constant"},
     )
+    if stage == 3:  # the evaluator on save loads each checkpoint on rank 0 alone, outside ZeRO-3's partitioning
+        cfg["eval"] = {"on_save": True, "on_save_limit": 4, "tasks": [{"task": "factworld_mc", "styles": ["blank_ppl"]}]}
     config = write_config(tmp_path, cfg)
     run_dir = tmp_path / "runs" / "cell"
     port = 29800 + 10 * stage + ranks
@@ -66,7 +68,9 @@ def test_stage_ranks_train_save_resume_and_every_hook(tmp_path, stage, ranks):
     for view in fresh + after:
         assert view["world_size"] == ranks and view["zero_stage"] == stage and view["global_step"] == STEPS
         assert view["token_id"] == view["vocab"] - 1 and view["embedding_rows"] >= view["vocab"]
-        assert all(n == ranks * BATCH * (BLOCK - 1) for n in view["num_items"]), view["num_items"]
+        # the step's loss tokens over all ranks, given per rank: what the model's own loss is normalised by
+        assert all(n == BATCH * (BLOCK - 1) for n in view["num_items"]), view["num_items"]
+        assert view["logits_with_graph"]
         assert view["steps_seen"] == STEPS and view["state_intact"]
         # the bump was applied after every step and kept by the optimizer (Adam moves a weight ~1e-3 a step)
         assert abs(view["target_mean"] - STEPS * BUMP) < 0.02, view["target_mean"]
@@ -75,6 +79,9 @@ def test_stage_ranks_train_save_resume_and_every_hook(tmp_path, stage, ranks):
     for views in (fresh, after):
         assert len({v["param_sha256"] for v in views}) == 1, "ranks ended with different parameters"
         assert len({round(v["forward_loss"], 5) for v in views}) == 1, "ranks disagree on one batch's loss"
+    if stage == 3:
+        evaluated = {json.loads(line)["checkpoint"] for line in (run_dir / "eval" / "results.jsonl").open()}
+        assert evaluated == {"checkpoint-2", "checkpoint-4"}
     saved_vocab = json.loads((run_dir / "tokenizer" / "tokenizer.json").read_text())["added_tokens"]
     assert any(t["content"] == "<probe>" for t in saved_vocab)
 

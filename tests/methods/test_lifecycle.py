@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, subprocess_env, tiny_config, train_main, write_config
+from safetensors.torch import load_file
 from torch import nn
 
 from workbench.config import load_config
@@ -60,6 +61,11 @@ def test_resuming_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: checkpoint ") and "does not fit the model" in err and "extra_head" in err, err
     assert not (tmp_path / "runs" / "arch" / "checkpoint-4").exists()
+    same = write_config(tmp_path, tiny_config(tmp_path, name="arch", methods={"test_widen": {"width": 3}},
+                                              training={"max_steps": 4, "save_steps": 2}), "same.yaml")
+    assert train_main([str(same), "--resume"]) == 0  # the same architecture resumes, the method's layer included
+    saved = load_file(tmp_path / "runs" / "arch" / "checkpoint-4" / "model.safetensors")
+    assert saved["extra_head.weight"].shape == (3, 32)
 
 
 def test_lora_with_a_method_that_trains_every_weight_is_a_config_error(tmp_path, full_finetuning_method):

@@ -23,10 +23,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from workbench.config import ModelConfig, load_config
+from workbench.config import ModelConfig, deepspeed_defines_optimizer, load_config
 from workbench.errors import CheckpointError, ConfigError
 from workbench.models import build_model, load_trained_model, train_bpe_tokenizer
-from workbench.models.lora import deepspeed_defines_optimizer, loraplus_optimizer
+from workbench.models.lora import loraplus_optimizer
 from workbench.trainer import WorkbenchTrainer
 
 TEXTS = [f"Velmora Tash number {i} was born in Ostrel and plays the lute {i % 5} times." for i in range(200)]
@@ -107,6 +107,19 @@ def test_bad_lora_options_are_one_line_config_errors(tmp_path, base_dir, model, 
     with pytest.raises(ConfigError) as err:
         load_config(config_file(tmp_path, base_dir, **model))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_loraplus_with_an_optimizer_in_the_deepspeed_json_fails_at_load_config(tmp_path, base_dir):
+    """Found while validating, before any rank builds a model (not first inside the Trainer)."""
+    (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    cfg = tiny_config(tmp_path, model={"preset": None, "name_or_path": str(base_dir), "overrides": {},
+                                       "lora": {}, "loraplus_lr_ratio": 16}, deepspeed=str(tmp_path / "ds.json"))
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, cfg))
+    assert "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section" in str(err.value)
+    assert "\n" not in str(err.value)
+    cfg["deepspeed"] = str(REPO / "configs" / "deepspeed" / "zero2.json")  # no optimizer section: fine
+    assert load_config(write_config(tmp_path, cfg)).model.loraplus_lr_ratio == 16
 
 
 def test_lora_on_a_preset_exits_2_and_writes_nothing(tmp_path, capsys):

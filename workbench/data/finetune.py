@@ -237,15 +237,14 @@ def sft_config_fields(
     - packing (`data.packing`): TRL's `bfd` strategy, which never cuts an example across rows (an example over
       `max_length` is truncated), and padding-free batches: the rows of a batch are laid end to end with
       `position_ids` restarting at every example and no attention mask. Examples stay apart only where the
-      model's attention splits the row at those restarts, so packing needs `model` and is a ConfigError where
-      `check_packing(model)` finds it does not. `wrapped` packing, which cuts examples and lets them attend
+      model's attention splits the row at those restarts: packing is a ConfigError where `check_packing(model)`
+      finds it does not (checked here when `model` is given; `workbench.run.train`, which builds the model
+      later, calls `check_packing` itself). `wrapped` packing, which cuts examples and lets them attend
       across boundaries, is never used. With eager/sdpa attention transformers builds a dense mask over the
       whole row (batch size x max_length tokens squared); on a GPU, flash_attention_2 avoids it.
     """
     fmt = resolve_format(data)
-    if data.packing:
-        if model is None:
-            raise TypeError("sft_config_fields: data.packing is set; pass the model to check its attention")
+    if data.packing and model is not None:
         check_packing(model)
     return {
         "max_length": data.block_size,

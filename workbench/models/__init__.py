@@ -72,8 +72,9 @@ def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, adde
     if is_adapter_checkpoint(cfg.name_or_path):  # e.g. a LoRA run as the base of the next stage
         return _fit_vocabulary(load_trained_model(cfg.name_or_path, merge=True).train(), cfg, tokenizer, added_tokens)
     try:
+        options = {"dtype": torch.float32, **cfg.overrides}  # fp32 weights; mixed precision is the run's choice
         model = model_class(_pretrained_config(cfg)).from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **cfg.overrides
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **options
         )
     except (OSError, ValueError) as err:
         raise ConfigError(f"model '{cfg.name_or_path}' could not be loaded: {str(err).splitlines()[0]}") from None

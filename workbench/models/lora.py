@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 import typing
 from pathlib import Path
@@ -24,6 +23,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import PreTrainedModel, TrainingArguments
 
+from workbench.config import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -31,11 +31,6 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")  # by the model: decoder-only or enco
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORAPLUS_ATTRIBUTE = "workbench_loraplus_lr_ratio"  # set on the PeftModel by `build_model`
-LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER = (
-    "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section, so DeepSpeed would build "
-    "one optimizer at one learning rate; remove that section (the Trainer's optimizer then comes from "
-    "'training': optim, learning_rate, weight_decay)"
-)
 
 # LoraConfig fields PEFT or the workbench sets.
 MANAGED_LORA_FIELDS = {
@@ -162,15 +157,6 @@ def set_loraplus_lr_ratio(model: PeftModel, ratio: float | None) -> None:
 def loraplus_lr_ratio(model: torch.nn.Module) -> float | None:
     """The LoRA+ ratio `build_model` set on `model`, or None for the Trainer's usual optimizer."""
     return getattr(model, LORAPLUS_ATTRIBUTE, None)
-
-
-def deepspeed_defines_optimizer(deepspeed_json: str | Path) -> bool:
-    """Whether a DeepSpeed JSON config has its own 'optimizer' section, which LoRA+ cannot use (the Trainer
-    hands DeepSpeed its optimizer only when there is none); False for a file that does not parse."""
-    try:
-        return "optimizer" in json.loads(Path(deepspeed_json).read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def loraplus_optimizer(model: PeftModel, args: TrainingArguments, lr_ratio: float,
