@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from workbench.io import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
@@ -93,3 +97,21 @@ def launch_main(script: str, argv: list[str]) -> int:
 
 def train_main(argv: list[str]) -> int:
     return launch_main("train", argv)
+
+
+def kill_when_step_reached(cmd: list[str], metrics: Path, kill_step: int, timeout: float = 300) -> None:
+    """Launch `cmd` and kill -9 its whole process group once `metrics` logs `kill_step`."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(r.get("step", 0) >= kill_step for r in read_jsonl(metrics)):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_step} (rc {proc.returncode})"

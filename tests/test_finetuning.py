@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TRAIN, deepspeed_command, run, tiny_config, train_main, write_config
+from conftest import (
+    TRAIN,
+    deepspeed_command,
+    kill_when_step_reached,
+    run,
+    tiny_config,
+    train_main,
+    write_config,
+)
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -163,3 +171,29 @@ def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
         assert probe["embedding_rows"] >= probe["vocab"]  # the pretrained embeddings grew for the added token
         assert abs(probe["target_mean"] - 2.0) < 0.02  # frozen (its pretrained value is ~0), +0.5 a step, kept
     assert probes[0]["param_sha256"] == probes[1]["param_sha256"]
+
+
+def test_lora_finetune_killed_and_resumed_on_two_ranks_is_bit_equal(tmp_path, base_run):
+    """kill -9 at step 7 of 12 (ZeRO-2, 2 ranks, SFTTrainer, LoRA with dropout): the resumed adapters equal
+    an uninterrupted run's, and metrics.jsonl logs every step once."""
+    def config(name: str) -> Path:
+        cfg = _finetune_config(tmp_path, base_run, name=name, deepspeed="configs/deepspeed/zero2.json",
+                               model={"lora": {"r": 4, "lora_dropout": 0.1}})
+        cfg["training"].update(max_steps=12, save_steps=3, logging_steps=1, per_device_train_batch_size=4)
+        return write_config(tmp_path, cfg, f"{name}.yaml")
+
+    reference = run(deepspeed_command(TRAIN, str(config("reference")), ranks=2, port=29770))
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "killed"
+    killed = config("killed")
+    kill_when_step_reached(deepspeed_command(TRAIN, str(killed), ranks=2, port=29771), run_dir / "metrics.jsonl", 7)
+    assert not (run_dir / "checkpoint-12").exists()
+    resumed = run(deepspeed_command(TRAIN, str(killed), "--resume", ranks=2, port=29772))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    want = load_file(tmp_path / "runs" / "reference" / "checkpoint-12" / "adapter_model.safetensors")
+    got = load_file(run_dir / "checkpoint-12" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+    steps_logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps_logged == list(range(1, 13))
+

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRAIN, deepspeed_command, subprocess_env, tiny_config, write_config
+from conftest import (
+    REPO,
+    TRAIN,
+    deepspeed_command,
+    kill_when_step_reached,
+    subprocess_env,
+    tiny_config,
+    write_config,
+)
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -63,23 +68,6 @@ def test_steps_per_epoch_halve_with_two_ranks(tmp_path):
     assert steps[1] == 14 and steps[2] == 7
 
 
-def _kill_when_step_reached(cmd: list[str], metrics: Path, kill_step: int, timeout: float = 300) -> None:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(r.get("step", 0) >= kill_step for r in read_jsonl(metrics)):
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_step} (rc {proc.returncode})"
-
-
 @pytest.mark.parametrize(("seed", "ranks"), [(0, 1), (1, 2)])
 def test_kill9_and_resume_is_bit_equal(tmp_path, seed, ranks):
     """Dropout on, 14 (7) steps an epoch, 30 steps: killed at a random step and resumed == never killed."""
@@ -89,7 +77,7 @@ def test_kill9_and_resume_is_bit_equal(tmp_path, seed, ranks):
     _launch(deepspeed_command(TRAIN, str(reference), ranks=ranks, port=29640))
     killed = _config(tmp_path, "killed", **steps)
     run_dir = tmp_path / "runs" / "killed"
-    _kill_when_step_reached(deepspeed_command(TRAIN, str(killed), ranks=ranks, port=29641), run_dir / "metrics.jsonl", kill_step)
+    kill_when_step_reached(deepspeed_command(TRAIN, str(killed), ranks=ranks, port=29641), run_dir / "metrics.jsonl", kill_step)
     assert not (run_dir / "checkpoint-30").exists()
     resumed = _launch(deepspeed_command(TRAIN, str(killed), "--resume", ranks=ranks, port=29642))
     assert "resuming from" in resumed.stdout
