@@ -7,7 +7,7 @@ import ast
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_config, write_config
 from study_files import launch, write_study
 
 from workbench.errors import ConfigError
@@ -63,8 +63,11 @@ def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_w
     assert len(warnings) == 2 and all("field 'collect'" in w for w in warnings)
     assert "'train_mem_cpu_alloc_delta' may not be logged" in warnings[0] and "Trainer" in warnings[0]
     assert "'factworld_qa.zero_shot.f1'" in warnings[1] and "evaluator column" in warnings[1]
+    # a method that declares its `logged_metrics`: those are known, anything else it cannot log
     _, warnings = _load(tmp_path, collect=["loss", "dropout_rate"], set={"methods.dropout_schedule.rate": 0.1})
-    assert len(warnings) == 1 and "method 'dropout_schedule' may log it" in warnings[0]
+    assert warnings == []
+    with pytest.raises(ConfigError, match="field 'collect': no run logs 'dropout_rat'"):
+        _load(tmp_path, collect=["loss", "dropout_rat"], set={"methods.dropout_schedule.rate": 0.1})
     evaluated = {"eval.on_save": True, "eval.tasks": [{"task": "factworld_qa", "styles": ["zero_shot"]}]}
     _, warnings = _load(tmp_path, collect=["loss", "factworld_qa.zero_shot.f1"], set=evaluated)
     assert warnings == []
@@ -115,3 +118,13 @@ def test_the_study_package_never_imports_the_evaluator():
     assert ("analysis.py", "workbench.stats") in imported
     assert [(f, m) for f, m in imported if m == "evals" or m.startswith("evals.")] == []
     assert not list((REPO / "workbench").glob("study_*.py"))  # the old flat modules are gone
+
+
+def test_a_method_that_does_not_declare_its_metrics_makes_a_key_a_warning(tmp_path, monkeypatch):
+    """A method class by its `package.module:Class` name, without `logged_metrics`: it may log anything."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from workbench.config import load_config
+    from workbench.study.metrics import run_logs
+
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, methods={"tests.integration.hook_probe:HookProbe": {}})))
+    assert "method 'tests.integration.hook_probe:HookProbe' may log it" in run_logs(cfg, "probe_metric")

@@ -60,10 +60,10 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
             key, TRAINER_METRICS | EVAL_METRICS):  # a name close to a known one is taken for a typo
         maybe.append("the Trainer may log more train_*/eval_* keys than these checks know")
     if cfg.methods:
-        from workbench.methods import METHODS
+        from workbench.methods import method_class
 
         for name in cfg.methods:
-            declared = getattr(METHODS[name], "logged_metrics", None)
+            declared = getattr(method_class(name), "logged_metrics", None)
             if declared is None:
                 maybe.append(f"method '{name}' may log it")
             elif key in declared:
