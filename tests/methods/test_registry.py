@@ -69,3 +69,20 @@ def test_registering_twice_or_without_dataclass_config_fails(rate_method):
         register("test_rate")(type("Other", (Method,), {}))
     with pytest.raises(TypeError, match="must be a dataclass"):
         register("test_bad")(type("Bad", (Method,), {"Config": dict}))
+
+
+def test_a_method_class_named_by_module_path_imports_from_the_launch_directory(tmp_path, monkeypatch):
+    """`mymethods:Shout` in the directory a run is launched from, as `python -m` would find it."""
+    import sys
+
+    from workbench.methods import method_class
+
+    (tmp_path / "shout_methods_mod.py").write_text(
+        "from workbench.methods import Method\n\nclass Shout(Method):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    cls = method_class("shout_methods_mod:Shout")
+    assert cls.__name__ == "Shout" and METHODS["shout_methods_mod:Shout"] is cls
+    with pytest.raises(ValueError, match="cannot import method 'no_such_module_x:Shout'"):
+        method_class("no_such_module_x:Shout")
+    METHODS.pop("shout_methods_mod:Shout")

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -127,8 +130,11 @@ def method_class(name: str) -> type[Method]:
 
 
 def _import_method(path: str) -> type[Method]:
-    """`package.module:ClassName` -> that Method subclass (registered under `path` if it has no name)."""
+    """`package.module:ClassName` -> that Method subclass (registered under `path` if it has no name), from
+    the Python path or, as `python -m` would, the current directory (`launch/train.py` puts `launch/` first)."""
     module_name, _, class_name = path.partition(":")
+    if os.getcwd() not in sys.path and importlib.util.find_spec(module_name.partition(".")[0]) is None:
+        sys.path.append(os.getcwd())
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
