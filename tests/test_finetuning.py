@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -20,7 +21,9 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+from workbench.checkpoints import verify_checkpoint
 from workbench.io import read_jsonl
+from workbench.methods import METHODS, Method, register
 
 ARITHMETIC = {"source": "synthetic:arithmetic", "synthetic": {"num_problems": 48, "num_steps": 2}, "block_size": 128}
 
@@ -196,4 +199,34 @@ def test_lora_finetune_killed_and_resumed_on_two_ranks_is_bit_equal(tmp_path, ba
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
     steps_logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
     assert steps_logged == list(range(1, 13))
+
+
+@dataclasses.dataclass
+class _NanAtConfig:
+    step: int = 3
+
+
+def test_a_nan_loss_stops_a_finetuning_run_and_keeps_the_last_good_checkpoint(tmp_path, base_run, capsys):
+    """The NaN stop holds on TRL's SFTTrainer too (here a loss hook makes step 3's loss NaN)."""
+    @register("test_nan_at")
+    class NanAt(Method):
+        Config = _NanAtConfig
+
+        def loss(self, model, inputs, outputs, loss, num_items_in_batch=None):
+            step = self.trainer.state.global_step + 1
+            return loss * float("nan") if step == self.config.step else loss
+
+        def setup(self, trainer):
+            self.trainer = trainer
+
+    try:
+        cfg = _finetune_config(tmp_path, base_run, name="nan", methods={"test_nan_at": {"step": 3}})
+        assert train_main([str(write_config(tmp_path, cfg))]) == 3
+    finally:
+        METHODS.pop("test_nan_at")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is nan at step 3") and "last good checkpoint" in err
+    run_dir = tmp_path / "runs" / "nan"
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    verify_checkpoint(run_dir / "checkpoint-2")
 
