@@ -1,0 +1,48 @@
+"""The README and docs describe only what exists: their links resolve inside the repository, they never
+point outside it, every YAML example parses and names only methods that exist, and every study config in
+configs/studies/ passes the study checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from workbench.methods import BUILTIN
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_links_resolve_inside_the_repository(doc):
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path = (doc.parent / target).resolve()
+        assert path.is_relative_to(REPO), f"{doc.name} links outside the repository: {target}"
+        assert path.exists(), f"{doc.name} links to a missing file: {target}"
+    assert "../shared" not in doc.read_text(), f"{doc.name} points at ../shared (not part of the repository)"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_yaml_examples_parse_and_name_existing_methods(doc):
+    text = doc.read_text()
+    defined_here = set(re.findall(r"@register\(\"([^\"]+)\"\)", text))  # a method the page itself writes
+    for block in YAML_BLOCK.findall(text):
+        parsed = yaml.safe_load(block)
+        methods = (parsed or {}).get("methods") if isinstance(parsed, dict) else None
+        for name in methods or {}:
+            assert name in BUILTIN or name in defined_here or ":" in name, f"{doc.name} shows method '{name}', which does not exist"
+
+
+@pytest.mark.parametrize("study", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_study_config_passes_the_study_checks(study, monkeypatch):
+    from workbench.study import load_study, plan
+
+    monkeypatch.chdir(REPO)
+    assert len(plan(load_study(study))) >= 2
