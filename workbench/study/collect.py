@@ -39,6 +39,7 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
     row.update(final_eval_scores(results_path(run.run_dir)))
+    row.update(eval_scores_at_best_validation(results_path(run.run_dir), records))
     return row
 
 
@@ -50,6 +51,32 @@ def final_eval_scores(results: Path) -> dict[str, float]:
         return {}
     last = max(r["step"] for r in records)
     return {f"{r['task']}.{r['style']}.{r['metric']}": r["value"] for r in records if r["step"] == last}
+
+
+def eval_scores_at_best_validation(results: Path, records: list[dict[str, Any]]) -> dict[str, float]:
+    """`best@task.style.metric` -> score at the evaluated checkpoint whose logged validation loss (`eval_loss`)
+    is lowest: each run at its own best training length, chosen on held-out data, never on the scores
+    themselves (ties go to the earlier step). Also `best_eval_step`, that checkpoint's step."""
+    losses = {r["step"]: r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), (int, float))}
+    evaluated = [r for r in (read_jsonl(results) if results.is_file() else [])
+                 if r.get("status", "ok") == "ok" and r.get("step") in losses]
+    if not evaluated:
+        return {}
+    best = min({r["step"] for r in evaluated}, key=lambda step: (losses[step], step))
+    scores = {f"best@{r['task']}.{r['style']}.{r['metric']}": r["value"] for r in evaluated if r["step"] == best}
+    return {**scores, "best_eval_step": best}
+
+
+def t_interval(values: list[float]) -> float:
+    """Half-width of the two-sided 95% Student-t interval of the mean of `values` (nan below 2 values)."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
 
 
 def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> list[dict[str, Any]]:
@@ -66,6 +93,8 @@ def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> l
                 mean = sum(values) / len(values)
                 std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 entry.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_n": len(values)})
+                if key.startswith("delta_"):  # a paired difference: its 95% interval over seeds
+                    entry[f"{key}_ci95"] = t_interval(values)
         out.append(entry)
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,16 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
              f"{len(runs)} runs ({counts or 'none'}); {source}.", "",
              *_pretrain_lines(study),
              "Mean ± standard deviation over seeds (n = number of seeds with a value). `best_<key>` is the best value "
-             "of a run's curve and `best_step_<key>` its step; `delta_<key>` a paired difference to the reference "
-             "run of the same seed.", ""]
+             "of a run's curve and `best_step_<key>` its step; `best@<task.style.metric>` the evaluator's score at "
+             "the checkpoint with the lowest validation loss (`best_eval_step`); `delta_<key>` a paired difference "
+             "to the reference run of the same seed, with its 95% Student-t interval over seeds in brackets, marked "
+             "*inside the seed spread* where that interval holds 0.", ""]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
     lines.append("| " + " | ".join([*study.axes, *shown]) + " |")
     lines.append("|" + "---|" * (len(study.axes) + len(shown)))
     for entry in table:
         cells = [str(entry[a]) for a in study.axes]
-        cells += [f"{entry[f'{k}_mean']:.4g} ± {entry[f'{k}_std']:.2g} (n={entry[f'{k}_n']})"
-                  if f"{k}_mean" in entry else "–" for k in shown]
+        cells += [_cell(entry, k) for k in shown]
         lines.append("| " + " | ".join(cells) + " |")
     if absent:
         lines += ["", "In no run's results (so not in the table): "
@@ -70,6 +72,18 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     report = folder / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return folder / "results.csv", report
+
+
+def _cell(entry: dict[str, Any], key: str) -> str:
+    """'mean ± std (n=k)'; for a paired delta also its 95% interval, and whether it holds 0."""
+    if f"{key}_mean" not in entry:
+        return "–"
+    mean, text = entry[f"{key}_mean"], f"{entry[f'{key}_mean']:.4g} ± {entry[f'{key}_std']:.2g} (n={entry[f'{key}_n']})"
+    half = entry.get(f"{key}_ci95")
+    if half is None or not math.isfinite(half):
+        return text
+    inside = " *inside the seed spread*" if mean - half <= 0 <= mean + half and (mean != 0 or half > 0) else ""
+    return f"{text} [{mean - half:.3g}, {mean + half:.3g}]{inside}"
 
 
 def missing_columns(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, str]:
