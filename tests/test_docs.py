@@ -5,7 +5,6 @@ configs/studies/ passes the study checks."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

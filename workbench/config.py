@@ -218,13 +218,11 @@ class ExperimentConfig(_Section):
 
     @pydantic.model_validator(mode="after")
     def _check_methods_fit_the_model(self) -> ExperimentConfig:
-        if self.model.lora is not None and self.methods:
-            from workbench.methods import method_class
+        from workbench.methods import method_class
 
-            for name in self.methods:
-                if method_class(name).needs_full_finetuning:
-                    raise ValueError(f"[model.lora] method '{name}' trains every weight and cannot run on LoRA "
-                                     "adapters: remove 'model.lora' or the method")
+        for name, options in self.methods.items():
+            method = method_class(name)
+            method.check_lora(method.Config(**options), self.model.lora)
         return self
 
 

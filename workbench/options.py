@@ -5,6 +5,7 @@ Its own module so that `workbench.config` and `workbench.methods` both use it wi
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 import pydantic
@@ -27,7 +28,14 @@ def dataclass_options(label: str, config_class: type, options: dict[str, Any]) -
         if not first["loc"]:  # raised by the dataclass's own __post_init__ checks
             raise ValueError(f"[{label}] {message}") from None
         field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"[{label}.{field}] {message} (got {first.get('input')!r})") from None
+        hint = _choice_hint(config_class, first) if first["type"] == "literal_error" else ""
+        raise ValueError(f"[{label}.{field}] {message} (got {first.get('input')!r}){hint}") from None
     except (TypeError, ValueError) as err:
         raise ValueError(f"[{label}] {err}") from None
     return dataclasses.asdict(config)
+
+
+def _choice_hint(config_class: type, error: Any) -> str:
+    """' (did you mean ...?)' for a value outside a top-level `Literal[...]` field's choices."""
+    annotation = typing.get_type_hints(config_class).get(str(error["loc"][0]))
+    return did_you_mean(str(error.get("input")), [str(choice) for choice in typing.get_args(annotation)])

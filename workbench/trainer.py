@@ -51,10 +51,13 @@ class WorkbenchMixin:
         self.methods = list(methods or [])
         for method in self.methods:
             kwargs["model"] = method.prepare_model(kwargs["model"])
-        # method callbacks first, so the metrics they add to the logs reach the other callbacks
-        callbacks = [cb for method in self.methods for cb in method.callbacks()]
-        callbacks += list(kwargs.pop("callbacks", None) or [])
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        method_callbacks = [cb for method in self.methods for cb in method.callbacks()]
+        super().__init__(*args, callbacks=method_callbacks + list(kwargs.pop("callbacks", None) or []), **kwargs)
+        # method callbacks first, so the metrics they add to the logs reach every other callback: the Trainer puts
+        # its reporting integrations (TensorBoard, ...) ahead of the callbacks it is given
+        for callback in reversed(method_callbacks):
+            self.callback_handler.callbacks.remove(callback)
+            self.callback_handler.callbacks.insert(0, callback)
         for method in self.methods:  # after __init__: TRL builds its own collator there
             self.data_collator = method.wrap_collator(self.data_collator)
         self._loss_methods = [m for m in self.methods if m.overrides("loss")]

@@ -14,13 +14,14 @@ each hook of every enabled method in the order the YAML lists them, at these poi
     loss(model, inputs, outputs, loss, num_items_in_batch) -> loss
                                            every micro-batch, after the model's own loss; normalise an
                                            added per-token term by `num_items_in_batch` when it is given
-    param_groups(model, groups) -> groups  once, on the optimizer's groups (ALLoRA's per-row rates)
+    param_groups(model, groups) -> groups  once, on the optimizer's groups (per-group learning rates)
     after_optimizer_step(model, trainer)   every optimizer step, after the update, on every rank; read and
                                            write weights with `workbench.distributed` (all ZeRO stages)
     state_dict() / load_state_dict(state)  what must survive a restart: tensors of any size, numbers,
                                            strings, lists, dicts; saved per rank in every checkpoint
 
-`needs_full_finetuning = True` makes a method refuse `model.lora` (a config error naming both).
+`needs_full_finetuning = True` makes a method refuse `model.lora` (a config error naming both); a method with other
+needs of `model.lora` (ALLoRA: no dropout, no DoRA) says so in the class method `check_lora`, run with the config.
 
 Built-in methods are listed in `BUILTIN` and imported only when a config names them, so validating a
 config imports nothing it does not use. Your own method, outside this package: `@register("name")` in a
@@ -45,6 +46,8 @@ from workbench.options import dataclass_options
 METHODS: dict[str, type[Method]] = {}
 BUILTIN: dict[str, str] = {  # name -> module that registers it, imported on first use
     "dropout_schedule": "workbench.methods.dropout_schedule",
+    "masked_thought": "workbench.methods.masked_thought",
+    "allora": "workbench.methods.allora",
 }
 
 
@@ -63,6 +66,14 @@ class Method:
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def check_lora(cls, config: Any, lora: dict[str, Any] | None) -> None:
+        """Raise ValueError('[dotted.field] why') when the run's `model.lora` options (None: no LoRA, every weight
+        trains) do not suit this method with options `config`; called as the experiment config is validated."""
+        if lora is not None and cls.needs_full_finetuning:
+            raise ValueError(f"[model.lora] method '{cls.name}' trains every weight and cannot run on LoRA "
+                             "adapters: remove 'model.lora' or the method")
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         return tokenizer
