@@ -117,9 +117,17 @@ def run_data_options(data: dict[str, Any]) -> dict[str, Any]:
     fact world's options at the top level (`workbench.data.fact_world_options`) and, for a run trained on
     arithmetic problems (`synthetic:arithmetic`), their ArithmeticConfig fields under 'arithmetic'."""
     options = fact_world_options(data)
-    if data.get("source") == "synthetic:arithmetic":
+    if data.get("source") == "synthetic:arithmetic":  # as fine-tuning examples or as pretraining text
         options["arithmetic"] = dict(data.get("synthetic") or {})
+        options["arithmetic_seen"] = [options["arithmetic"]]
     return options
+
+
+def seen_arithmetic(world_options: dict[str, Any]) -> list[ArithmeticConfig]:
+    """Every arithmetic problem set the run and the runs it descends from trained on (none: the default set,
+    which `training_arithmetic` also falls back to)."""
+    seen = world_options.get("arithmetic_seen") or [world_options.get("arithmetic") or {}]
+    return [generator_options("synthetic:arithmetic", options) for options in seen]
 
 
 def training_arithmetic(world_options: dict[str, Any]) -> ArithmeticConfig:
@@ -133,14 +141,15 @@ def _questions(cfg: ArithmeticConfig) -> frozenset[str]:
     return frozenset(arithmetic_problems(cfg)["question"])
 
 
-def unseen_problems(cfg: ArithmeticConfig, training: ArithmeticConfig) -> DatasetDict:
+def unseen_problems(cfg: ArithmeticConfig, training: ArithmeticConfig | list[ArithmeticConfig]) -> DatasetDict:
     """Problems of `cfg`'s kind from the evaluation seed stream (`cfg.seed + EVAL_SEED_OFFSET`), dropping
-    any whose question is in `training`'s problems or already taken: `train`, the first ARITHMETIC_FEWSHOT
-    (few-shot pool), then `test`, up to ARITHMETIC_TEST."""
+    any whose question is in the `training` problems (one set, or every set of a run's lineage) or already
+    taken: `train`, the first ARITHMETIC_FEWSHOT (few-shot pool), then `test`, up to ARITHMETIC_TEST."""
     wanted = ARITHMETIC_FEWSHOT + ARITHMETIC_TEST
     drawn = arithmetic_problems(replace(cfg, num_problems=CANDIDATES_PER_PROBLEM * wanted,
                                         seed=cfg.seed + EVAL_SEED_OFFSET))
-    taken, keep = set(_questions(training)), []
+    taken: set[str] = set().union(*(_questions(t) for t in (training if isinstance(training, list) else [training])))
+    keep: list[int] = []
     for index, question in enumerate(drawn["question"]):
         if len(keep) == wanted:
             break
@@ -169,7 +178,7 @@ def add_irrelevant_sentence(question: str, max_value: int, rng: random.Random) -
 def arithmetic(**world_options: Any) -> DatasetDict:
     """Problems like the run's training problems (same num_steps and max_value), none of them trained on."""
     training = training_arithmetic(world_options)
-    return unseen_problems(training, training)
+    return unseen_problems(training, seen_arithmetic(world_options))
 
 
 def arithmetic_irrelevant(**world_options: Any) -> DatasetDict:
@@ -184,7 +193,7 @@ def arithmetic_irrelevant(**world_options: Any) -> DatasetDict:
 def arithmetic_longer(**world_options: Any) -> DatasetDict:
     """Problems one step longer than the run's training problems (num_steps + 1), otherwise alike."""
     training = training_arithmetic(world_options)
-    return unseen_problems(replace(training, num_steps=training.num_steps + 1), training)
+    return unseen_problems(replace(training, num_steps=training.num_steps + 1), seen_arithmetic(world_options))
 
 
 GENERATORS = {"factworld_qa": factworld_qa, "factworld_mc": factworld_mc, "arithmetic": arithmetic,
@@ -209,4 +218,6 @@ def training_data_options(config: dict[str, Any], _seen: frozenset[str] = frozen
         if (run / RUN_CONFIG).is_file() and key not in _seen:
             parent = yaml.safe_load((run / RUN_CONFIG).read_text()) or {}
             inherited = training_data_options(parent, _seen | {key})
-    return {**inherited, **run_data_options(config.get("data") or {})}
+    own = run_data_options(config.get("data") or {})
+    seen = [*inherited.get("arithmetic_seen", []), *own.get("arithmetic_seen", [])]
+    return {**inherited, **own, **({"arithmetic_seen": seen} if seen else {})}

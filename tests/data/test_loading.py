@@ -145,3 +145,22 @@ def test_parallel_runs_share_one_cold_cache(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert outputs[0][0] == outputs[1][0]
     assert not [p for p in (tmp_path / "blocks").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_question_answer_generators_as_pretraining_text():
+    """`synthetic:arithmetic` with `format: text`: each problem and its worked answer as one document, in
+    the fine-tuning prompt format, so a base can pretrain on the kind of text its arms fine-tune on."""
+    from workbench.data.loading import QA_PROMPT
+    from workbench.finetune import is_finetuning
+
+    synthetic = {"num_problems": 20, "num_steps": 1, "max_value": 10}
+    cfg = DataConfig(source="synthetic:arithmetic", format="text", synthetic=synthetic)
+    docs = load_documents(cfg)
+    rows = load_rows(cfg)
+    assert len(docs) == 20 and not is_finetuning(cfg)
+    assert docs[0]["text"] == f"{QA_PROMPT.format(question=rows[0]['question'])} {rows[0]['answer']}"
+    assert is_finetuning(DataConfig(source="synthetic:arithmetic", synthetic=synthetic))
+    with pytest.raises(ConfigError, match="field 'data.format'.*valid: auto, prompt_completion, text"):
+        from workbench.data.finetune import resolve_format
+
+        resolve_format(DataConfig(source="synthetic:arithmetic", format="messages", synthetic=synthetic))

@@ -116,7 +116,7 @@ def test_run_options_reach_the_sets_and_default_without_arithmetic(tmp_path):
     (run / "checkpoint-1").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"source": "synthetic:arithmetic",
                                                               "synthetic": TRAINED}}))
-    assert run_target(run).world == {"arithmetic": TRAINED}
+    assert run_target(run).world == {"arithmetic": TRAINED, "arithmetic_seen": [TRAINED]}
     fact_run = run_data_options({"source": "synthetic:fact_world", "synthetic": {"num_entities": 40}})
     assert "arithmetic" not in fact_run and fact_run["num_entities"] == 40
     assert set(arithmetic(**fact_run)["test"]["num_steps"]) == {ArithmeticConfig().num_steps}
@@ -287,3 +287,22 @@ def test_a_wrong_final_number_scores_zero_on_that_item(tiny_run, tmp_path, monke
     assert launch_main("eval", [str(run), "--task", "arithmetic:zero_shot", "--limit", "6"]) == 0
     expected = {(name, "zero_shot"): [float(d["final_answer"] % 2 == 0) for d in docs[name]] for name in SETS}
     assert _scores(run) == expected and {0.0, 1.0} <= {x for v in expected.values() for x in v}
+
+
+def test_a_run_and_its_base_both_trained_on_arithmetic_are_never_asked_either_set(tmp_path):
+    """A base pretrained on arithmetic text (seed 5) and an arm fine-tuned on other problems (seed 6): the
+    evaluation sets avoid the questions of both, and are of the arm's kind."""
+    from evals.data import training_data_options
+
+    base_data = {"source": "synthetic:arithmetic", "format": "text", "synthetic": CROWDED}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.yaml").write_text(yaml.safe_dump({"data": base_data}))
+    arm = {**CROWDED, "seed": 6, "num_problems": 500}
+    options = training_data_options({"model": {"name_or_path": str(tmp_path / "base")},
+                                     "data": {"source": "synthetic:arithmetic", "synthetic": arm}})
+    assert options["arithmetic"] == arm and len(options["arithmetic_seen"]) == 2
+    asked = set(arithmetic(**options)["test"]["question"])
+    for trained in (CROWDED, arm):
+        assert not asked & set(arithmetic_problems(ArithmeticConfig(**trained))["question"])
+    only_arm = set(arithmetic(**_options(arm))["test"]["question"])  # without the lineage, base questions leak
+    assert only_arm & set(arithmetic_problems(ArithmeticConfig(**CROWDED))["question"])

@@ -29,7 +29,7 @@ from datasets import Dataset, DatasetDict, Value
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workbench.config import DataConfig
-from workbench.data.loading import generator, generator_options, load_rows, missing_column
+from workbench.data.loading import QA_PROMPT, generator, generator_options, load_rows, missing_column
 from workbench.data.packing import split_documents
 from workbench.errors import ConfigError
 
@@ -38,7 +38,6 @@ __all__ = [
     "load_finetune_splits", "resolve_format", "sft_config_fields", "token_lengths", "truncation_report",
 ]  # fmt: skip
 
-QA_PROMPT = "Question: {question}\nAnswer:"
 """The prompt of the built-in QA generators; the completion is " " + the answer (for arithmetic, the worked
 GSM8K answer ending `#### N`). Evaluators prompt the same way."""
 
@@ -66,14 +65,17 @@ def resolve_format(data: DataConfig) -> str:
 
 
 def _generator_format(data: DataConfig) -> str:
+    """A generator's format: its native one for `auto`; question/answer generators also give `text` (each
+    problem and its answer as one pretraining document, `qa_documents`)."""
     native = "prompt_completion" if generator(data.source).kind == "qa" else "text"
     generator_options(data.source, data.synthetic)
-    if data.format not in ("auto", native):
+    valid = ("auto", native, "text")
+    if data.format not in valid:
         raise ConfigError(
             f"field 'data.format': '{data.source}' gives {native} examples, not {data.format}; "
-            f"valid: auto, {native}"
+            f"valid: {', '.join(dict.fromkeys(valid))}"
         )
-    return native
+    return native if data.format == "auto" else data.format
 
 
 def _required_columns(data: DataConfig, fmt: str) -> list[tuple[str, str]]:

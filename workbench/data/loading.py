@@ -139,9 +139,22 @@ def missing_column(field: str, column: str, source: str, columns: list[str]) -> 
     )
 
 
+QA_PROMPT = "Question: {question}\nAnswer:"  # the prompt of question/answer data (fine-tuning and evaluation)
+
+
+def qa_documents(rows: Dataset) -> Dataset:
+    """Question/answer rows as pretraining text, in the fine-tuning format: QA_PROMPT, a space, the answer."""
+    return rows.map(lambda batch: {"text": [f"{QA_PROMPT.format(question=q)} {a}"
+                                            for q, a in zip(batch["question"], batch["answer"], strict=True)]},
+                    batched=True, remove_columns=rows.column_names)
+
+
 def load_documents(cfg: DataConfig) -> Dataset:
-    """One row per document with a `text` column, in a fixed order."""
+    """One row per document with a `text` column, in a fixed order. A question/answer generator
+    (`synthetic:arithmetic`, `synthetic:fact_qa`) with `data.format: text` gives `qa_documents`."""
     docs = load_rows(cfg)
+    if cfg.format == "text" and cfg.source.startswith("synthetic:") and generator(cfg.source).kind == "qa":
+        docs = qa_documents(docs)
     if cfg.text_column not in docs.column_names:
         raise missing_column("text_column", cfg.text_column, cfg.source, docs.column_names)
     docs = docs.select_columns([cfg.text_column])
