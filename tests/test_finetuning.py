@@ -63,6 +63,8 @@ def test_lora_finetune_from_a_run_trains_the_completion_saves_adapters_and_resum
         assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
         assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
     losses = [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+    norms = [r["lora_delta_norm"] for r in read_jsonl(run_dir / "metrics.jsonl") if "lora_delta_norm" in r]
+    assert len(norms) == len(losses) and 0 < norms[0] < norms[-1]  # the adapters' update grows from zero
     assert len(losses) == 4 and losses[-1] < losses[0]  # the adapters learn the completions
     uninterrupted = load_file(run_dir / "checkpoint-4" / "adapter_model.safetensors")
     shutil.rmtree(run_dir / "checkpoint-4")

@@ -163,9 +163,14 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Non
 
 
 def run_callbacks(cfg: ExperimentConfig) -> list:
-    """metrics.jsonl always; extra save steps when the config asks. (Evaluation on save is the evaluator's
+    """metrics.jsonl always; the LoRA update's norm (`lora_delta_norm`) for LoRA runs; extra save steps when
+    the config asks. (Evaluation on save is the evaluator's
     callback, `evals.on_save`, which the entry point adds: the library does not import the evaluator.)"""
     callbacks = [MetricsJsonlCallback(cfg.run_dir / METRICS)]
+    if cfg.model.lora is not None:
+        from workbench.models.lora import LoraDeltaNormCallback
+
+        callbacks.append(LoraDeltaNormCallback())
     if cfg.save_at_steps:
         callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
     return callbacks

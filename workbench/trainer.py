@@ -52,10 +52,12 @@ class WorkbenchMixin:
         for method in self.methods:
             kwargs["model"] = method.prepare_model(kwargs["model"])
         method_callbacks = [cb for method in self.methods for cb in method.callbacks()]
-        super().__init__(*args, callbacks=method_callbacks + list(kwargs.pop("callbacks", None) or []), **kwargs)
-        # method callbacks first, so the metrics they add to the logs reach every other callback: the Trainer puts
-        # its reporting integrations (TensorBoard, ...) ahead of the callbacks it is given
-        for callback in reversed(method_callbacks):
+        given = list(kwargs.pop("callbacks", None) or [])
+        super().__init__(*args, callbacks=method_callbacks + given, **kwargs)
+        # method callbacks (and any with `adds_metrics = True`) first, so the metrics they add to the logs reach
+        # every other callback: the Trainer puts its reporting integrations (TensorBoard, ...) ahead of the
+        # callbacks it is given
+        for callback in reversed(method_callbacks + [cb for cb in given if getattr(cb, "adds_metrics", False)]):
             self.callback_handler.callbacks.remove(callback)
             self.callback_handler.callbacks.insert(0, callback)
         for method in self.methods:  # after __init__: TRL builds its own collator there

@@ -340,3 +340,22 @@ def test_adapter_with_missing_weights_is_an_error(tmp_path, adapter_run):
     save_file({k: v for k, v in weights.items() if "dense_4h_to_h" not in k}, checkpoint / "adapter_model.safetensors")
     with pytest.raises(CheckpointError, match="adapter_model.safetensors lacks 2 weights, e.g. '.*dense_4h_to_h"):
         load_trained_model(checkpoint)
+
+
+def test_lora_delta_norm_is_the_mean_frobenius_norm_of_the_scaled_update(base_dir, tokenizer):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from workbench.models.lora import lora_delta_norm
+
+    model = lora_model(base_dir, tokenizer, lora={"r": 4, "lora_alpha": 12})
+    assert lora_delta_norm(model) == 0.0  # B starts at zero
+    torch.manual_seed(1)
+    expected = []
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            with torch.no_grad():
+                b.normal_()
+            delta = 3.0 * b.detach().double() @ a.detach().double()  # scaling alpha / r = 3
+            expected.append(float(delta.pow(2).sum().sqrt()))
+    assert lora_delta_norm(model) == pytest.approx(sum(expected) / len(expected), rel=1e-5)

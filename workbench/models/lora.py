@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
 from workbench.config import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
@@ -224,3 +224,43 @@ def attach_adapter(base: PreTrainedModel, checkpoint: str | Path) -> PeftModel:
             raise CheckpointError(f"checkpoint '{checkpoint}': the adapter does not fit its base model: "
                                   f"{ADAPTER_WEIGHTS} {what} {len(keys)} weights, e.g. '{min(keys)}'")
     return model
+
+
+class LoraDeltaNormCallback(TrainerCallback):
+    """Logs `lora_delta_norm`, the mean over LoRA layers of ||scaling * B A||_F (the adapters' change to each
+    weight), at every logging step, so adapter variants (LoRA, rsLoRA, LoRA+, ALLoRA) can be compared on how
+    fast their update grows. Every rank computes it (ZeRO-3 gathers the factors: a collective)."""
+
+    adds_metrics = True
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
+        self.model = model
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is None or self.model is None or "loss" not in logs:  # training-step logs only
+            return
+        norm = lora_delta_norm(self.model)
+        if norm is not None:
+            logs["lora_delta_norm"] = norm
+
+
+def lora_delta_norm(model: torch.nn.Module) -> float | None:
+    """Mean over the model's LoRA layers (active adapter) of ||scaling * B A||_F; None without LoRA layers."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from workbench.distributed import gathered_parameters
+
+    norms = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            with gathered_parameters([a, b]), torch.no_grad():
+                norms.append(float(module.scaling[name]) * torch.linalg.matrix_norm(b.float() @ a.float()).item())
+    return sum(norms) / len(norms) if norms else None

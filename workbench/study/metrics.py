@@ -48,6 +48,8 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
     validates = cfg.data.validation_fraction > 0
     if key in TRAINER_METRICS or (key in EVAL_METRICS and validates):
         return True
+    if key == "lora_delta_norm" and cfg.model.lora is not None:
+        return True
     if len(key.split(".")) == 3:  # an evaluator column
         task, style, _ = key.split(".")
         if cfg.eval.on_save and any(t.task == task and (t.styles is None or style in t.styles) for t in cfg.eval.tasks):
