@@ -179,6 +179,22 @@ def test_agreement_best_x_kendall_tau_and_cost():
     assert pair["cost_ratio"] == {"sec": 2.0, "flops": 4.0}
     best_high = agreement(rows, AgreementSpec(group="m", x="rate", y="nll", cost=[]), maximize=True)
     assert best_high["groups"]["dense"]["best_x"] == 0.5
+    # the best value (mean over seeds) and how much the mean moves across x: the learning-rate sensitivity
+    assert result["groups"]["dense"]["best_y"] == pytest.approx(2.05)
+    assert result["groups"]["moe"]["y_range"] == pytest.approx(4.45 - 2.35)
+
+
+def test_agreement_on_a_higher_is_better_evaluator_column_takes_its_maximum():
+    from workbench.study import StudyConfig
+    from workbench.study.analysis import compare
+
+    rows = [{"seed": 0, "m": "a", "rate": x, "t.s.exact_match": y} for x, y in ((0.1, 0.2), (0.3, 0.6), (1.0, 0.4))]
+    spec = {"kind": "agreement", "group": "m", "x": "rate", "y": "t.s.exact_match"}
+    study = StudyConfig(study="s", base="b.yaml", axes={"m": ["a"], "rate": [0.1, 0.3, 1.0]},
+                        compare=[{**spec, "best": "max"}])
+    assert compare(study, rows)[0]["groups"]["a"]["best_x"] == 0.3
+    study = StudyConfig(study="s", base="b.yaml", axes={"m": ["a"], "rate": [0.1, 0.3, 1.0]}, compare=[spec])
+    assert compare(study, rows)[0]["groups"]["a"]["best_x"] == 0.1  # auto: a loss-like column, lowest
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)

@@ -53,7 +53,10 @@ def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -
     out: dict[str, Any] = {"group": spec.group, "x": spec.x, "y": spec.y, "best": "max" if maximize else "min",
                            "groups": {}, "pairs": []}
     for group in groups:
-        out["groups"][group] = {"best_x": best(means[group]), "curve": means[group], "cost": cost[group],
+        curve = means[group]
+        out["groups"][group] = {"best_x": best(curve), "curve": curve, "cost": cost[group],
+                                "best_y": curve[best(curve)] if curve else math.nan,
+                                "y_range": max(curve.values()) - min(curve.values()) if curve else math.nan,
                                 "best_x_per_seed": {s: best(c) for s, c in sorted(curves[group].items())}}
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
@@ -78,10 +81,12 @@ def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -
 def agreement_markdown(result: dict[str, Any]) -> list[str]:
     """The agreement result as report lines."""
     lines = [f"## Agreement on the best {result['x']} ({result['best']} {result['y']}) across {result['group']}", "",
-             "| group | best x (mean over seeds) | best x per seed | cost |", "|---|---|---|---|"]
+             f"| group | best x (mean over seeds) | {result['y']} there | range of the mean over x (sensitivity) "
+             "| best x per seed | cost |", "|---|---|---|---|---|---|"]
     for group, entry in result["groups"].items():
         cost = ", ".join(f"{k} {v:.4g}" for k, v in entry["cost"].items())
-        lines.append(f"| {group} | {entry['best_x']} | {list(entry['best_x_per_seed'].values())} | {cost} |")
+        lines.append(f"| {group} | {entry['best_x']} | {entry.get('best_y', math.nan):.4g} | "
+                     f"{entry.get('y_range', math.nan):.4g} | {list(entry['best_x_per_seed'].values())} | {cost} |")
     for pair in result["pairs"]:
         a, b = pair["groups"]
         ratio = ", ".join(f"{k} {v:.3g}x" for k, v in pair["cost_ratio"].items())
@@ -100,7 +105,7 @@ def compare(study: StudyConfig, rows: list[dict[str, Any]]) -> list[dict[str, An
         if isinstance(spec, DeltaSpec):
             add_deltas(rows, spec, axes)
         else:
-            results.append(agreement(rows, spec, spec.y in maximize))
+            results.append(agreement(rows, spec, spec.best == "max" or (spec.best == "auto" and spec.y in maximize)))
     return results
 
 

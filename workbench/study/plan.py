@@ -116,6 +116,9 @@ class AgreementSpec(BaseModel):
     x: str
     y: str
     cost: list[str] = Field(default_factory=lambda: ["train_runtime", "total_flos"])
+    # which y is best: `max`/`min`, or `auto`: max where `collect` asks `y:max`, else min (losses); give `max`
+    # for an evaluator column that is higher-better (accuracy, exact_match)
+    best: Literal["auto", "max", "min"] = "auto"
 
 
 class PretrainSpec(BaseModel):
