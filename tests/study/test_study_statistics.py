@@ -46,3 +46,17 @@ def test_scores_at_the_checkpoint_with_the_lowest_validation_loss(tmp_path):
                                                                 "best_eval_step": 200}
     assert eval_scores_at_best_validation(results, [{"step": 300, "loss": 1.0}]) == {}  # no validation: nothing
     assert eval_scores_at_best_validation(tmp_path / "none.jsonl", records) == {}
+
+
+def test_a_delta_plot_draws_intervals_around_zero(tmp_path):
+    import matplotlib.image
+
+    from workbench.study import PlotSpec, StudyConfig
+    from workbench.study.report import draw
+
+    rows = [{"arm": arm, "seed": s, "delta_x": d} for arm, ds in (("ref", (0, 0, 0)), ("b", (0.1, 0.3, 0.2)))
+            for s, d in enumerate(ds)]
+    table = aggregate(rows, ["arm"], ["delta_x"])
+    study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["ref", "b"]})
+    path = draw(PlotSpec(kind="final", x="arm", y="delta_x", name="d"), study, [], table, tmp_path)
+    assert path == tmp_path / "d.png" and matplotlib.image.imread(path).shape[0] > 100

@@ -82,8 +82,9 @@ class Launcher(BaseModel):
 
 
 class PlotSpec(BaseModel):
-    """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds), one line per
-    value of `group`; `curve` = a metrics.jsonl key against step, one line per run (mean over seeds)."""
+    """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds; a paired
+    `delta_` column: mean with its 95% t-interval, against a zero line), one line per value of `group`;
+    `curve` = a metrics.jsonl key against step, one line per run (mean over seeds)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["final", "curve"] = "final"

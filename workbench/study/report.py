@@ -141,15 +141,26 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     table = [t for t in table if selected(t)]
     runs = [r for r in runs if selected(r.values)]
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    bars = ""
     if plot.kind == "final":
         groups = list(dict.fromkeys(str(t.get(plot.group)) for t in table)) if plot.group else [None]  # axis order
+        paired = plot.y.startswith("delta_")  # a paired difference: its 95% interval, against a zero line
+        spread = f"{plot.y}_ci95" if paired else f"{plot.y}_std"
+        bars = "bars: 95% t-interval over seeds" if paired else "bars: ± 1 std over seeds"
         for group in groups:
-            points = sorted((_number(t[plot.x]), t[f"{plot.y}_mean"], t[f"{plot.y}_std"]) for t in table
-                             if f"{plot.y}_mean" in t and (group is None or str(t.get(plot.group)) == group))
+            points = [(_number(t[plot.x]), t[f"{plot.y}_mean"], t.get(spread, 0.0)) for t in table
+                      if f"{plot.y}_mean" in t and (group is None or str(t.get(plot.group)) == group)]
+            categorical = any(isinstance(p[0], str) for p in points)
+            points = points if categorical else sorted(points)  # categories stay in the axis's order
             if points:
-                x, mean, std = zip(*points, strict=True)
-                ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"{plot.group}={group}" if group else None)
+                x, mean, err = zip(*points, strict=True)
+                err = [e if isinstance(e, float) and math.isfinite(e) else 0.0 for e in err]
+                ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, linestyle="none" if categorical else "-",
+                            label=f"{plot.group}={group}" if group else None)
+        if paired:
+            ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xlabel(plot.x)
+        ax.tick_params(axis="x", labelrotation=20 if len(table) > 5 else 0)
     else:
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for run in runs:
@@ -166,7 +177,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         ax.set_xlabel("step")
     if plot.logx:
         ax.set_xscale("log")
-    ax.set_ylabel(plot.y)
+    ax.set_ylabel(plot.y if not bars else f"{plot.y}\n(mean over seeds; {bars})", fontsize=8)
     where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
     ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
