@@ -175,6 +175,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
             steps = [p[0] for p in seeds[0][:length]]
             ax.plot(steps, np.mean([[p[1] for p in s[:length]] for s in seeds], axis=0), label=label)
         ax.set_xlabel("step")
+        bars = "lines: mean over seeds"
     if plot.logx:
         ax.set_xscale("log")
     ax.set_ylabel(plot.y if not bars else f"{plot.y}\n(mean over seeds; {bars})", fontsize=8)
