@@ -175,10 +175,11 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
             steps = [p[0] for p in seeds[0][:length]]
             ax.plot(steps, np.mean([[p[1] for p in s[:length]] for s in seeds], axis=0), label=label)
         ax.set_xlabel("step")
-        bars = "lines: mean over seeds"
+        bars = "curve"
     if plot.logx:
         ax.set_xscale("log")
-    ax.set_ylabel(plot.y if not bars else f"{plot.y}\n(mean over seeds; {bars})", fontsize=8)
+    detail = {"": "", "curve": "\n(mean over seeds)"}.get(bars, f"\n(mean over seeds; {bars})")
+    ax.set_ylabel(f"{plot.y}{detail}", fontsize=8)
     where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
     ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
