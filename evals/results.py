@@ -44,6 +44,14 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "token-overlap F1 between generated and reference answer after SQuAD normalisation", primary=True),
     Metric("exact_match", True, "exact match of the final answer (% of items)",
            "lm-eval's exact match: share of items whose extracted final answer equals the reference", primary=True),
+    Metric("eigenscore", False, "EigenScore (nats, mean over prompts)",
+           "INSIDE's EigenScore of K sampled answers: (1/K) Σ log(λ + 1e-3) of their embeddings' covariance "
+           "(higher: more diverse answers, read as hallucination)", share=False),
+    Metric("ees", False, "efficient EigenScore (nats, mean over prompts)",
+           "the EigenScore estimated from matrix-vector products (Chebyshev + Hutchinson), SeND's EES",
+           share=False, primary=True),
+    Metric("entropy", False, "token entropy (nats per token)",
+           "mean entropy of the model's next-token distribution over the sampled answers' tokens", share=False),
     Metric("gold_ppl", False, "perplexity of the gold option",
            "Blank-ppl: exp of the mean NLL per token of the gold option's span (1 = certain)", share=False),
 )}

@@ -14,6 +14,10 @@ Open-ended (`kind: open`), greedy generation, exact match and F1 after SQuAD nor
   iclip                L + k examples "Question: q\\nAnswer: {worked answer} The answer is {x}." + the item;
                        the answer is what follows "The answer is" (lm-eval regex filter)
   instruction_only     L and the item, no examples (the ICLiP ablation)
+  completion           (specs with a `cloze`; not a default style) the item as the sentence before its blank,
+                       e.g. "Velmora Tash was born in", greedily continued: the answer is the text up to the
+                       first "." or line end. Fact recall of a model pretrained on statements, which has never
+                       seen the question format
 Worked (`kind: worked`), greedy generation of a worked answer ending "#### N", as lm-eval's gsm8k scores it:
   zero_shot   the standard prompt (the fine-tuning format QA_PROMPT); N after the last "####" (regex
               filter), exact_match against the gold number; stops at EOS, "\\n\\nQuestion:" or the budget
@@ -41,6 +45,7 @@ from evals.specs import SpecReader, TaskSpec
 
 MC_STYLES = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl")
 OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")
+OPEN_EXTRA_STYLES = ("completion",)  # valid for open specs with a cloze, run only when asked for
 WORKED_STYLES = ("zero_shot", "few_shot")
 ICLIP_PATTERN = r"The answer is (.*)"
 
@@ -57,11 +62,18 @@ class StyleOptions:
     blank_span: Literal["option+suffix", "option", "full"] = "option+suffix"  # scored span of Blank-ppl
     blank_norm: Literal["token", "byte", "none"] = "token"  # Blank-ppl length normalisation
     fewshot_sampler: Literal["first_n", "default"] = "first_n"  # lm-eval sampler: first k, or seeded random
+    eigenscore: dict[str, Any] = field(default_factory=dict)  # task eigenscore: EigenScoreConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def styles_for(kind: str) -> tuple[str, ...]:
+    """The styles a task of `kind` runs when none are asked for."""
     return {"multiple_choice": MC_STYLES, "open": OPEN_STYLES, "worked": WORKED_STYLES}[kind]
+
+
+def valid_styles(spec: TaskSpec) -> tuple[str, ...]:
+    """Every style `spec` can run in: the defaults, and `completion` for open specs with a cloze."""
+    return styles_for(spec.kind) + (OPEN_EXTRA_STYLES if spec.kind == "open" and spec.cloze else ())
 
 
 def _base(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
@@ -123,6 +135,8 @@ def _open_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOp
 
     def score(doc: dict, results: list[str]) -> dict[str, float]:
         answer = results[0] if extract else first_line_answer(results[0])
+        if style == "completion":
+            answer = answer.split(".")[0]
         answer = answer.strip()
         gold = read.answer(doc)
         return {"em": exact_match(answer, gold), "f1": token_f1(answer, gold)}
@@ -133,6 +147,9 @@ def _open_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOp
                metric_list=[_metric("em"), _metric("f1")])
     if style == "few_shot":
         cfg["num_fewshot"] = opts.num_fewshot
+    if style == "completion":
+        cfg.update(doc_to_text=lambda d: read.cloze(d)[0], target_delimiter=" ", generation_kwargs={
+            "until": [".", "\n"], "max_gen_toks": opts.max_gen_toks, "do_sample": False})
     if extract:
         cfg["description"] = opts.open_instruction + "\n\n"
         cfg["filter_list"] = [{"name": style, "filter": [
@@ -173,7 +190,7 @@ def _metric(name: str, higher: bool = True) -> dict[str, Any]:
 
 def task_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
     """The lm-eval config of `spec` in `style` (a plain dict that `ConfigurableTask(config=...)` takes)."""
-    valid = styles_for(spec.kind)
+    valid = valid_styles(spec)
     if style not in valid:
         from workbench.errors import ConfigError, did_you_mean
 

@@ -22,6 +22,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 
+from evals.eigenscore import TASK as EIGENSCORE  # noqa: E402
+from evals.eigenscore import EigenScoreCell, eigenscore_cells  # noqa: E402
 from evals.scoring import BlankPplScorer  # noqa: E402
 from evals.specs import data_config, load_spec, spec_names  # noqa: E402
 from evals.styles import StyleOptions, styles_for, task_config  # noqa: E402
@@ -76,6 +78,9 @@ def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> di
     tasks: dict[tuple[str, str], Any] = {}
     for selection in cfg.tasks:
         styles = selection.styles
+        if selection.task == EIGENSCORE:
+            tasks.update(eigenscore_cells(styles, world, limit, opts.eigenscore))
+            continue
         if styles == [NATIVE]:
             for name, task in _native_tasks(selection.task).items():
                 tasks[(name, NATIVE)] = task
@@ -88,6 +93,8 @@ def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> di
             for style in styles or styles_for(spec.kind):
                 tasks[(spec.task, style)] = ConfigurableTask(config=task_config(spec, style, data, opts))
     for task in tasks.values():
+        if isinstance(task, EigenScoreCell):
+            continue
         task.set_fewshot_seed(1234)  # what lm_eval.simple_evaluate uses
         task.build_all_requests(limit=limit, rank=0, world_size=1)
     return tasks
@@ -136,6 +143,8 @@ class Evaluator:
         lm = self._language_model(model)
         BlankPplScorer.token_counter = lambda ctx, cont: len(lm._encode_pair(ctx, cont)[1])
         chosen = {key: task for key, task in self.tasks.items() if cells is None or key in cells}
+        sampled = [task.evaluate(model, self.tokenizer) for task in chosen.values() if isinstance(task, EigenScoreCell)]
+        chosen = {key: task for key, task in chosen.items() if not isinstance(task, EigenScoreCell)}
         by_type: dict[str, list] = defaultdict(list)
         for task in chosen.values():
             for instance in task.instances:
@@ -148,7 +157,7 @@ class Evaluator:
                 request.resps.append(response)
         elapsed = time.perf_counter() - started
         total = sum(len(t.instances) for t in chosen.values()) or 1
-        return [self._score(key, task, elapsed * len(task.instances) / total) for key, task in chosen.items()]
+        return sampled + [self._score(key, task, elapsed * len(task.instances) / total) for key, task in chosen.items()]
 
     @staticmethod
     def _score(key: tuple[str, str], task, seconds: float) -> CellResult:

@@ -60,13 +60,13 @@ def _config(args, own: EvalConfig | None) -> EvalConfig:
 def list_tasks(include_path: list[str]) -> str:
     """The BOSE task specs (evals/tasks/ and `include_path`) with their kind, data and valid prompt styles."""
     from evals.specs import TASKS_DIR, available_specs, load_spec
-    from evals.styles import styles_for
+    from evals.styles import valid_styles
 
     rows = []
     for name in sorted(available_specs(tuple(include_path))):
         spec = load_spec(name, tuple(include_path))
         data = f"stock {spec.stock}" if spec.stock else f"generator {(spec.dataset or {}).get('generator')}"
-        rows.append((name, spec.kind, spec.tag or "", data, ", ".join(styles_for(spec.kind))))
+        rows.append((name, spec.kind, spec.tag or "", data, ", ".join(valid_styles(spec))))
     header = ("task", "kind", "tag", "data", "styles")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     lines = [f"BOSE tasks ({TASKS_DIR.relative_to(TASKS_DIR.parent.parent)}/"

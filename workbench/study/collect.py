@@ -30,17 +30,48 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
     metrics = run.run_dir / METRICS
     records = read_jsonl(metrics) if metrics.is_file() else []
+    evaluated = None
     for key, direction in collected(keys).items():
+        if direction == "spread" and key.count(".") == 2:  # an evaluator column: its values over checkpoints
+            evaluated = evaluator_series(results_path(run.run_dir)) if evaluated is None else evaluated
+            row.update(spread(key, evaluated.get(key, [])))
+            continue
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if not points:
             continue
         row[key] = points[-1][1]
-        if direction != "last":
+        if direction == "spread":
+            row.update(spread(key, [value for _, value in points]))
+        elif direction != "last":
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
     row.update(final_eval_scores(results_path(run.run_dir)))
     row.update(eval_scores_at_best_validation(results_path(run.run_dir), records))
     return row
+
+
+def evaluator_series(results: Path) -> dict[str, list[float]]:
+    """`task.style.metric` -> its values at the evaluated checkpoints, in step order."""
+    records = sorted((r for r in (read_jsonl(results) if results.is_file() else [])
+                      if r.get("status", "ok") == "ok" and r.get("step") is not None), key=lambda r: r["step"])
+    series: dict[str, list[float]] = {}
+    for r in records:
+        series.setdefault(f"{r['task']}.{r['style']}.{r['metric']}", []).append(r["value"])
+    return series
+
+
+def spread(key: str, values: list[float]) -> dict[str, float]:
+    """How much a metric moves over a run's checkpoints (`collect: key:spread`): `var@key`, the sample variance
+    of its values, and `osc@key`, half the mean squared change between consecutive checkpoints (von Neumann's
+    estimator: the variance of checkpoint-to-checkpoint oscillation, blind to a smooth trend such as a learning
+    curve, which inflates `var@`). Needs at least 3 values."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(finite) < 3:
+        return {}
+    mean = sum(finite) / len(finite)
+    variance = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    oscillation = sum((b - a) ** 2 for a, b in zip(finite, finite[1:], strict=False)) / (2 * (len(finite) - 1))
+    return {f"var@{key}": variance, f"osc@{key}": oscillation}
 
 
 def final_eval_scores(results: Path) -> dict[str, float]:

@@ -52,13 +52,14 @@ from workbench.config import (
 )
 from workbench.errors import ConfigError, did_you_mean
 
-DIRECTIONS = ("min", "max", "last")  # what the best value of a collected key is (`last`: none)
+DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
+# variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
 PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/
 MANAGED = ("seed", "name", "runs_dir")  # overrides the study sets itself on every run
 
 
 def collected(items: list[str]) -> dict[str, str]:
-    """`collect` entries (`key`, `key:min`, `key:max`, `key:last`) -> {key: what its best value is}."""
+    """`collect` entries (`key`, `key:min`, `key:max`, `key:last`, `key:spread`) -> {key: what to report}."""
     return {key: direction or "min" for key, _, direction in (item.partition(":") for item in items)}
 
 
@@ -66,7 +67,7 @@ def check_collect_items(items: list[str]) -> list[str]:
     """Raise ValueError for a `collect` entry whose direction is not min, max or last."""
     for item in items:
         if item.partition(":")[2] not in ("", *DIRECTIONS):
-            raise ValueError(f"collect '{item}': write key, key:min, key:max or key:last")
+            raise ValueError(f"collect '{item}': write key, key:min, key:max, key:last or key:spread")
     return items
 
 
@@ -304,7 +305,10 @@ def columns(study: StudyConfig) -> set[str]:
     columns `task.style.metric`, which every row gets from the run's evaluation results)."""
     out: set[str] = set()
     for key, direction in collected(study.collect).items():
-        out |= {key} | ({f"best_{key}", f"best_step_{key}"} if direction != "last" else set())
+        if direction == "spread":
+            out |= {key, f"var@{key}", f"osc@{key}"}
+        else:
+            out |= {key} | ({f"best_{key}", f"best_step_{key}"} if direction != "last" else set())
     deltas = {f"delta_{key}" for spec in study.compare if isinstance(spec, DeltaSpec) for key in spec.keys}
     return out | deltas
 

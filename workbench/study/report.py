@@ -49,7 +49,9 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
              *_pretrain_lines(study),
              "Mean ± standard deviation over seeds (n = number of seeds with a value). `best_<key>` is the best value "
              "of a run's curve and `best_step_<key>` its step; `best@<task.style.metric>` the evaluator's score at "
-             "the checkpoint with the lowest validation loss (`best_eval_step`); `delta_<key>` a paired difference "
+             "the checkpoint with the lowest validation loss (`best_eval_step`); `var@<key>` the variance of a key's "
+             "values over the run's checkpoints and `osc@<key>` half their mean squared change from one checkpoint "
+             "to the next (oscillation without the trend); `delta_<key>` a paired difference "
              "to the reference run of the same seed, with its 95% Student-t interval over seeds in brackets, marked "
              "*inside the seed spread* where that interval holds 0.", ""]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
