@@ -1,4 +1,5 @@
-"""Step time of a fine-tuning method against its baseline, interleaved in one run (goal: at most 1.05 each).
+"""Step time of a fine-tuning method against its baseline, interleaved in one run (goal: at most 1.05 each; SeND's
+tracking passes are reported on their own, `send-tracking`).
 
     python bench/method_overhead.py                      # about 3-6 minutes on 2 CPU cores
     python bench/method_overhead.py --steps 40 --repeats 5 --json method-overhead.json
@@ -8,6 +9,9 @@ from one small base run this script pretrains first (in a temporary folder), on 
   - LoRA                 -> ALLoRA, `apply: gradient` (custom autograd Function on the adapters)
   - LoRA                 -> ALLoRA, `apply: update`   (per-row multiplier on the optimizer's update)
   - SFT (full fine-tune) -> Masked Thought            (the collator that masks completion tokens)
+  - SeND tracking only   -> SeND                      (the drop alone: the forward hook zeroing 20% of the indices
+                                                       of the penultimate block's output; both arms track alike)
+  - SFT (full fine-tune) -> SeND tracking only        (the tracking passes: 64 texts every 10 steps)
 ALLoRA's baseline is LoRA with dropout 0 (ALLoRA's own adapter shape), so the ratio is the method's cost alone.
 Within a repeat the arms alternate order (A B, then B A); each arm trains `--warmup` + `--steps` steps and only
 the last `--steps` are timed (wall time between consecutive `on_step_end`, batch fetch included). It prints,
@@ -44,10 +48,17 @@ REPO = Path(__file__).resolve().parent.parent
 FINETUNE = REPO / "configs" / "finetune" / "arithmetic-lora.yaml"
 TARGET_RATIO = 1.05
 LORA = ["model.lora.lora_dropout=0.0"]
+FULL = ["model.lora=null"]
+SEND_EVERY_STEP = "{track_every: 1, window: 2, drop_intervals: 1000000, tracking_max: 4}"  # indices fixed from step 2
 PAIRS: dict[str, tuple[list[str], list[str]]] = {  # name -> (baseline overrides, method overrides)
     "allora-gradient": (LORA, [*LORA, "methods={allora: {apply: gradient}}"]),
     "allora-update": (LORA, [*LORA, "methods={allora: {apply: update}}"]),
-    "masked-thought": (["model.lora=null"], ["model.lora=null", "methods={masked_thought: {}}"]),
+    "masked-thought": (FULL, [*FULL, "methods={masked_thought: {}}"]),
+    # SeND's drop alone: both arms take the same (tiny) tracking pass every step, only the method arm drops
+    "send-drop": ([*FULL, f"methods={{send: {SEND_EVERY_STEP}}}", "methods.send.selection=none"],
+                  [*FULL, f"methods={{send: {SEND_EVERY_STEP}}}"]),
+    # SeND's tracking passes (64 tracking texts every 10 steps), against plain training
+    "send-tracking": (FULL, [*FULL, "methods={send: {selection: none, track_every: 10, tracking_max: 64}}"]),
 }
 
 

@@ -74,6 +74,8 @@ def list_tasks(include_path: list[str]) -> str:
              "(a tag selects all its tasks)", ""]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
               for r in [header, *rows]]
+    lines += ["", "Sampled answers: eigenscore (styles completion, question): EigenScore, EES and token entropy of",
+              "K sampled answers to the fact-world test prompts (options: eval.style_options.eigenscore)."]
     lines += ["", "Stock lm-eval tasks: any name that `lm_eval --tasks list` prints, run as lm-eval defines it",
               "with style `native`, e.g. --task hellaswag:native (its data must be reachable)."]
     return "\n".join(lines)

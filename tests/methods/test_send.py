@@ -162,3 +162,15 @@ def test_resuming_a_send_run_is_bit_equal(straight_run, tmp_path):
                 for d in (straight_run, run_dir))
         assert torch.equal(a["history"], b["history"]) and torch.equal(a["indices"], b["indices"])
         assert (a["remaining"], a["points"], a["selections"]) == (b["remaining"], b["points"], b["selections"])
+
+
+def test_the_stop_rule_ends_the_run_when_either_threshold_is_met(tmp_path, capsys):
+    """`stop_ees` with EES measured on two tracking prompts: any EES is below 1e9, so the run stops at the first
+    logging step after the first tracking point; `send_ees` is logged."""
+    options = {**SEND, "ees_prompts": 2, "ees_samples": 3, "stop_ees": 1e9}
+    cfg = tiny_config(tmp_path, name="stop", methods={"send": options}, training={"max_steps": 12, "save_steps": 4})
+    cfg["model"]["overrides"]["num_hidden_layers"] = 2
+    assert train_main([str(write_config(tmp_path, cfg))]) == 0
+    records = read_jsonl(tmp_path / "runs" / "stop" / "metrics.jsonl")
+    assert max(r["step"] for r in records) == 2 and "stopping at step 2: EES" in capsys.readouterr().out
+    assert any("send_ees" in r for r in records)
