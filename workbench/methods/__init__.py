@@ -48,6 +48,8 @@ BUILTIN: dict[str, str] = {  # name -> module that registers it, imported on fir
     "dropout_schedule": "workbench.methods.dropout_schedule",
     "masked_thought": "workbench.methods.masked_thought",
     "allora": "workbench.methods.allora",
+    "sinkd": "workbench.methods.sinkd",
+    "send": "workbench.methods.send",
 }
 
 
