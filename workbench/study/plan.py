@@ -85,13 +85,15 @@ class Launcher(BaseModel):
 class PlotSpec(BaseModel):
     """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds; a paired
     `delta_` column: mean with its 95% t-interval, against a zero line), one line per value of `group`;
-    `curve` = a metrics.jsonl key against step, one line per run (mean over seeds)."""
+    `curve` = a metrics.jsonl key or an evaluator column `task.style.metric` against step, one line per arm
+    (mean over seeds, a band of ± 1 std when there are several)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["final", "curve"] = "final"
     x: str = "step"  # an axis for `final`
-    y: str  # a collected column (`final`) or a metrics.jsonl key (`curve`)
+    y: str  # a collected column (`final`), or a metrics.jsonl key or evaluator column (`curve`)
     group: str | None = None  # an axis: one line per value
+    label: str | None = None  # the y axis's label, in the reader's units (default: the column's name)
     logx: bool = False
     where: dict[str, Any] = Field(default_factory=dict)  # only the runs with these axis values
     name: str | None = None  # file name (default from y and x)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.io import atomic_write_text, read_jsonl
-from workbench.layout import METRICS
+from workbench.layout import METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
 from workbench.study.collect import aggregate, collect_run
 from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_run, warn
@@ -167,21 +167,27 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for run in runs:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()) or "all runs"
-            path = run.run_dir / METRICS
-            points = [(r["step"], r[plot.y]) for r in (read_jsonl(path) if path.is_file() else [])
-                      if isinstance(r.get(plot.y), (int, float))]
+            points = curve_points(run.run_dir, plot.y)
             if points:
                 curves.setdefault(label, []).append(points)
+        banded = False
         for label, seeds in curves.items():
             length = min(len(s) for s in seeds)
             steps = [p[0] for p in seeds[0][:length]]
-            ax.plot(steps, np.mean([[p[1] for p in s[:length]] for s in seeds], axis=0), label=label)
-        ax.set_xlabel("step")
-        bars = "curve"
+            values = np.array([[p[1] for p in s[:length]] for s in seeds], dtype=float)
+            (line,) = ax.plot(steps, values.mean(axis=0), label=label)
+            if len(seeds) > 1:
+                std = values.std(axis=0, ddof=1)
+                ax.fill_between(steps, values.mean(axis=0) - std, values.mean(axis=0) + std, alpha=0.2,
+                                color=line.get_color(), linewidth=0)
+                banded = True
+        ax.set_xlabel("training step")
+        bars = "band" if banded else "curve"
     if plot.logx:
         ax.set_xscale("log")
-    detail = {"": "", "curve": "\n(mean over seeds)"}.get(bars, f"\n(mean over seeds; {bars})")
-    ax.set_ylabel(f"{plot.y}{detail}", fontsize=8)
+    detail = {"": "", "curve": "\n(mean over seeds)", "band": "\n(mean over seeds; band: ± 1 std over seeds)"}.get(
+        bars, f"\n(mean over seeds; {bars})")
+    ax.set_ylabel(f"{plot.label or plot.y}{detail}", fontsize=8)
     where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
     ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
@@ -194,6 +200,20 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def curve_points(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a metrics.jsonl key, or of an evaluator column `task.style.metric` over the run's
+    evaluated checkpoints, in step order."""
+    if key.count(".") == 2:
+        task, style, metric = key.split(".")
+        path = results_path(run_dir)
+        records = [r for r in (read_jsonl(path) if path.is_file() else []) if r.get("status", "ok") == "ok"
+                   and (r.get("task"), r.get("style"), r.get("metric")) == (task, style, metric)]
+        return sorted((r["step"], r["value"]) for r in records if isinstance(r.get("step"), int))
+    path = run_dir / METRICS
+    return [(r["step"], r[key]) for r in (read_jsonl(path) if path.is_file() else [])
+            if isinstance(r.get(key), (int, float))]
 
 
 def _number(value: Any) -> Any:
