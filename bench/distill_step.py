@@ -201,10 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = set_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        threads = torch.get_num_threads()
+    threads = set_threads(args.threads)
     pinned = pin_malloc()
     print(f"# {cpu_name()}, {threads} threads, torch {torch.__version__}; load average {os.getloadavg()}")
     print(f"# peak memory: resident-set high-water mark over one step, above its start (MiB; malloc pinned: {pinned})")

@@ -17,10 +17,10 @@ from workbench.precision import matmul_gflops
 PEAK_N = 2048  # the peak is the rate of an n x n @ n x n matmul of this size
 
 
-def set_threads() -> int:
-    """Use every core this process may run on; returns the thread count."""
+def set_threads(requested: int | None = None) -> int:
+    """Use `requested` threads, or every core this process may run on; returns the thread count."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
+    torch.set_num_threads(requested or cores)
     os.environ.setdefault("OMP_NUM_THREADS", str(cores))  # else accelerate picks its own count for DeepSpeed
     return torch.get_num_threads()
 

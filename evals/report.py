@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from evals.results import metric_info
+from evals.results import metric_info, split_experts_style
 from evals.stability import EARLY_MIN, NOTE_CONSTANT, NOTE_TOO_FEW, StabilityResult, stability
 from workbench.io import atomic_write_text
 from workbench.stats import kendall_tau_b
@@ -70,6 +70,7 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, title: str, n_boo
     skipped = {c: why for c, why in skipped.items() if c not in evaluated}
     lines += small_sample_warnings(by_series)
     lines += _score_table(by_series)
+    lines += _experts_table(by_series)
     lines += _stability_table(by_series, n_boot, early_fraction)
     if skipped:
         lines += ["## Skipped checkpoints", ""] + [f"- `{c}`: {why}" for c, why in sorted(skipped.items())] + [""]
@@ -116,6 +117,28 @@ def _score_table(by_series) -> list[str]:
              "|---:|" + "---:|" * len(columns)]
     for step in steps:
         lines.append(f"| {step} | " + " | ".join(_fmt(value.get((c, step))) for c in columns) + " |")
+    return lines + [""]
+
+
+def _experts_table(by_series) -> list[str]:
+    """A self-slimmable SMoE evaluation (styles `<style>@k<K>`, `launch/eval.py --experts`): each task, style
+    and metric against the number of active experts k, at the last checkpoint evaluated; [] if there is none."""
+    curves: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for (task, style, metric), points in by_series.items():
+        base, k = split_experts_style(style)
+        if k is not None:
+            curves[(task, base, metric)][k] = points[-1]
+    if not curves:
+        return []
+    columns = sorted(curves)
+    counts = sorted({k for curve in curves.values() for k in curve})
+    steps = sorted({p["step"] for curve in curves.values() for p in curve.values()})
+    at = f"step {steps[-1]}" if len(steps) == 1 else f"steps {', '.join(map(str, steps))}"
+    lines = [f"## Scores per number of active experts k (SMoE, the last checkpoint evaluated: {at})", "",
+             "| k | " + " | ".join(f"{t} {s} {m}" for t, s, m in columns) + " |", "|---:|" + "---:|" * len(columns)]
+    for k in counts:
+        lines.append(f"| {k} | " + " | ".join(_fmt(curves[c][k]["value"]) if k in curves[c] else "–"
+                                             for c in columns) + " |")
     return lines + [""]
 
 

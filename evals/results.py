@@ -77,14 +77,32 @@ def metric_info(name: str) -> Metric:
     return Metric(name, higher is not False, name, "an lm-eval metric", share=False)
 
 
+EXPERTS_MARK = "@k"  # style `zero_shot@k2`: the cell evaluated with 2 active experts per token (SMoE)
+
+
+def experts_style(style: str, experts: int | None) -> str:
+    """The style a cell is recorded under: `style`, or `style@k<K>` when evaluated at K active experts, so that
+    every reader keyed by (checkpoint, task, style) - resuming, the report, a study's `task.style.metric`
+    columns - tells the k apart without knowing about it."""
+    return style if experts is None else f"{style}{EXPERTS_MARK}{experts}"
+
+
+def split_experts_style(style: str) -> tuple[str, int | None]:
+    """`zero_shot@k2` -> (`zero_shot`, 2); a plain style -> (style, None)."""
+    base, mark, k = style.rpartition(EXPERTS_MARK)
+    return (base, int(k)) if mark and base and k.isdigit() else (style, None)
+
+
 def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None,
-                 chance: float | None = None) -> list[dict[str, Any]]:
+                 chance: float | None = None, experts: int | None = None) -> list[dict[str, Any]]:
     """The lines of one evaluated cell (`evals.sweep.CellResult`), one per metric, items included.
 
-    `chance`: a multiple-choice cell's chance accuracy, recorded on the metrics it applies to."""
+    `chance`: a multiple-choice cell's chance accuracy, recorded on the metrics it applies to. `experts`: the
+    number of active experts per token of an SMoE model (style `<style>@k<K>` and a field `experts`)."""
     return [
-        {"run": run, "checkpoint": checkpoint, "step": step, "task": result.task, "style": result.style,
-         "limit": limit,
+        {"run": run, "checkpoint": checkpoint, "step": step, "task": result.task,
+         "style": experts_style(result.style, experts), "limit": limit,
+         **({"experts": experts} if experts is not None else {}),
          "metric": metric, "value": value, "n": len(result.items.get(metric, [])),
          "items": result.items.get(metric, []), "seconds": round(result.seconds, 3),
          **({"chance": chance} if chance is not None and metric_info(metric).chance else {})}

@@ -11,7 +11,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from evals.data import training_data_options
-from evals.results import cell_records, done_cells, read_results, skip_record
+from evals.results import cell_records, done_cells, experts_style, read_results, skip_record
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
 from workbench.errors import CheckpointError, ConfigError
@@ -73,17 +73,43 @@ def chance_accuracy(task: Any) -> float | None:
     return sum(per_option / k for k in options.values()) / len(options)
 
 
+def expert_counts(checkpoint: Path, experts: list[int] | str | None) -> list[int | None]:
+    """The numbers of active experts to evaluate `checkpoint` at (`eval.experts`, `launch/eval.py --experts`):
+    [None] (the model as saved) without `experts`; `all`: 1, 2, 4, ..., E. A ConfigError for a model that is
+    not an SMoE checkpoint (config.json records no `smoe` conversion) or a k outside [1, E]."""
+    if not experts:
+        return [None]
+    from workbench.methods.smoe_dropout import inference_levels
+    from workbench.models.moe import moe_config
+
+    smoe = moe_config(checkpoint)
+    if not smoe:
+        raise ConfigError(f"eval.experts (--experts): '{checkpoint}' is a dense model, not an SMoE checkpoint "
+                          "(its config.json records no `smoe` conversion); evaluate it without --experts")
+    total = int(smoe["num_experts"])
+    counts = inference_levels(total) if experts == "all" else list(experts)
+    bad = [k for k in counts if not 1 <= k <= total]
+    if bad:
+        raise ConfigError(f"eval.experts (--experts): {bad[0]} is not a number of experts of '{checkpoint}' "
+                          f"(it has {total} per layer: give 1 to {total}, or `all`)")
+    return counts
+
+
 def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
-    """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results; returns cells done."""
+    """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results, for an SMoE model at each
+    of `cfg.experts` active experts (cells (checkpoint, task, `style@k<K>`)); returns cells done."""
     from evals.sweep import Evaluator, load_checkpoint_model
+    from workbench.models.moe import set_active_experts
 
     limit = limit if limit is not None else cfg.limit
     done = done_cells(read_results(target.results), limit)
+    counts = {c: expert_counts(c, cfg.experts) for c in target.checkpoints}  # a dense model fails before any work
     if evaluator is None:
         from transformers import AutoTokenizer
 
         evaluator = Evaluator(cfg, AutoTokenizer.from_pretrained(target.tokenizer), target.world, limit)
-    pending = {c: sorted(k for k in evaluator.tasks if (c.name, *k) not in done) for c in target.checkpoints}
+    pending = {c: [(key, k) for k in counts[c] for key in sorted(evaluator.tasks)
+                   if (c.name, key[0], experts_style(key[1], k)) not in done] for c in target.checkpoints}
     finished = 0
     with tqdm(total=sum(map(len, pending.values())), desc=f"evaluating {target.name}", unit="cell",
               disable=not progress) as bar:
@@ -101,10 +127,13 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
                 append_jsonl(target.results, skip_record(target.name, checkpoint.name, step, reason))
                 bar.update(len(cells))
                 continue
-            for cell in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
+            for cell, k in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
+                if k is not None:
+                    set_active_experts(model, k)
                 (result,) = evaluator.evaluate(model, {cell})
                 chance = chance_accuracy(evaluator.tasks.get(cell))
-                append_jsonl(target.results, *cell_records(target.name, checkpoint.name, step, result, limit, chance))
+                append_jsonl(target.results,
+                             *cell_records(target.name, checkpoint.name, step, result, limit, chance, experts=k))
                 finished += 1
                 bar.update(1)
     return finished

@@ -5,10 +5,12 @@
     python launch/eval.py runs/quickstart --task factworld_mc:blank_ppl,letter --limit 100
     python launch/eval.py runs/a runs/b --out evals_out         # evals_out/a/, evals_out/b/
     python launch/eval.py --model path/or/hub-name --out evals_out --task arc_easy_bose
+    python launch/eval.py runs/smoe --experts 1,2,4,8,16          # an SMoE run at each inference k (or `all`)
     python launch/eval.py --consistency runs/b1 runs/b2 runs/b3 --instruct runs/i1 runs/i2 runs/i3 --out out/
     python launch/eval.py --consistency models.yaml --out out/  # models.yaml: {base: [runs...], instruct: [runs...]}
 
-Results: <run>/eval/results.jsonl (one line per checkpoint, task, style and metric), report.md, <task>.png;
+Results: <run>/eval/results.jsonl (one line per checkpoint, task, style and metric; with --experts the style is
+<style>@k<K> and the line has a field `experts`), report.md, <task>.png;
 with --out DIR they go to DIR instead (DIR/<run name>/ when several runs are given).
 A re-run evaluates only the cells that are missing from the results it writes to.
 """
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="evaluate one model (hub name or local folder) instead of runs")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/eval/; with several runs, "
                         "OUT/<run name>/)")
+    parser.add_argument("--experts", metavar="K[,K...]|all", help="SMoE checkpoints: evaluate each cell at each "
+                        "number of active experts per token (`all`: 1, 2, 4, ..., E), recorded as style <style>@k<K>")
     parser.add_argument("--list", action="store_true", help="list the BOSE tasks and their prompt styles, then exit")
     parser.add_argument("--consistency", nargs="+", type=Path, metavar="BASE_RUN", help="base runs, ranked")
     parser.add_argument("--instruct", nargs="+", type=Path, metavar="INSTRUCT_RUN", help="their instruct runs")
@@ -52,9 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
 
 
+def _experts(spec: str) -> list[int] | str:
+    """`--experts 1,2,4` or `all`."""
+    if spec.strip() == "all":
+        return "all"
+    try:
+        counts = [int(k) for k in spec.split(",") if k.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--experts: give numbers of experts >= 1 separated by commas (e.g. 1,2,4) or `all`, "
+                          f"got '{spec}'")
+    return sorted(set(counts))
+
+
 def _config(args, own: EvalConfig | None) -> EvalConfig:
     cfg = load_eval_config(args.config) if args.config else (own or EvalConfig())
-    return cfg.model_copy(update={"tasks": _tasks(args.task)}) if args.task else cfg
+    cfg = cfg.model_copy(update={"tasks": _tasks(args.task)}) if args.task else cfg
+    return cfg.model_copy(update={"experts": _experts(args.experts)}) if args.experts else cfg
 
 
 def list_tasks(include_path: list[str]) -> str:

@@ -103,8 +103,8 @@ class DataConfig(_Section):
     source: str = Field(
         "synthetic:fact_world",
         description="'synthetic:fact_world' (text), 'synthetic:arithmetic' or 'synthetic:fact_qa' "
-        "(fine-tuning), a hub dataset name, a .jsonl/.json/.parquet/.csv/.txt file, or a folder of .txt or "
-        "of data files",
+        "(fine-tuning), 'synthetic:fact_tf' (classification), a hub dataset name, a "
+        ".jsonl/.json/.parquet/.csv/.txt file, or a folder of .txt or of data files",
     )
     text_column: str = "text"
     split: str = Field("train", description="split to read from a hub dataset")
@@ -126,6 +126,10 @@ class DataConfig(_Section):
         "completion", description="fine-tuning: the column read as TRL's 'completion'"
     )
     messages_column: str = Field("messages", description="fine-tuning: the column read as TRL's 'messages'")
+    label_column: str | None = Field(
+        None, description="sequence classification: the column of labels (with text_column); setting it, or the "
+        "generator synthetic:fact_tf (column label), makes the run a classifier (workbench.classification)"
+    )
     packing: bool = Field(
         False, description="fine-tuning: pack examples into block_size rows, each attending only to itself"
     )
@@ -181,6 +185,18 @@ class EvalConfig(_Section):
     early_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of checkpoints in the early window")
     on_save: bool = Field(False, description="evaluate each checkpoint as it is saved (rank 0)")
     on_save_limit: int = Field(50, ge=1, description="items per task when evaluating during training")
+    experts: list[int] | Literal["all"] | None = Field(
+        None, description="SMoE checkpoints only (models.moe): evaluate each cell at each of these numbers of "
+        "active experts per token (`all`: 1, 2, 4, ..., E), recorded as style `<style>@k<K>`")
+
+    @pydantic.field_validator("experts")
+    @classmethod
+    def _check_experts(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, list):
+            if not value or any(isinstance(k, bool) or k < 1 for k in value):
+                raise ValueError(f"experts must be `all` or a non-empty list of integers >= 1, got {value}")
+            return sorted(set(value))
+        return value
 
 
 class ExperimentConfig(_Section):

@@ -23,6 +23,9 @@ def print_run_summary(result, config_path: str, overrides: list[str] | None = No
     again = f"{config_path} {kept}".strip()
     checkpoints = list_checkpoints(run)
     ppl = f" (perplexity {math.exp(result.eval_loss):.2f})" if result.eval_loss is not None else ""
+    accuracy = getattr(result, "eval_accuracy", None)
+    if accuracy is not None:  # a classifier: NLL per text, no perplexity
+        ppl = f", accuracy {accuracy:.4f}"
     lines = [
         "",
         f"Finished {run.name}: {result.global_step} steps in {result.precision}, "

@@ -14,6 +14,16 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from workbench.callbacks import MetricsJsonlCallback, SaveAtStepsCallback
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
+from workbench.classification import (
+    build_classifier,
+    check_classification,
+    classification_collator,
+    classification_metrics,
+    classification_splits,
+    classification_tokenizer,
+    is_classification,
+    tokenize,
+)
 from workbench.config import ExperimentConfig, dump_config, resolve_path
 from workbench.data import prepare_data
 from workbench.data.finetune import check_packing
@@ -53,7 +63,8 @@ class RunResult:
     eval_loss: float | None
     precision: str
     objective: str = "causal"
-    kind: str = "pretrain"  # or "finetune"
+    kind: str = "pretrain"  # or "finetune", "classification"
+    eval_accuracy: float | None = None  # classification: accuracy on the held-out split
 
 
 def _width(cfg: ExperimentConfig) -> int:
@@ -251,31 +262,60 @@ def finetuning_pieces(cfg: ExperimentConfig, args: TrainingArguments, tokenizer,
                       f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens")
 
 
+def classification_pieces(cfg: ExperimentConfig, args: TrainingArguments) -> DataPieces:
+    """Texts with labels, tokenised one example a row, for `WorkbenchTrainer` (`workbench.classification`);
+    the label names go to the model through `trainer_kwargs` (popped before the Trainer is built)."""
+    with args.main_process_first(desc="building tokenizer and data"):
+        splits, names = classification_splits(cfg.data)
+        tokenizer = classification_tokenizer(cfg, splits["train"]["text"])
+        splits = tokenize(splits, tokenizer, cfg.data.block_size)
+    validation = splits["validation"] if len(splits["validation"]) else None
+    kwargs: dict[str, Any] = {"data_collator": classification_collator(tokenizer), "label_names": names}
+    if validation is not None:
+        kwargs["compute_metrics"] = classification_metrics
+    return DataPieces(tokenizer, WorkbenchTrainer, splits["train"], validation, kwargs,
+                      f"{len(splits['train'])} training texts in {len(names)} classes, up to "
+                      f"{cfg.data.block_size} tokens")
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
           callbacks: list | None = None) -> RunResult:
     """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`).
 
     Pretraining (text packed into blocks, `WorkbenchTrainer`) or fine-tuning (prompt/completion or chat
-    examples, `WorkbenchSFTTrainer`), decided by the data; `callbacks` are added to the run's own."""
+    examples, `WorkbenchSFTTrainer`) or sequence classification (texts with labels, `WorkbenchTrainer`),
+    decided by the data; `callbacks` are added to the run's own."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     report = print if rank0 else (lambda *_: None)
     cfg = resolve_base_run(cfg, report, resuming=resume or cfg.resume_from_checkpoint is not None)
-    finetune = is_finetuning(cfg.data)
+    classify = is_classification(cfg.data)
+    if classify:
+        check_classification(cfg)
+    finetune = not classify and is_finetuning(cfg.data)
     tokenizer = finetuning_tokenizer(cfg) if finetune else None
     sft = sft_fields(cfg, tokenizer) if finetune else None
     if rank0:
         prepare_run_dir(cfg, resume, overwrite)
     precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
     report(f"[workbench] precision {precision} ({why})")
-    objective = "causal" if finetune else resolve_objective(cfg)
+    objective = "classification" if classify else "causal" if finetune else resolve_objective(cfg)
     args = training_arguments(cfg, precision, objective, sft)
     join_process_group(args)
     methods = build_methods(cfg.methods)
-    pieces = finetuning_pieces(cfg, args, tokenizer, report) if finetune else pretraining_pieces(cfg, args, objective)
+    if classify:
+        pieces = classification_pieces(cfg, args)
+    elif finetune:
+        pieces = finetuning_pieces(cfg, args, tokenizer, report)
+    else:
+        pieces = pretraining_pieces(cfg, args, objective)
+    label_names = pieces.trainer_kwargs.pop("label_names", None)
     vocabulary = len(pieces.tokenizer)
     tokenizer = prepare_tokenizer(methods, pieces.tokenizer)
     set_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer, added_tokens=len(tokenizer) - vocabulary)
+    if classify:
+        model = build_classifier(cfg, tokenizer, label_names)
+    else:
+        model = build_model(cfg.model, tokenizer, added_tokens=len(tokenizer) - vocabulary)
     if finetune and cfg.data.packing:
         check_packing(model)
     trainer = pieces.trainer_class(
@@ -297,5 +337,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     output = trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate() if pieces.eval_dataset is not None else {}
     eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
+    kind = "classification" if classify else "finetune" if finetune else "pretrain"
     return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective,
-                     "finetune" if finetune else "pretrain")
+                     kind, final.get("eval_accuracy"))

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from workbench.checkpoints import write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.methods import Method
-from workbench.models.flops import active_parameters, training_flops
+from workbench.models.flops import active_experts_key, active_parameters, training_flops
 from workbench.models.lora import loraplus_lr_ratio, loraplus_optimizer
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
@@ -67,7 +67,7 @@ class WorkbenchMixin:
         stepped = [m for m in self.methods if m.overrides("after_optimizer_step")]
         if stepped:
             self.add_callback(_AfterOptimizerStep(self, stepped))
-        self._active_parameters: int | None = None
+        self._active_parameters: dict[tuple[int, ...], int] = {}  # per k of the MoE layers (models.flops)
         for method in self.methods:
             method.setup(self)
 
@@ -114,9 +114,10 @@ class WorkbenchMixin:
         model = self.accelerator.unwrap_model(self.model)
         if "input_ids" not in inputs or not hasattr(model, "num_parameters"):
             return super().floating_point_ops(inputs)
-        if self._active_parameters is None:
-            self._active_parameters = active_parameters(model)
-        return training_flops(self._active_parameters, inputs["input_ids"].numel())
+        key = active_experts_key(model)  # a converted SMoE model's k follows a schedule
+        if key not in self._active_parameters:
+            self._active_parameters[key] = active_parameters(model)
+        return training_flops(self._active_parameters[key], inputs["input_ids"].numel())
 
     # --- a non-finite loss stops the run before anything is saved -------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -350,7 +350,7 @@ def test_list_prints_the_task_specs_without_loading_a_model():
         spec = yaml.safe_load(path.read_text())
         assert rows[spec["task"]].split()[1] == spec["kind"], path
     assert rows["factworld_mc"].endswith("zero_shot, few_shot, iclip, letter, blank_ppl")
-    assert rows["factworld_qa"].endswith("zero_shot, few_shot, iclip, instruction_only")
+    assert rows["factworld_qa"].endswith("zero_shot, few_shot, iclip, instruction_only, completion")
     assert "`lm_eval --tasks list`" in out and ":native" in out
 
 

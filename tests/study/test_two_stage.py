@@ -85,3 +85,20 @@ def test_a_two_stage_study_end_to_end(tmp_path):
     assert all(first_loss(arm) < first_loss(first) for arm in arms)  # the arms start from the trained weights
     report = (tmp_path / "runs" / "s" / "report.md").read_text()
     assert "## Pretrain run" in report and f"`{first.run_dir}`" in report and "**done**" in report
+
+
+def test_pretrain_as_another_key_gives_the_arms_the_folder_there_and_keeps_their_model(tmp_path):
+    key = "methods.sinkd.teacher"
+    path = write_study(tmp_path, pretrain={"set": {"training.max_steps": 2}, "as": key},
+                       set={"methods.sinkd.beta": 0.01},
+                       profiles={"quick": {"seeds": [0], "pretrain": {"set": {"training.learning_rate": 5e-3}}}})
+    folder = tmp_path / "runs" / "s" / "pretrain"
+    first, *arms = plan(load_study(path))
+    assert first.stage == "pretrain" and "methods.sinkd.teacher" not in first.settings
+    for arm in arms:
+        assert arm.settings[key] == str(folder) and "model.name_or_path" not in arm.settings
+        assert "model.preset" not in arm.settings
+    quick = plan(load_study(path, "quick"))[1]  # a profile's pretrain keeps the study's `as`
+    assert quick.settings[key] == str(tmp_path / "runs" / "s-quick" / "pretrain")
+    with pytest.raises(ConfigError, match="pretrain.as"):
+        load_study(write_study(tmp_path, pretrain={"as": "teacher"}))

@@ -67,9 +67,52 @@ def _fact_qa(options: FactWorldConfig) -> Dataset:
 
 
 @dataclass(frozen=True)
+class FactTrueFalseConfig(FactWorldConfig):
+    """`synthetic:fact_tf` options: the world's, how many statements (`FactWorld.true_false` variants) each fact
+    gets before duplicates are dropped, and whether the classes are then balanced (true statements repeat more
+    often, having fewer wordings, so without balancing most distinct statements are false)."""
+
+    statements_per_fact: int = 4
+    balance: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.statements_per_fact < 1:
+            raise ValueError(f"statements_per_fact must be >= 1, got {self.statements_per_fact}")
+
+
+def _fact_true_false(options: FactTrueFalseConfig) -> Dataset:
+    """Columns text (a statement) and label (1 true, 0 false): `statements_per_fact` variants of
+    `FactWorld.true_false` over every fact, each distinct statement once (in first-seen order); with `balance`,
+    only the first n of each label, n the size of the smaller class. A held-out statement is then mostly a new
+    wording, or a new wrong value, of a fact the training split states too."""
+    world = _world(options)
+    rows: dict[str, list] = {"text": [], "label": [], "entity": [], "attribute": []}
+    seen: set[str] = set()
+    for variant in range(options.statements_per_fact):
+        for row in world.true_false(variant=variant):
+            if row["statement"] not in seen:
+                seen.add(row["statement"])
+                rows["text"].append(row["statement"])
+                for key in ("label", "entity", "attribute"):
+                    rows[key].append(row[key])
+    if options.balance:
+        keep = min(rows["label"].count(0), rows["label"].count(1))
+        seen_labels = {0: 0, 1: 0}
+        index = []
+        for i, label in enumerate(rows["label"]):
+            seen_labels[label] += 1
+            if seen_labels[label] <= keep:
+                index.append(i)
+        rows = {key: [values[i] for i in index] for key, values in rows.items()}
+    return Dataset.from_dict(rows)
+
+
+@dataclass(frozen=True)
 class Generator:
     """A built-in source: its options dataclass (`data.synthetic`), its rows, and the kind of data they are
-    (`text`: pre-training documents in column text; `qa`: columns question and answer)."""
+    (`text`: pre-training documents in column text; `qa`: columns question and answer; `classification`: columns
+    text and label, a sequence-classification run, `workbench.classification`)."""
 
     options: type
     build: Callable[[Any], Dataset]
@@ -83,6 +126,8 @@ GENERATORS: dict[str, Generator] = {
     "fact_qa": Generator(FactWorldConfig, _fact_qa, "qa"),
     # GSM8K-format word problems; the answer is worked, one equation a line, ending '#### N'
     "arithmetic": Generator(ArithmeticConfig, arithmetic_problems, "qa"),
+    # true/false statements of the fact world, label 1 (true) or 0 (false), several per fact
+    "fact_tf": Generator(FactTrueFalseConfig, _fact_true_false, "classification"),
 }
 
 

@@ -300,10 +300,12 @@ class FactWorld:
             rows["attribute"].append(spec.name)
         return Dataset.from_dict(rows)
 
-    def true_false(self, entities: EntitySelection = None) -> Dataset:
-        """Balanced true/false statements; false ones use a wrong value of the same attribute type."""
+    def true_false(self, entities: EntitySelection = None, variant: int = 0) -> Dataset:
+        """Balanced true/false statements, one per fact; false ones use a wrong value of the same attribute type.
+        Each `variant` draws its own labels, templates and wrong values (0: the original draw), so variants
+        together state a fact both ways (`synthetic:fact_tf`)."""
         facts = self._facts(entities)
-        rng = self._rng("true_false")
+        rng = self._rng("true_false" if variant == 0 else f"true_false:{variant}")
         labels = [1 - i % 2 for i in range(len(facts))]
         rng.shuffle(labels)
         rows: dict[str, list] = {"statement": [], "label": [], "entity": [], "attribute": []}

@@ -48,6 +48,7 @@ BUILTIN: dict[str, str] = {  # name -> module that registers it, imported on fir
     "dropout_schedule": "workbench.methods.dropout_schedule",
     "masked_thought": "workbench.methods.masked_thought",
     "allora": "workbench.methods.allora",
+    "smoe_dropout": "workbench.methods.smoe_dropout",
     "sinkd": "workbench.methods.sinkd",
     "send": "workbench.methods.send",
 }

@@ -176,16 +176,41 @@ class Sinkd(Method):
     def setup(self, trainer: Trainer) -> None:
         self.trainer = trainer
         student = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+        self.check_tokenizer(getattr(trainer, "processing_class", None))
         teacher = load_teacher(self.config.teacher, self.config.teacher_dtype, like=student)
         self.check_vocabulary(student, teacher)
         self.teacher = prepare_teacher(teacher, trainer)
 
     def check_vocabulary(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
         sizes = output_size(student), output_size(teacher)
-        if None not in sizes and sizes[0] != sizes[1]:
-            raise ConfigError(f"field 'methods.sinkd.teacher': the teacher '{self.config.teacher}' has a vocabulary "
-                              f"of {sizes[1]} entries and the student {sizes[0]}; SinKD compares the distributions "
-                              "entry by entry and needs one shared vocabulary (same tokenizer and size)")
+        if None in sizes or sizes[0] == sizes[1]:
+            return
+        if type(student).__name__.endswith("ForSequenceClassification"):
+            raise ConfigError(f"field 'methods.sinkd.teacher': the teacher '{self.config.teacher}' classifies into "
+                              f"{sizes[1]} labels and the student into {sizes[0]}; SinKD compares the distributions "
+                              "label by label and needs the same labels")
+        raise ConfigError(f"field 'methods.sinkd.teacher': the teacher '{self.config.teacher}' has a vocabulary "
+                          f"of {sizes[1]} entries and the student {sizes[0]}; SinKD compares the distributions "
+                          "entry by entry and needs one shared vocabulary (same tokenizer and size)")
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """A teacher run's tokenizer must be the student's: the teacher reads the student's input_ids (a
+        classifier's labels can agree while its inputs are tokenised differently)."""
+        from workbench.finetune import is_run_folder
+        from workbench.layout import TOKENIZER_DIR
+
+        folder = Path(self.config.teacher).expanduser() / TOKENIZER_DIR
+        if tokenizer is None or not hasattr(tokenizer, "get_vocab") or not is_run_folder(self.config.teacher) \
+                or not folder.is_dir():
+            return
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(str(folder))
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"field 'methods.sinkd.teacher': the teacher run '{self.config.teacher}' has another "
+                              f"tokenizer ({len(theirs)} tokens) than the student ({len(tokenizer)} tokens); the "
+                              "teacher reads the student's token ids, so both need one tokenizer (set "
+                              f"model.tokenizer: {folder})")
 
     def callbacks(self) -> list[TrainerCallback]:
         return [_SinkdCallback(self)]

@@ -25,6 +25,7 @@ from workbench.models.lora import (
     is_adapter_checkpoint,
     set_loraplus_lr_ratio,
 )
+from workbench.models.moe import moe_model_class
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 
@@ -73,7 +74,8 @@ def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, adde
         return _fit_vocabulary(load_trained_model(cfg.name_or_path, merge=True).train(), cfg, tokenizer, added_tokens)
     try:
         options = {"dtype": torch.float32, **cfg.overrides}  # fp32 weights; mixed precision is the run's choice
-        model = model_class(_pretrained_config(cfg)).from_pretrained(
+        config = _pretrained_config(cfg)  # a converted SMoE model (config.smoe) loads as converted: models.moe
+        model = moe_model_class(model_class(config), config).from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **options
         )
     except (OSError, ValueError) as err:
@@ -158,7 +160,7 @@ def _load_full_model(source: str | Path, dtype: torch.dtype | str | None, device
         options["device_map"] = device_map
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
-        model, info = (auto_class or model_class(config)).from_pretrained(str(source), **options)
+        model, info = moe_model_class(auto_class or model_class(config), config).from_pretrained(str(source), **options)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{what} could not be loaded: {str(err).strip().splitlines()[0]}") from None
     if info["mismatched_keys"]:

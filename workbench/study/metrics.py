@@ -3,8 +3,9 @@
 A run's `metrics.jsonl` holds what the Trainer logs (`loss`, `learning_rate`, `grad_norm`, `epoch`, and at
 the end `train_runtime`, `train_loss`, `total_flos`, ...; TRL's SFTTrainer, for fine-tuning data, adds
 `entropy`, `mean_token_accuracy`, `num_tokens`), the validation metrics when the run holds out validation
-documents (`eval_loss`, `eval_nll`, `eval_token_accuracy`, `eval_runtime`, ...) and whatever its methods
-log. Each row of the study table also gets the BOSE evaluator's columns `task.style.metric`.
+documents (`eval_loss`, `eval_nll`, `eval_token_accuracy` or, for a classifier, `eval_accuracy`, `eval_runtime`,
+...) and whatever its methods log. Each row of the study table also gets the BOSE evaluator's columns
+`task.style.metric`.
 
 Some names cannot be known in advance: the Trainer adds more `train_*`/`eval_*` keys depending on its
 arguments (memory and token-speed metrics; a name close to a known one is taken for a typo), evaluator
@@ -34,7 +35,7 @@ TRAINER_METRICS = frozenset({
     "step", "epoch", "loss", "learning_rate", "grad_norm", "num_input_tokens_seen",
     "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos",
     "entropy", "mean_token_accuracy", "num_tokens"})
-EVAL_METRICS = frozenset({"eval_loss", "eval_nll", "eval_token_accuracy", "eval_runtime",
+EVAL_METRICS = frozenset({"eval_loss", "eval_nll", "eval_token_accuracy", "eval_accuracy", "eval_runtime",
                           "eval_samples_per_second", "eval_steps_per_second", "eval_entropy",
                           "eval_mean_token_accuracy"})
 # logged only with some TrainingArguments: memory metrics, tokens per second, compile and preparation times

@@ -16,12 +16,14 @@ A study YAML:
     launcher: {kind: python}                     # python | deepspeed (with num_gpus)
     collect: [eval_loss, eval_token_accuracy:max, train_runtime:last]  # final value, best value + its step
     pretrain: {config: configs/quickstart.yaml, set: {training.max_steps: 100}}  # optional first stage
+    # pretrain: {..., as: methods.sinkd.teacher}  # the arms get the folder as this key instead (a teacher)
     profiles: {quick: {seeds: [0]}}              # smaller/larger grids: --quick, --scale, --profile NAME
 
 Each run goes through `launch/train.py` (so `deepspeed` with several ranks works the same), with its axis
 values as `--set` overrides and `--resume`, so a killed run continues from its checkpoint. With `pretrain`,
 that run is trained first, once, into `<runs_dir>/<study>/pretrain/`, and every arm starts from it
-(`model.name_or_path=<that folder>`, `model.preset=null`).
+(`model.name_or_path=<that folder>`, `model.preset=null`), or, with `pretrain.as: <key>`, gets the folder as
+that one override instead and keeps its own model (e.g. `methods.sinkd.teacher`: a teacher trained once).
 
 Everything a study refers to is checked here, before any run starts: every run's config, the collected
 metrics (against what a run logs, `workbench.study.metrics`), and the axes and reference values that
@@ -55,6 +57,7 @@ from workbench.errors import ConfigError, did_you_mean
 DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
 # variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
 PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/
+START_KEY = "model.name_or_path"  # where the arms get the pretrain folder unless `pretrain.as` names another key
 MANAGED = ("seed", "name", "runs_dir")  # overrides the study sets itself on every run
 
 
@@ -129,9 +132,12 @@ class PretrainSpec(BaseModel):
     """The first stage of a two-stage study: one run, trained before the arms (resumably, like any run),
     into `<runs_dir>/<study>/pretrain/`; every arm starts from it (`model.name_or_path=<that folder>`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     config: str | None = None  # an experiment config; default: the study's `base`
     set: dict[str, Any] = Field(default_factory=dict)  # its overrides (the study's `set` is the arms')
+    # the key under which every arm gets the pretrain folder: model.name_or_path (with model.preset null: the arms
+    # start from it), or any other dotted config key, e.g. methods.sinkd.teacher (the arms keep their own model)
+    as_key: str = Field(START_KEY, alias="as", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")
 
     @pydantic.field_validator("set")
     @classmethod
@@ -195,8 +201,9 @@ class StudyConfig(BaseModel):
         if profile.pretrain is not None:
             if pretrain is None:
                 raise ConfigError(f"profile '{name}': field 'pretrain': the study has no pretrain run to change")
+            as_key = profile.pretrain.as_key if "as_key" in profile.pretrain.model_fields_set else pretrain.as_key
             pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
-                                    set={**pretrain.set, **profile.pretrain.set})
+                                    set={**pretrain.set, **profile.pretrain.set}, as_key=as_key)
         return self.model_copy(update={
             "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
@@ -244,8 +251,13 @@ def grid(study: StudyConfig) -> list[RunSpec]:
                else [(value, {axis: value}) for value in values] for axis, values in study.axes.items()]
     combos = zip(*choices, strict=True) if study.combine == "zip" else itertools.product(*choices)
     pretrain = pretrain_run(study)
-    # an arm loads the pretrain run (launch/train.py runs in the repository, so a relative runs_dir is there)
-    start = {"model.preset": None, "model.name_or_path": str(REPO_ROOT / pretrain.run_dir)} if pretrain else {}
+    # an arm loads the pretrain run (launch/train.py runs in the repository, so a relative runs_dir is there),
+    # as its model or under the key `pretrain.as` names
+    start = {}
+    if pretrain is not None:
+        folder = str(REPO_ROOT / pretrain.run_dir)
+        key = study.pretrain.as_key
+        start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
     runs = []
     for combo in combos:
         labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}

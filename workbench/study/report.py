@@ -109,7 +109,7 @@ def _pretrain_lines(study: StudyConfig) -> list[str]:
     overrides = ", ".join(f"`{o}`" for o in run.overrides() if not o.startswith(("name=", "runs_dir="))) or "none"
     lines = ["## Pretrain run", "",
              f"Every arm starts from the pretrain run `{run.run_dir}` (config `{run.config}`, overrides {overrides}; "
-             f"`model.name_or_path` of each arm): **{status['status']}**."]
+             f"`{study.pretrain.as_key}` of each arm): **{status['status']}**."]
     if status["status"] == "failed":
         lines.append(f"The pretrain run failed ({status.get('error')}); **the arms were not started**.")
     elif status["status"] == "done":

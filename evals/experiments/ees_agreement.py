@@ -1,0 +1,61 @@
+"""How closely EES tracks the exact EigenScore on real sampled answers: Pearson and Spearman correlation and the
+error over every (run, checkpoint, prompt) item that the evaluator's `eigenscore` task scored.
+
+    python evals/experiments/ees_agreement.py runs/send            # every run folder under a study folder
+    python evals/experiments/ees_agreement.py runs/a runs/b --style question
+
+Reads `<run>/eval/results.jsonl` (the `ees` and `eigenscore` lines of one cell carry their per-prompt items in the
+same order); prints n, r, ρ, the mean and largest absolute difference in nats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scipy.stats import pearsonr, spearmanr
+
+
+def paired_items(run_dirs: list[Path], style: str) -> tuple[list[float], list[float]]:
+    """(EES, exact) per scored prompt, across the runs' checkpoints."""
+    ees: list[float] = []
+    exact: list[float] = []
+    for run in run_dirs:
+        path = run / "eval" / "results.jsonl"
+        if not path.is_file():
+            continue
+        cells: dict[str, dict[str, list[float]]] = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("task") == "eigenscore" and record.get("style") == style:
+                cells.setdefault(record["checkpoint"], {})[record["metric"]] = record["items"]
+        for cell in cells.values():
+            if "ees" in cell and "eigenscore" in cell and len(cell["ees"]) == len(cell["eigenscore"]):
+                ees += cell["ees"]
+                exact += cell["eigenscore"]
+    return ees, exact
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders, or study folders holding them")
+    parser.add_argument("--style", default="completion")
+    args = parser.parse_args(argv)
+    runs = [f for folder in args.folders for f in ([folder] if (folder / "config.yaml").is_file()
+                                                   else sorted(p for p in folder.iterdir() if p.is_dir()))]
+    ees, exact = paired_items(runs, args.style)
+    if len(ees) < 3:
+        print("fewer than 3 scored prompts with both EES and the exact EigenScore", file=sys.stderr)
+        return 1
+    differences = [abs(a - b) for a, b in zip(ees, exact, strict=True)]
+    print(f"n = {len(ees)} prompts (all checkpoints of {len(runs)} runs), style {args.style}")
+    print(f"Pearson r = {pearsonr(ees, exact).statistic:.6f}, Spearman rho = {spearmanr(ees, exact).statistic:.6f}")
+    print(f"|EES - EigenScore|: mean {sum(differences) / len(differences):.2e} nats, max {max(differences):.2e} nats; "
+          f"EigenScore range {min(exact):.3f} .. {max(exact):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
