@@ -174,3 +174,22 @@ def test_the_stop_rule_ends_the_run_when_either_threshold_is_met(tmp_path, capsy
     records = read_jsonl(tmp_path / "runs" / "stop" / "metrics.jsonl")
     assert max(r["step"] for r in records) == 2 and "stopping at step 2: EES" in capsys.readouterr().out
     assert any("send_ees" in r for r in records)
+
+
+def test_in_a_plain_transformers_trainer(tmp_path):
+    """The page's recipe: `prepare_model`, the callbacks to the Trainer, `setup` to hold the tracking split out."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("neox")
+    rows = [[int(t) for t in torch.randint(0, 50, (8,))] for _ in range(40)]
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    send = SeND(SeNDConfig(track_every=1, window=2, drop_intervals=2, tracking_fraction=0.1))
+    model = send.prepare_model(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=send.callbacks())
+    send.setup(trainer)
+    assert len(send.tracking) == 4 and len(trainer.train_dataset) == 36
+    trainer.train()
+    assert send.points == 5 and len(send.indices) == dropped_count(16, 20) and send.selections == 2
