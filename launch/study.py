@@ -9,7 +9,8 @@
     python launch/study.py --collect runs/a runs/b --out runs/ab     # a table of runs launched by hand
 
 Finished runs are skipped; a killed run resumes from its checkpoint; a failed run is recorded with its error
-and the study goes on. A study with a `pretrain` run trains it first; if it fails, no arm starts (exit 1).
+and the study goes on. A study with a `pretrain` run trains it first (with `pretrain.per: <axis>`, one per
+value of that axis, `pretrain_<axis>=<value>`); if one fails, no arm starts (exit 1).
 Results: <runs_dir>/<study>/runs.csv, results.csv (mean, std, n over seeds), report.md.
 """
 
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="the study's larger `scale` grid (for a GPU or a cluster; runs go to <study>-scale)")
     size.add_argument("--profile", help="any profile the study YAML defines")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (one run a line) and its size")
-    parser.add_argument("--only", help=f"run exactly this run (its name from --dry-run; '{PRETRAIN}' for the "
-                                       "pretrain run)")
+    parser.add_argument("--only", help=f"run exactly this run (its name from --dry-run; '{PRETRAIN}' or "
+                                       f"'{PRETRAIN}_<axis>=<value>' for a pretrain run)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the cores")
     parser.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local")
     parser.add_argument("--partition", help="Slurm partition (with --executor slurm)")
@@ -82,7 +83,9 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
         for run, status in zip(runs, statuses, strict=True):
             print(f"{run.name}\t{status}\t{run.run_dir}")
         counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
-        first = " (the pretrain run first, then the arms)" if any(r.stage == "pretrain" for r in runs) else ""
+        pretrains = sum(r.stage == "pretrain" for r in runs)
+        first = {0: "", 1: " (the pretrain run first, then the arms)"}.get(pretrains,
+                                                                          " (the pretrain runs first, then the arms)")
         print(f"study {study.study}: {len(runs)} runs{first}: {counts or 'none'}", file=sys.stderr)
         return 0
     started = time.time()
@@ -96,8 +99,10 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
     results, report = write_results(study, [r for r in plan(study) if r.stage == "arm"])
     print(f"study {study.study}: {time.time() - started:.0f} s; results {results}; report {report}")
     if not complete:
-        print(f"error: study {study.study}: the pretrain run failed ({run_status(runs[0]).get('error')}); "
-              f"the arms were not started (see {runs[0].run_dir / 'train.log'})", file=sys.stderr)
+        for run in (r for r in runs if r.stage == "pretrain" and run_status(r)["status"] != "done"):
+            which = "" if run.name == PRETRAIN else f" '{run.name}'"
+            print(f"error: study {study.study}: the pretrain run{which} failed ({run_status(run).get('error')}); "
+                  f"the arms were not started (see {run.run_dir / 'train.log'})", file=sys.stderr)
         return 1
     return 0
 

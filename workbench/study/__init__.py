@@ -24,7 +24,8 @@ from workbench.study.plan import (
     grid,
     load_study,
     plan,
-    pretrain_run,
+    pretrain_for,
+    pretrain_runs,
 )
 from workbench.study.report import write_results
 from workbench.study.runner import STATUS, execute, run_all, run_status, train_command
@@ -32,5 +33,5 @@ from workbench.study.runner import STATUS, execute, run_all, run_status, train_c
 __all__ = [
     "STATUS", "AgreementSpec", "DeltaSpec", "PlotSpec", "PretrainSpec", "RunSpec", "StudyConfig", "aggregate",
     "collect_run", "collected", "execute", "final_eval_scores", "grid", "hand_study", "load_study", "plan",
-    "pretrain_run", "run_all", "run_status", "train_command", "write_results",
+    "pretrain_for", "pretrain_runs", "run_all", "run_status", "train_command", "write_results",
 ]

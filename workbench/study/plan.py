@@ -17,6 +17,7 @@ A study YAML:
     collect: [eval_loss, eval_token_accuracy:max, train_runtime:last]  # final value, best value + its step
     pretrain: {config: configs/quickstart.yaml, set: {training.max_steps: 100}}  # optional first stage
     # pretrain: {..., as: methods.sinkd.teacher}  # the arms get the folder as this key instead (a teacher)
+    # pretrain: {..., per: regulariser, set_per_value: {dropout-0.1: {...}}}  # one pretrain run per axis value
     profiles: {quick: {seeds: [0]}}              # smaller/larger grids: --quick, --scale, --profile NAME
 
 Each run goes through `launch/train.py` (so `deepspeed` with several ranks works the same), with its axis
@@ -24,6 +25,8 @@ values as `--set` overrides and `--resume`, so a killed run continues from its c
 that run is trained first, once, into `<runs_dir>/<study>/pretrain/`, and every arm starts from it
 (`model.name_or_path=<that folder>`, `model.preset=null`), or, with `pretrain.as: <key>`, gets the folder as
 that one override instead and keeps its own model (e.g. `methods.sinkd.teacher`: a teacher trained once).
+With `pretrain.per: <axis>` there is one pretrain run per value of that axis, `pretrain_<axis>=<value>`
+(`pretrain.set`, then `pretrain.set_per_value[<value>]`), and each arm starts from the one of its value.
 
 Everything a study refers to is checked here, before any run starts: every run's config, the collected
 metrics (against what a run logs, `workbench.study.metrics`), and the axes and reference values that
@@ -56,7 +59,7 @@ from workbench.errors import ConfigError, did_you_mean
 
 DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
 # variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
-PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/
+PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/ (with `per`: its prefix)
 START_KEY = "model.name_or_path"  # where the arms get the pretrain folder unless `pretrain.as` names another key
 MANAGED = ("seed", "name", "runs_dir")  # overrides the study sets itself on every run
 
@@ -130,7 +133,9 @@ class AgreementSpec(BaseModel):
 
 class PretrainSpec(BaseModel):
     """The first stage of a two-stage study: one run, trained before the arms (resumably, like any run),
-    into `<runs_dir>/<study>/pretrain/`; every arm starts from it (`model.name_or_path=<that folder>`)."""
+    into `<runs_dir>/<study>/pretrain/`; every arm starts from it (`model.name_or_path=<that folder>`).
+    With `per: <axis>`, one such run per value of that axis (`pretrain_<axis>=<value>/`), each with
+    `set_per_value[<value>]` over `set`; an arm starts from the one of its value."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     config: str | None = None  # an experiment config; default: the study's `base`
@@ -138,6 +143,8 @@ class PretrainSpec(BaseModel):
     # the key under which every arm gets the pretrain folder: model.name_or_path (with model.preset null: the arms
     # start from it), or any other dotted config key, e.g. methods.sinkd.teacher (the arms keep their own model)
     as_key: str = Field(START_KEY, alias="as", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")
+    per: str | None = None  # an axis: one pretrain run per value of it (default: one for every arm)
+    set_per_value: dict[Any, dict[str, Any]] = Field(default_factory=dict)  # a value of `per` -> its run's overrides
 
     @pydantic.field_validator("set")
     @classmethod
@@ -145,6 +152,13 @@ class PretrainSpec(BaseModel):
         managed = [key for key in value if key in ("name", "runs_dir")]
         if managed:
             raise ValueError(f"'{managed[0]}' is set by the study (the pretrain run is <runs_dir>/<study>/pretrain)")
+        return value
+
+    @pydantic.field_validator("set_per_value")
+    @classmethod
+    def _check_set_per_value(cls, value: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        for overrides in value.values():
+            cls._check_set(overrides)
         return value
 
 
@@ -202,8 +216,18 @@ class StudyConfig(BaseModel):
             if pretrain is None:
                 raise ConfigError(f"profile '{name}': field 'pretrain': the study has no pretrain run to change")
             as_key = profile.pretrain.as_key if "as_key" in profile.pretrain.model_fields_set else pretrain.as_key
+            if profile.pretrain.per not in (None, pretrain.per):
+                raise ConfigError(f"profile '{name}': field 'pretrain.per': a profile keeps the study's pretrain "
+                                  f"axis ({pretrain.per or 'none: one pretrain run'})")
+            # the study's per-value overrides for the values the profile keeps, each updated by the profile's
+            kept = set(axis_values(self, pretrain.per, profile.axes)) if pretrain.per in self.axes else set()
+            per_value = {str(value): dict(overrides) for value, overrides in pretrain.set_per_value.items()
+                         if str(value) in kept}
+            for value, overrides in profile.pretrain.set_per_value.items():
+                per_value[str(value)] = {**per_value.get(str(value), {}), **overrides}
             pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
-                                    set={**pretrain.set, **profile.pretrain.set}, as_key=as_key)
+                                    set={**pretrain.set, **profile.pretrain.set}, as_key=as_key,
+                                    per=pretrain.per, set_per_value=per_value)
         return self.model_copy(update={
             "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
@@ -236,12 +260,56 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]+", "-", str(value)).strip("-")
 
 
-def pretrain_run(study: StudyConfig) -> RunSpec | None:
-    """The study's pretrain run (`<runs_dir>/<study>/pretrain`), or None for a one-stage study."""
-    if study.pretrain is None:
-        return None
-    return RunSpec(PRETRAIN, {}, None, study.folder / PRETRAIN, dict(study.pretrain.set),
-                   study.pretrain.config or study.base, "pretrain")
+def _labels(study: StudyConfig, axis: str) -> list[Any]:
+    """An axis's values as the arms' `values` hold them (a variant axis: its variant names)."""
+    values = study.axes[axis]
+    return list(values.keys() if isinstance(values, dict) else values)
+
+
+def pretrain_runs(study: StudyConfig) -> list[RunSpec]:
+    """The study's pretrain runs: none for a one-stage study, `<runs_dir>/<study>/pretrain`, or with
+    `pretrain.per: <axis>` one per value of that axis, `pretrain_<axis>=<value>` (named like the arms)."""
+    spec = study.pretrain
+    if spec is None:
+        return []
+    config = spec.config or study.base
+    if spec.per is None:
+        return [RunSpec(PRETRAIN, {}, None, study.folder / PRETRAIN, dict(spec.set), config, "pretrain")]
+    per_value = {str(value): overrides for value, overrides in spec.set_per_value.items()}
+    runs = []
+    for label in _labels(study, spec.per):
+        name = f"{PRETRAIN}_{spec.per.rsplit('.', 1)[-1]}={_slug(label)}"
+        settings = {**spec.set, **per_value.get(str(label), {})}
+        runs.append(RunSpec(name, {spec.per: label}, None, study.folder / name, settings, config, "pretrain"))
+    return runs
+
+
+def pretrain_for(study: StudyConfig, values: dict[str, Any]) -> RunSpec | None:
+    """The pretrain run an arm with these axis values starts from (None for a one-stage study)."""
+    runs = pretrain_runs(study)
+    if study.pretrain is None or study.pretrain.per is None:
+        return runs[0] if runs else None
+    return next(r for r in runs if str(r.values[study.pretrain.per]) == str(values[study.pretrain.per]))
+
+
+def check_pretrain(study: StudyConfig, path: str | Path) -> None:
+    """`pretrain.per` names an axis and `pretrain.set_per_value` only its values (else a ConfigError)."""
+    spec = study.pretrain
+    if spec is None:
+        return
+    where = f"{path}: " + (f"profile '{study.profile}': " if study.profile else "")
+    if spec.per is None:
+        if spec.set_per_value:
+            raise ConfigError(f"{where}field 'pretrain.set_per_value': needs 'pretrain.per' (the axis it is keyed by)")
+        return
+    if spec.per not in study.axes:
+        raise ConfigError(f"{where}field 'pretrain.per': '{spec.per}' is not an axis of the study"
+                          f"{did_you_mean(spec.per, study.axes)}; axes: {', '.join(study.axes) or '(none)'}")
+    known = axis_values(study, spec.per)
+    for value in spec.set_per_value:
+        if str(value) not in known:
+            raise ConfigError(f"{where}field 'pretrain.set_per_value': {value!r} is not a value of axis "
+                              f"'{spec.per}' (its values: {', '.join(known)})")
 
 
 def grid(study: StudyConfig) -> list[RunSpec]:
@@ -250,17 +318,16 @@ def grid(study: StudyConfig) -> list[RunSpec]:
     choices = [[(name, dict(overrides)) for name, overrides in values.items()] if isinstance(values, dict)
                else [(value, {axis: value}) for value in values] for axis, values in study.axes.items()]
     combos = zip(*choices, strict=True) if study.combine == "zip" else itertools.product(*choices)
-    pretrain = pretrain_run(study)
-    # an arm loads the pretrain run (launch/train.py runs in the repository, so a relative runs_dir is there),
-    # as its model or under the key `pretrain.as` names
-    start = {}
-    if pretrain is not None:
-        folder = str(REPO_ROOT / pretrain.run_dir)
-        key = study.pretrain.as_key
-        start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
     runs = []
     for combo in combos:
         labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}
+        # an arm loads its pretrain run (launch/train.py runs in the repository, so a relative runs_dir is
+        # there), as its model or under the key `pretrain.as` names
+        pretrain, start = pretrain_for(study, labels), {}
+        if pretrain is not None:
+            folder = str(REPO_ROOT / pretrain.run_dir)
+            key = study.pretrain.as_key
+            start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
         settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}, **start}
         for seed in study.seeds:
             parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
@@ -270,9 +337,8 @@ def grid(study: StudyConfig) -> list[RunSpec]:
 
 
 def plan(study: StudyConfig) -> list[RunSpec]:
-    """Every run in the order they train: the pretrain run (if any) first, then the arms."""
-    pretrain = pretrain_run(study)
-    return ([pretrain] if pretrain else []) + grid(study)
+    """Every run in the order they train: the pretrain runs (if any) first, then the arms."""
+    return pretrain_runs(study) + grid(study)
 
 
 def load_study(path: str | Path, profile: str | None = None,
@@ -287,8 +353,10 @@ def load_study(path: str | Path, profile: str | None = None,
     if not path.is_file():
         raise ConfigError(f"study file '{path}' not found")
     study = validate_model(StudyConfig, parse_yaml(path.read_text()) or {}, path)
+    check_pretrain(study, path)
     if profile is not None:
         study = study.with_profile(profile)
+        check_pretrain(study, path)
     if study.combine == "zip" and len({len(v) for v in study.axes.values()}) > 1:
         raise ConfigError(f"{path}: field 'axes': zipped axes need the same number of values")
     configs: dict[str, ExperimentConfig] = {}
@@ -308,9 +376,10 @@ def load_study(path: str | Path, profile: str | None = None,
     return study
 
 
-def axis_values(study: StudyConfig, axis: str) -> list[str]:
-    """An axis's values as they appear in the table (a variant axis: its variant names), as strings."""
-    values = study.axes[axis]
+def axis_values(study: StudyConfig, axis: str, axes: dict[str, Any] | None = None) -> list[str]:
+    """An axis's values as they appear in the table (a variant axis: its variant names), as strings (from
+    `axes` where it has the axis, e.g. a profile's)."""
+    values = (axes or {}).get(axis, study.axes[axis])
     return [str(v) for v in (values.keys() if isinstance(values, dict) else values)]
 
 

@@ -15,7 +15,7 @@ from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
 from workbench.study.collect import aggregate, collect_run
-from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_run, warn
+from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_runs, warn
 from workbench.study.runner import run_status
 
 
@@ -101,21 +101,29 @@ def missing_columns(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str,
 
 
 def _pretrain_lines(study: StudyConfig) -> list[str]:
-    """The report's paragraph on the pretrain run every arm starts from (none for a one-stage study)."""
-    run = pretrain_run(study)
-    if run is None:
+    """The report's section on the pretrain run(s) the arms start from (none for a one-stage study)."""
+    runs = pretrain_runs(study)
+    if not runs:
         return []
-    status = run_status(run)
-    overrides = ", ".join(f"`{o}`" for o in run.overrides() if not o.startswith(("name=", "runs_dir="))) or "none"
-    lines = ["## Pretrain run", "",
-             f"Every arm starts from the pretrain run `{run.run_dir}` (config `{run.config}`, overrides {overrides}; "
-             f"`{study.pretrain.as_key}` of each arm): **{status['status']}**."]
-    if status["status"] == "failed":
-        lines.append(f"The pretrain run failed ({status.get('error')}); **the arms were not started**.")
-    elif status["status"] == "done":
-        row = collect_run(run, study.collect)
-        values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in collected(study.collect))
-        lines.append(f"Its final values: {values or '(none of the collected keys)'}.")
+    per = study.pretrain.per
+    lines = ["## Pretrain runs" if per else "## Pretrain run", ""]
+    if per:
+        lines += [f"Each arm starts from the pretrain run of its `{per}` value (`{study.pretrain.as_key}` of each "
+                  "arm); no arm starts while one of them failed.", ""]
+    for run in runs:
+        status = run_status(run)
+        overrides = ", ".join(f"`{o}`" for o in run.overrides() if not o.startswith(("name=", "runs_dir="))) or "none"
+        where = f"config `{run.config}`, overrides {overrides}"
+        line = (f"- `{run.name}`: `{run.run_dir}` ({where}): **{status['status']}**." if per else
+                f"Every arm starts from the pretrain run `{run.run_dir}` ({where}; `{study.pretrain.as_key}` of "
+                f"each arm): **{status['status']}**.")
+        if status["status"] == "failed":
+            line += f" The pretrain run failed ({status.get('error')}); **the arms were not started**."
+        elif status["status"] == "done":
+            row = collect_run(run, study.collect)
+            values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in collected(study.collect))
+            line += f" Its final values: {values or '(none of the collected keys)'}."
+        lines.append(line)
     return [*lines, ""]
 
 

@@ -1,8 +1,8 @@
 """Running a study's runs: each through `launch/train.py --resume`, its status in `study_status.json`.
 
 A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
-line and the others go on. In a two-stage study the pretrain run trains first, alone; if it fails, the arms
-are not started.
+line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
+one per value of that axis) trains first; if one fails, no arm is started.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from workbench.errors import WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
 from workbench.net import free_port
-from workbench.study.plan import PRETRAIN, RunSpec, StudyConfig, pretrain_run
+from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
 
 STATUS = "study_status.json"
 
@@ -80,29 +80,32 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
 
 def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor: str = "local",
             partition: str | None = None, progress: Callable[[str], None] = print) -> bool:
-    """Train `runs` (the study's plan, or part of it): the pretrain run first, alone, then the arms,
-    `parallel` at a time (`local`) or as a submitit job array (`slurm`, `submitit-local`).
+    """Train `runs` (the study's plan, or part of it): the pretrain runs first, then the arms, `parallel`
+    at a time (`local`) or as a submitit job array (`slurm`, `submitit-local`).
 
-    Returns False when the pretrain run failed, and then starts no arm. Raises a WorkbenchError when arms
-    are asked for without the pretrain run they start from being done or among `runs`."""
-    pretrain = pretrain_run(study)
+    Returns False when a pretrain run failed (after all of them ran), and then starts no arm. Raises a
+    WorkbenchError when an arm is asked for without the pretrain run it starts from being done or among `runs`."""
     arms = [r for r in runs if r.stage == "arm"]
     first = [r for r in runs if r.stage == "pretrain"]
-    if pretrain is not None and arms and not first and run_status(pretrain)["status"] != "done":
-        raise WorkbenchError(f"the arms start from the pretrain run '{pretrain.run_dir}', which is "
-                             f"{run_status(pretrain)['status']}: train it first (--only {PRETRAIN})")
+    for arm in arms:
+        pretrain = pretrain_for(study, arm.values)
+        if pretrain is not None and pretrain not in first and run_status(pretrain)["status"] != "done":
+            raise WorkbenchError(f"arm '{arm.name}' starts from the pretrain run '{pretrain.run_dir}', which is "
+                                 f"{run_status(pretrain)['status']}: train it first (--only {pretrain.name})")
     started = time.time()
     done = 0
     for batch in (first, arms):
         if not batch:
             continue
+        complete = True
         for run, status in zip(batch, _statuses(study, batch, parallel, executor, partition), strict=True):
             done += 1
             took = "finished earlier, skipped" if status.get("skipped") else f"{status.get('seconds', 0):.0f} s"
             progress(f"[{done}/{len(runs)}] {run.name}: {status['status']} ({took}, "
                      f"{time.time() - started:.0f} s so far)")
-            if run.stage == "pretrain" and status["status"] != "done":
-                return False
+            complete = complete and (run.stage != "pretrain" or status["status"] == "done")
+        if not complete:
+            return False
     return True
 
 
