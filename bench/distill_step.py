@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import re
 import statistics
@@ -44,11 +43,10 @@ from typing import Any
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from workbench.io import atomic_write_text
 from workbench.losses import causal_lm_mask, distillation_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import cpu_name, set_threads  # noqa: E402
+from timing import cpu_name, set_threads, write_results  # noqa: E402
 
 TARGET_RATIO = 1.2  # classification only
 BATCH = 32
@@ -239,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_mib = "/".join(mib(arm["loss_peak_mib"]) for arm in arms)
         print(f"{row['task']:<15} {row['size']:<16} {base['median_ms']:>8.1f} {method['median_ms']:>9.1f} "
               f"{ratio:>6.2f} {top_ms} {step_mib:>24} {loss_mib:>24}  {verdict}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                 "results": rows}, indent=2))
+    write_results(args.json, args, rows)
     return 0
 
 

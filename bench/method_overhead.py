@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import statistics
@@ -38,11 +37,10 @@ from typing import Any
 from transformers import TrainerCallback
 
 from workbench.config import load_config
-from workbench.io import atomic_write_text
 from workbench.run import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import cpu_name, set_threads  # noqa: E402
+from timing import cpu_name, set_threads, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FINETUNE = REPO / "configs" / "finetune" / "arithmetic-lora.yaml"
@@ -156,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if r["ratio_of_medians"] <= TARGET_RATIO else "OVER"
         print(f"{r['pair']:<18} {r['ratio_of_medians']:>7.3f} {r['mean_ratio']:>8.3f} +- {r['two_se']:<5.3f} "
               f"{r['baseline_median_ms']:>12.1f} {r['method_median_ms']:>10.1f}  {verdict}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                 "results": results}, indent=2))
+    write_results(args.json, args, results)
     return 0
 
 

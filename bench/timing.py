@@ -25,6 +25,18 @@ def set_threads(requested: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def write_results(path: Path | None, args: Any, results: Any) -> None:
+    """With `--json OUT`: the run's arguments and results as JSON in OUT, written atomically."""
+    if path is None:
+        return
+    import json
+
+    from workbench.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                       indent=2))
+
+
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

@@ -79,6 +79,22 @@ def run(cmd: list[str], timeout: float = 600, cwd: Path = REPO) -> subprocess.Co
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def deepspeed_train(config: Path, ranks: int, port: int, *extra: str) -> str:
+    """`deepspeed launch/train.py config` on `ranks` CPU ranks; asserts it succeeded, returns its stdout."""
+    result = run(deepspeed_command(TRAIN, str(config), *extra, ranks=ranks, port=port))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def zero_method_config(tmp_path: Path, name: str, stage: int, methods: dict) -> Path:
+    """A tiny 2-block config under ZeRO `stage` with `methods`: 8 steps of 4 per rank, saved at 4 and 8."""
+    cfg = tiny_config(tmp_path, name=name, deepspeed=f"configs/deepspeed/zero{stage}.json", methods=methods,
+                      training={"max_steps": 8, "save_steps": 4, "per_device_train_batch_size": 4,
+                                "lr_scheduler_type": "constant"})
+    cfg["model"]["overrides"]["num_hidden_layers"] = 2
+    return write_config(tmp_path, cfg)
+
+
 @pytest.fixture
 def tiny(tmp_path: Path):
     """A function: section overrides -> path of a written tiny config."""

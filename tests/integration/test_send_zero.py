@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TRAIN, deepspeed_command, run, tiny_config, write_config
+from conftest import deepspeed_train, zero_method_config
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -17,25 +17,16 @@ SEND = {"track_every": 2, "window": 2, "drop_intervals": 2, "top_percent": 25, "
 CELLS = [pytest.param(stage, id=f"zero{stage}", marks=[] if stage == 3 else [pytest.mark.slow]) for stage in range(4)]
 
 
-def _launch(config, port: int, *extra: str) -> None:
-    result = run(deepspeed_command(TRAIN, str(config), *extra, ranks=2, port=port))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 def _states(checkpoint) -> list[dict]:
     return [torch.load(checkpoint / f"workbench_methods_rank{r}.pt", weights_only=True)["send"] for r in (0, 1)]
 
 
 @pytest.mark.parametrize("stage", CELLS)
 def test_send_on_two_ranks_drops_the_same_indices_and_resumes_bit_equal(tmp_path, stage):
-    cfg = tiny_config(tmp_path, name="send", deepspeed=f"configs/deepspeed/zero{stage}.json", methods={"send": SEND},
-                      training={"max_steps": 8, "save_steps": 4, "per_device_train_batch_size": 4,
-                                "lr_scheduler_type": "constant"})
-    cfg["model"]["overrides"]["num_hidden_layers"] = 2
-    config = write_config(tmp_path, cfg)
+    config = zero_method_config(tmp_path, "send", stage, {"send": SEND})
     run_dir = tmp_path / "runs" / "send"
     port = 29900 + 10 * stage
-    _launch(config, port)
+    deepspeed_train(config, 2, port)
     straight = load_file(run_dir / "checkpoint-8" / "model.safetensors")
     states = _states(run_dir / "checkpoint-8")
     assert len(states[0]["indices"]) == 8 and states[0]["selections"] == 2
@@ -44,7 +35,7 @@ def test_send_on_two_ranks_drops_the_same_indices_and_resumes_bit_equal(tmp_path
     assert [r["send_dropped"] for r in read_jsonl(run_dir / "metrics.jsonl") if "send_dropped" in r][-1] == 8
     shutil.copytree(run_dir / "checkpoint-8", tmp_path / "straight-8")
     shutil.rmtree(run_dir / "checkpoint-8")
-    _launch(config, port + 1, "--resume")
+    deepspeed_train(config, 2, port + 1, "--resume")
     resumed = load_file(run_dir / "checkpoint-8" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     for a, b in zip(_states(tmp_path / "straight-8"), _states(run_dir / "checkpoint-8"), strict=True):

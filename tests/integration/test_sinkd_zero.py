@@ -26,7 +26,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TRAIN, deepspeed_command, run, tiny_config, write_config
+from conftest import TRAIN, deepspeed_train, run, tiny_config, write_config
 from safetensors.torch import load_file
 
 from workbench.losses import sinkhorn_distance
@@ -74,11 +74,6 @@ def _offline_teacher(folder):
     return load_trained_model(folder / "checkpoint-12", auto_class=AutoModelForSequenceClassification)
 
 
-def _launch(config, port: int, *extra: str) -> None:
-    result = run(deepspeed_command(TRAIN, str(config), *extra, ranks=2, port=port))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.parametrize("stage", CELLS)
 def test_sinkd_classifier_on_two_ranks(tmp_path, teacher, stage):
     teacher_run, teacher_digest = teacher
@@ -89,7 +84,7 @@ def test_sinkd_classifier_on_two_ranks(tmp_path, teacher, stage):
     config = write_config(tmp_path, cfg)
     run_dir = tmp_path / "runs" / "student"
     port = 29700 + 10 * stage
-    _launch(config, port)
+    deepspeed_train(config, 2, port)
 
     # the teacher: an inference engine, no optimizer, frozen, partitioned under ZeRO-3 only
     for rank in (0, 1):
@@ -130,7 +125,7 @@ def test_sinkd_classifier_on_two_ranks(tmp_path, teacher, stage):
     # resume from the middle checkpoint: bit-equal weights and losses; the teacher's files untouched
     straight = load_file(run_dir / "checkpoint-4" / "model.safetensors")
     shutil.rmtree(run_dir / "checkpoint-4")
-    _launch(config, port + 1, "--resume")
+    deepspeed_train(config, 2, port + 1, "--resume")
     resumed = load_file(run_dir / "checkpoint-4" / "model.safetensors")
     assert set(straight) == set(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
     for rank in (0, 1):

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TRAIN, deepspeed_command, run, tiny_config, write_config
+from conftest import deepspeed_train, zero_method_config
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -22,22 +22,12 @@ SMOE = {"experts": 4, "k_min": 1}
 CELLS = [pytest.param(stage, id=f"zero{stage}", marks=[] if stage == 3 else [pytest.mark.slow]) for stage in range(4)]
 
 
-def _launch(config, port: int, *extra: str) -> None:
-    result = run(deepspeed_command(TRAIN, str(config), *extra, ranks=2, port=port))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.parametrize("stage", CELLS)
 def test_smoe_on_two_ranks_keeps_the_router_resumes_bit_equal_and_reloads(tmp_path, stage):
-    cfg = tiny_config(tmp_path, name="smoe", deepspeed=f"configs/deepspeed/zero{stage}.json",
-                      methods={"smoe_dropout": SMOE},
-                      training={"max_steps": 8, "save_steps": 4, "per_device_train_batch_size": 4,
-                                "lr_scheduler_type": "constant"})
-    cfg["model"]["overrides"]["num_hidden_layers"] = 2
-    config = write_config(tmp_path, cfg)
+    config = zero_method_config(tmp_path, "smoe", stage, {"smoe_dropout": SMOE})
     run_dir = tmp_path / "runs" / "smoe"
     port = 29950 + 10 * stage
-    _launch(config, port)
+    deepspeed_train(config, 2, port)
     middle = load_file(run_dir / "checkpoint-4" / "model.safetensors")
     straight = load_file(run_dir / "checkpoint-8" / "model.safetensors")
     routers = [k for k in straight if ".router_" in k]
@@ -48,7 +38,7 @@ def test_smoe_on_two_ranks_keeps_the_router_resumes_bit_equal_and_reloads(tmp_pa
                                                           for s in range(8)]
     assert all("smoe_load_max" in logged[s] for s in range(1, 9))
     shutil.rmtree(run_dir / "checkpoint-8")
-    _launch(config, port + 1, "--resume")
+    deepspeed_train(config, 2, port + 1, "--resume")
     resumed = load_file(run_dir / "checkpoint-8" / "model.safetensors")
     assert set(resumed) == set(straight) and all(torch.equal(straight[k], resumed[k]) for k in straight)
     model = load_trained_model(run_dir / "checkpoint-8")
@@ -57,7 +47,7 @@ def test_smoe_on_two_ranks_keeps_the_router_resumes_bit_equal_and_reloads(tmp_pa
     assert all(torch.equal(t, straight[k]) for k, t in model.state_dict().items() if k in straight)
     # a two-stage study's second stage: the SMoE checkpoint as the base (built converted, under ZeRO-3 inside
     # zero.Init), adopted by the method; its frozen router is carried over unchanged
-    _launch(config, port + 2, "--set", "name=next", "--set", f"model.name_or_path={run_dir / 'checkpoint-8'}",
+    deepspeed_train(config, 2, port + 2, "--set", "name=next", "--set", f"model.name_or_path={run_dir / 'checkpoint-8'}",
             "--set", "model.preset=null", "--set", "training.max_steps=4")
     adopted = load_file(tmp_path / "runs" / "next" / "checkpoint-4" / "model.safetensors")
     assert all(torch.equal(adopted[k], straight[k]) for k in routers)

@@ -207,6 +207,7 @@ class SeND(Method):
         self.tracking_seconds = 0.0
         self.last_ees: float | None = None
         self._block: nn.Module | None = None
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the padded tracking texts
         self._hooked: nn.Module | None = None
 
     # --- lifecycle hooks ---------------------------------------------------------------------------------
@@ -249,6 +250,7 @@ class SeND(Method):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.tracking_seed)).tolist()
         held = sorted(order[:count])
         self.tracking = [list(ids) for ids in dataset.select(held)["input_ids"]]
+        self._batches = None
         trainer.train_dataset = dataset.select(sorted(order[count:]))
         self.tokenizer = trainer.processing_class
         self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
@@ -266,7 +268,12 @@ class SeND(Method):
 
     # --- tracking --------------------------------------------------------------------------------------
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The tracking texts as right-padded (input_ids, attention_mask) batches."""
+        """The tracking texts as right-padded (input_ids, attention_mask) batches (built once)."""
+        if self._batches is None:
+            self._batches = self._pad_tracking_texts()
+        return self._batches
+
+    def _pad_tracking_texts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         size, out = self.config.tracking_batch_size, []
         for start in range(0, len(self.tracking), size):
             chunk = self.tracking[start:start + size]

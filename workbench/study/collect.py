@@ -34,7 +34,7 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
     for key, direction in collected(keys).items():
         if direction == "spread" and key.count(".") == 2:  # an evaluator column: its values over checkpoints
             evaluated = evaluator_series(results_path(run.run_dir)) if evaluated is None else evaluated
-            row.update(spread(key, evaluated.get(key, [])))
+            row.update(spread(key, [value for _, value in evaluated.get(key, [])]))
             continue
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if not points:
@@ -50,13 +50,13 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
     return row
 
 
-def evaluator_series(results: Path) -> dict[str, list[float]]:
-    """`task.style.metric` -> its values at the evaluated checkpoints, in step order."""
+def evaluator_series(results: Path) -> dict[str, list[tuple[int, float]]]:
+    """`task.style.metric` -> (step, value) at the evaluated checkpoints, in step order."""
     records = sorted((r for r in (read_jsonl(results) if results.is_file() else [])
-                      if r.get("status", "ok") == "ok" and r.get("step") is not None), key=lambda r: r["step"])
-    series: dict[str, list[float]] = {}
+                      if r.get("status", "ok") == "ok" and isinstance(r.get("step"), int)), key=lambda r: r["step"])
+    series: dict[str, list[tuple[int, float]]] = {}
     for r in records:
-        series.setdefault(f"{r['task']}.{r['style']}.{r['metric']}", []).append(r["value"])
+        series.setdefault(f"{r['task']}.{r['style']}.{r['metric']}", []).append((r["step"], r["value"]))
     return series
 
 

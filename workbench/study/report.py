@@ -14,7 +14,7 @@ from typing import Any
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
-from workbench.study.collect import aggregate, collect_run
+from workbench.study.collect import aggregate, collect_run, evaluator_series
 from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_runs, warn
 from workbench.study.runner import run_status
 
@@ -214,11 +214,7 @@ def curve_points(run_dir: Path, key: str) -> list[tuple[int, float]]:
     """(step, value) of a metrics.jsonl key, or of an evaluator column `task.style.metric` over the run's
     evaluated checkpoints, in step order."""
     if key.count(".") == 2:
-        task, style, metric = key.split(".")
-        path = results_path(run_dir)
-        records = [r for r in (read_jsonl(path) if path.is_file() else []) if r.get("status", "ok") == "ok"
-                   and (r.get("task"), r.get("style"), r.get("metric")) == (task, style, metric)]
-        return sorted((r["step"], r["value"]) for r in records if isinstance(r.get("step"), int))
+        return evaluator_series(results_path(run_dir)).get(key, [])
     path = run_dir / METRICS
     return [(r["step"], r[key]) for r in (read_jsonl(path) if path.is_file() else [])
             if isinstance(r.get(key), (int, float))]
