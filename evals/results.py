@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.io import read_jsonl
+from workbench.layout import EXPERTS_MARK
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            share=False, primary=True),
     Metric("entropy", False, "token entropy (nats per token)",
            "mean entropy of the model's next-token distribution over the sampled answers' tokens", share=False),
+    Metric("nll", False, "NLL of the gold answer (nats per token)",
+           "mean negative log-likelihood per token of the gold worked answer after the prompt (style gold_nll)",
+           share=False),
     Metric("gold_ppl", False, "perplexity of the gold option",
            "Blank-ppl: exp of the mean NLL per token of the gold option's span (1 = certain)", share=False),
 )}
@@ -77,7 +81,6 @@ def metric_info(name: str) -> Metric:
     return Metric(name, higher is not False, name, "an lm-eval metric", share=False)
 
 
-EXPERTS_MARK = "@k"  # style `zero_shot@k2`: the cell evaluated with 2 active experts per token (SMoE)
 
 
 def experts_style(style: str, experts: int | None) -> str:

@@ -92,3 +92,11 @@ class BlankPplScorer:
         best = min(range(len(s)), key=lambda k: (s[k], k))
         gold = self.gold(doc)
         return {"acc": float(best == gold), "gold_ppl": math.exp(min(s[gold], 50.0))}
+
+
+class GoldNllScorer(BlankPplScorer):
+    """`process_results` of a one-continuation log-likelihood request (the gold answer): its NLL per token
+    (nats; `norm` as for Blank-ppl), metric `nll`."""
+
+    def __call__(self, doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+        return {"nll": self.scores(doc, [ll for ll, _ in results])[self.gold(doc)]}

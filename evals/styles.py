@@ -22,6 +22,9 @@ Worked (`kind: worked`), greedy generation of a worked answer ending "#### N", a
   zero_shot   the standard prompt (the fine-tuning format QA_PROMPT); N after the last "####" (regex
               filter), exact_match against the gold number; stops at EOS, "\\n\\nQuestion:" or the budget
   few_shot    the same after k solved examples "Question: q\\nAnswer: {worked answer}"
+  gold_nll    (not a default style) the NLL per token of the gold worked answer after the zero-shot prompt
+              (lm-eval log-likelihood request, evals.scoring.GoldNllScorer): a validation loss on problems
+              never trained on, comparable across checkpoints and across an SMoE's numbers of active experts
 Any lm-eval task can also run as itself with style `native`.
 
 Ambiguous choices of the spec (`docs/specs/bose.md`) are the fields of `StyleOptions`.
@@ -37,6 +40,7 @@ from evals.scoring import (
     NUMBER_PATTERN,
     NUMBER_VARIANTS,
     BlankPplScorer,
+    GoldNllScorer,
     exact_match,
     first_line_answer,
     token_f1,
@@ -46,6 +50,7 @@ from evals.specs import SpecReader, TaskSpec
 MC_STYLES = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl")
 OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")
 OPEN_EXTRA_STYLES = ("completion",)  # valid for open specs with a cloze, run only when asked for
+WORKED_EXTRA_STYLES = ("gold_nll",)  # valid for worked specs, run only when asked for
 WORKED_STYLES = ("zero_shot", "few_shot")
 ICLIP_PATTERN = r"The answer is (.*)"
 
@@ -72,8 +77,10 @@ def styles_for(kind: str) -> tuple[str, ...]:
 
 
 def valid_styles(spec: TaskSpec) -> tuple[str, ...]:
-    """Every style `spec` can run in: the defaults, and `completion` for open specs with a cloze."""
-    return styles_for(spec.kind) + (OPEN_EXTRA_STYLES if spec.kind == "open" and spec.cloze else ())
+    """Every style `spec` can run in: the defaults, `completion` for open specs with a cloze, `gold_nll` for
+    worked specs."""
+    extra = {"open": OPEN_EXTRA_STYLES if spec.cloze else (), "worked": WORKED_EXTRA_STYLES}.get(spec.kind, ())
+    return styles_for(spec.kind) + extra
 
 
 def _base(spec: TaskSpec, style: str, data: dict[str, Any], opts: StyleOptions) -> dict[str, Any]:
@@ -181,6 +188,15 @@ def _worked_config(spec: TaskSpec, style: str, data: dict[str, Any], opts: Style
                metric_list=[{**_metric("exact_match"), "regexes_to_ignore": list(NUMBER_VARIANTS)}])
     if style == "few_shot":
         cfg["num_fewshot"] = opts.num_fewshot
+    if style == "gold_nll":
+        def gold(d: dict) -> str:  # the fine-tuning format: the prompt, a space, the worked answer
+            return f" {read.worked(d)}"
+
+        scorer = GoldNllScorer(read.prompt, lambda d: [gold(d)], lambda d: 0)
+        cfg.update(output_type="loglikelihood", doc_to_target=gold, target_delimiter="", process_results=scorer,
+                   metric_list=[_metric("nll", higher=False)])
+        for unused in ("generation_kwargs", "filter_list"):
+            cfg.pop(unused)
     return cfg
 
 

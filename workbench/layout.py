@@ -19,6 +19,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_DIR = "eval"
 RESULTS = "results.jsonl"
+EXPERTS_MARK = "@k"  # evaluator style `zero_shot@k2`: the cell evaluated with 2 active experts per token (SMoE)
 CHECKPOINT_PREFIX = "checkpoint-"
 MANIFEST = "workbench_manifest.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")

@@ -306,3 +306,30 @@ def test_a_run_and_its_base_both_trained_on_arithmetic_are_never_asked_either_se
         assert not asked & set(arithmetic_problems(ArithmeticConfig(**trained))["question"])
     only_arm = set(arithmetic(**_options(arm))["test"]["question"])  # without the lineage, base questions leak
     assert only_arm & set(arithmetic_problems(ArithmeticConfig(**CROWDED))["question"])
+
+
+def test_gold_nll_is_the_mean_nll_per_token_of_the_gold_worked_answer(tiny_run, tmp_path):
+    """Style gold_nll against an independent forward pass: -log p(" " + worked answer | zero-shot prompt) per
+    continuation token, averaged over the items."""
+    from transformers import AutoTokenizer
+
+    from workbench.data.finetune import QA_PROMPT
+    from workbench.models import load_trained_model
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    assert launch_main("eval", [str(run), "--task", "arithmetic_in_dist:gold_nll", "--limit", "4"]) == 0
+    (record,) = [r for r in read_results(run / "eval" / "results.jsonl") if r["style"] == "gold_nll"]
+    assert record["metric"] == "nll" and record["n"] == 4
+    tokenizer, model = AutoTokenizer.from_pretrained(run / "tokenizer"), load_trained_model(run / "checkpoint-1")
+    expected = []
+    for doc in arithmetic(**_options(TRAINED))["test"].select(range(4)):
+        context = tokenizer(QA_PROMPT.format(question=doc["question"]))["input_ids"]
+        whole = tokenizer(QA_PROMPT.format(question=doc["question"]) + " " + doc["answer"],
+                          )["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].double()
+        targets = torch.tensor(whole[len(context):])
+        logprobs = logits[len(context) - 1:-1].log_softmax(-1).gather(1, targets[:, None])
+        expected.append(-logprobs.mean().item())
+    assert record["items"] == pytest.approx(expected, rel=1e-4)
+    assert record["value"] == pytest.approx(sum(expected) / 4, rel=1e-4)

@@ -48,6 +48,26 @@ def test_one_pretrain_run_per_axis_value_and_each_arm_starts_from_its_own(tmp_pa
         assert arm.settings[key] == str(own.run_dir) and "model.name_or_path" not in arm.settings
 
 
+def test_a_seeded_pretrain_stage_has_one_run_per_value_and_seed(tmp_path):
+    study = load_study(per_arm(tmp_path, seeds=[0, 1], pretrain={"seeded": True}))
+    first = pretrain_runs(study)
+    assert [(r.name, r.seed) for r in first] == [("pretrain_arm=a_seed=0", 0), ("pretrain_arm=a_seed=1", 1),
+                                                 ("pretrain_arm=b_seed=0", 0), ("pretrain_arm=b_seed=1", 1)]
+    assert all(f"seed={r.seed}" in r.overrides() for r in first)  # trained with that seed
+    assert first[2].settings == {"training.max_steps": 4}
+    for arm in grid(study):  # its own value's and its own seed's
+        own = pretrain_for(study, arm.values, arm.seed)
+        assert own.values == {"arm": arm.values["arm"]} and own.seed == arm.seed
+        assert arm.settings["model.name_or_path"] == str(own.run_dir)
+    with pytest.raises(ValueError, match="needs the arm's seed"):
+        pretrain_for(study, {"arm": "a"})
+    # without `per`: one pretrain run per seed; a profile may switch it off
+    path = write_study(tmp_path, axes=ARMS, seeds=[3, 4], pretrain={"set": {"training.max_steps": 2}, "seeded": True},
+                       profiles={"quick": {"pretrain": {"seeded": False}}})
+    assert [r.name for r in pretrain_runs(load_study(path))] == ["pretrain_seed=3", "pretrain_seed=4"]
+    assert [r.name for r in pretrain_runs(load_study(path, "quick"))] == ["pretrain"]
+
+
 def test_a_profile_changes_the_per_value_pretrain_runs(tmp_path):
     profiles = {"quick": {"seeds": [0], "axes": {"arm": {"a": {}}},
                           "pretrain": {"set": {"training.learning_rate": 5e-3},

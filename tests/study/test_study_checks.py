@@ -55,6 +55,11 @@ def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_w
         _load(tmp_path, collect=["eval_loss"], set={"data.validation_fraction": 0.0})
     with pytest.raises(ConfigError, match=r"field 'plots\[0\].y': no run logs 'nll'"):
         _load(tmp_path, plots=[{"kind": "curve", "y": "nll"}])
+    with pytest.raises(ConfigError, match=r"field 'plots\[0\].y': an `experts` plot takes an evaluator column"):
+        _load(tmp_path, plots=[{"kind": "experts", "y": "loss"}])
+    with pytest.raises(ConfigError, match=r"field 'compare\[0\].against': 'x' is not one of its keys"):
+        _load(tmp_path, compare=[{"kind": "delta", "axis": "training.learning_rate", "reference": 1e-3,
+                                  "keys": ["loss"], "against": {"x": "loss"}}])
     # logged by every run: no warning
     _, warnings = _load(tmp_path, collect=["loss", "eval_loss", "eval_token_accuracy:max", "grad_norm", "total_flos"])
     assert warnings == []

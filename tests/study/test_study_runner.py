@@ -156,6 +156,48 @@ def test_paired_deltas_against_the_reference_run():
     assert [r.get("delta_nll") for r in rows] == [0.0, 0.0, 2.0, 2.0, 0.0, 0.0, 2.0, 2.0, None]
 
 
+def test_deltas_against_another_column_of_the_reference_run():
+    """An SMoE arm's score at k active experts against the dense reference's score as saved (`against`)."""
+    from workbench.study import DeltaSpec
+    from workbench.study.analysis import add_deltas
+
+    rows = [{"seed": s, "arm": "dense", "t.z.em": 0.1 * s} for s in (0, 1)]
+    rows += [{"seed": s, "arm": "moe", "t.z@k2.em": 0.5 + 0.1 * s, "t.z@k4.em": 0.7} for s in (0, 1)]
+    spec = DeltaSpec(axis="arm", reference="dense", keys=["t.z@k2.em", "t.z@k4.em"],
+                     against={"t.z@k2.em": "t.z.em", "t.z@k4.em": "t.z.em"})
+    add_deltas(rows, spec, ["arm"])
+    assert [r.get("delta_t.z@k2.em") for r in rows] == [None, None, 0.5, pytest.approx(0.5)]
+    assert [r.get("delta_t.z@k4.em") for r in rows] == [None, None, 0.7, pytest.approx(0.6)]
+    add_deltas(rows, DeltaSpec(axis="arm", reference="dense", keys=["t.z@k2.em"]), ["arm"])  # same key: none
+    assert "delta_t.z@k2.em" not in rows[0]
+
+
+def test_an_experts_plot_draws_each_arm_against_k_and_a_dense_arm_as_a_line(tmp_path):
+    import matplotlib.image
+
+    import matplotlib.pyplot as plt
+
+    from workbench.study import PlotSpec, StudyConfig
+    from workbench.study.collect import aggregate
+    from workbench.study.report import _draw_experts, draw
+
+    rows = [{"arm": "dense", "seed": s, "t.z.em": 0.3 + 0.01 * s} for s in (0, 1)]
+    rows += [{"arm": "moe", "seed": s, **{f"t.z@k{k}.em": 0.1 * k + 0.01 * s for k in (1, 2, 4)}} for s in (0, 1)]
+    columns = ["t.z.em"] + [f"t.z@k{k}.em" for k in (1, 2, 4)]
+    table = aggregate(rows, ["arm"], columns)
+    study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["dense", "moe"]})
+    plot = PlotSpec(kind="experts", y="t.z.em", label="exact match", name="em_k")
+    path = draw(plot, study, [], table, tmp_path)
+    assert path == tmp_path / "em_k.png" and matplotlib.image.imread(path).shape[0] > 100
+    _, ax = plt.subplots()
+    assert _draw_experts(ax, plot, study, table) == "bars: ± 1 std over seeds"
+    (moe,) = [bars.lines[0] for bars in ax.containers if bars.get_label() == "arm=moe"]
+    assert list(moe.get_xdata()) == [1, 2, 4] and list(moe.get_ydata()) == pytest.approx([0.105, 0.205, 0.405])
+    (dense,) = [line for line in ax.get_lines() if line.get_label() == "arm=dense (no experts; band ± 1 std)"]
+    assert list(dense.get_ydata()) == pytest.approx([0.305, 0.305])
+    assert ax.get_xscale() == "log" and "active experts" in ax.get_xlabel()
+
+
 def test_agreement_best_x_kendall_tau_and_cost():
     from scipy import stats
 

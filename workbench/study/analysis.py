@@ -13,7 +13,8 @@ from workbench.study.plan import AgreementSpec, DeltaSpec, StudyConfig, collecte
 
 def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> None:
     """Add `delta_<key>` to every row (in place): its value minus the reference run's (same seed and other
-    axis values, `spec.axis` = `spec.reference`); rows without a reference value get none."""
+    axis values, `spec.axis` = `spec.reference`), or minus the reference's `spec.against[key]` column where
+    given; rows without a reference value get none."""
     others = [a for a in axes if a != spec.axis]
 
     def pair_key(row: dict[str, Any]) -> tuple:
@@ -23,8 +24,9 @@ def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> 
     for row in rows:
         reference = references.get(pair_key(row))
         for key in spec.keys:
-            if reference is not None and _finite(row.get(key)) and _finite(reference.get(key)):
-                row[f"delta_{key}"] = row[key] - reference[key]
+            other = spec.against.get(key, key)
+            if reference is not None and _finite(row.get(key)) and _finite(reference.get(other)):
+                row[f"delta_{key}"] = row[key] - reference[other]
 
 
 def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -> dict[str, Any]:

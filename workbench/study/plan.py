@@ -18,6 +18,7 @@ A study YAML:
     pretrain: {config: configs/quickstart.yaml, set: {training.max_steps: 100}}  # optional first stage
     # pretrain: {..., as: methods.sinkd.teacher}  # the arms get the folder as this key instead (a teacher)
     # pretrain: {..., per: regulariser, set_per_value: {dropout-0.1: {...}}}  # one pretrain run per axis value
+    # pretrain: {..., seeded: true}             # and one per seed (the seed varies the whole pipeline)
     profiles: {quick: {seeds: [0]}}              # smaller/larger grids: --quick, --scale, --profile NAME
 
 Each run goes through `launch/train.py` (so `deepspeed` with several ranks works the same), with its axis
@@ -27,6 +28,8 @@ that run is trained first, once, into `<runs_dir>/<study>/pretrain/`, and every 
 that one override instead and keeps its own model (e.g. `methods.sinkd.teacher`: a teacher trained once).
 With `pretrain.per: <axis>` there is one pretrain run per value of that axis, `pretrain_<axis>=<value>`
 (`pretrain.set`, then `pretrain.set_per_value[<value>]`), and each arm starts from the one of its value.
+With `pretrain.seeded: true` there is also one pretrain run per seed (`..._seed=<s>`, trained with that seed), and
+each arm starts from the one of its own seed, so the seed spread covers both stages.
 
 Everything a study refers to is checked here, before any run starts: every run's config, the collected
 metrics (against what a run logs, `workbench.study.metrics`), and the axes and reference values that
@@ -92,10 +95,13 @@ class PlotSpec(BaseModel):
     """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds; a paired
     `delta_` column: mean with its 95% t-interval, against a zero line), one line per value of `group`;
     `curve` = a metrics.jsonl key or an evaluator column `task.style.metric` against step, one line per arm
-    (mean over seeds, a band of ± 1 std when there are several)."""
+    (mean over seeds, a band of ± 1 std when there are several); `experts` = an evaluator column of SMoE runs
+    evaluated at several numbers of active experts (`task.style.metric`, read from the columns
+    `task.style@k<K>.metric`) against k, one line per arm (mean ± std over seeds), an arm evaluated without
+    experts (a dense model) as a horizontal line at its `task.style.metric`."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["final", "curve"] = "final"
+    kind: Literal["final", "curve", "experts"] = "final"
     x: str = "step"  # an axis for `final`
     y: str  # a collected column (`final`), or a metrics.jsonl key or evaluator column (`curve`)
     group: str | None = None  # an axis: one line per value
@@ -114,6 +120,9 @@ class DeltaSpec(BaseModel):
     axis: str
     reference: Any
     keys: list[str]
+    # a key -> the reference run's column it is paired with (default: the same key), e.g. an SMoE arm's
+    # `task.zero_shot@k8.exact_match` against the dense reference's `task.zero_shot.exact_match`
+    against: dict[str, str] = Field(default_factory=dict)
 
 
 class AgreementSpec(BaseModel):
@@ -135,7 +144,8 @@ class PretrainSpec(BaseModel):
     """The first stage of a two-stage study: one run, trained before the arms (resumably, like any run),
     into `<runs_dir>/<study>/pretrain/`; every arm starts from it (`model.name_or_path=<that folder>`).
     With `per: <axis>`, one such run per value of that axis (`pretrain_<axis>=<value>/`), each with
-    `set_per_value[<value>]` over `set`; an arm starts from the one of its value."""
+    `set_per_value[<value>]` over `set`; an arm starts from the one of its value. With `seeded`, one per seed
+    as well (`..._seed=<s>`, trained with that seed); an arm starts from the one of its seed."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     config: str | None = None  # an experiment config; default: the study's `base`
@@ -145,6 +155,7 @@ class PretrainSpec(BaseModel):
     as_key: str = Field(START_KEY, alias="as", pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")
     per: str | None = None  # an axis: one pretrain run per value of it (default: one for every arm)
     set_per_value: dict[Any, dict[str, Any]] = Field(default_factory=dict)  # a value of `per` -> its run's overrides
+    seeded: bool = False  # one pretrain run per seed as well, with that seed; an arm starts from its seed's
 
     @pydantic.field_validator("set")
     @classmethod
@@ -225,9 +236,10 @@ class StudyConfig(BaseModel):
                          if str(value) in kept}
             for value, overrides in profile.pretrain.set_per_value.items():
                 per_value[str(value)] = {**per_value.get(str(value), {}), **overrides}
+            seeded = profile.pretrain.seeded if "seeded" in profile.pretrain.model_fields_set else pretrain.seeded
             pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
                                     set={**pretrain.set, **profile.pretrain.set}, as_key=as_key,
-                                    per=pretrain.per, set_per_value=per_value)
+                                    per=pretrain.per, set_per_value=per_value, seeded=seeded)
         return self.model_copy(update={
             "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
@@ -268,28 +280,35 @@ def _labels(study: StudyConfig, axis: str) -> list[Any]:
 
 def pretrain_runs(study: StudyConfig) -> list[RunSpec]:
     """The study's pretrain runs: none for a one-stage study, `<runs_dir>/<study>/pretrain`, or with
-    `pretrain.per: <axis>` one per value of that axis, `pretrain_<axis>=<value>` (named like the arms)."""
+    `pretrain.per: <axis>` one per value of that axis, `pretrain_<axis>=<value>` (named like the arms); with
+    `pretrain.seeded` each of these once per seed, `..._seed=<s>` (`pretrain_seed=<s>` without `per`)."""
     spec = study.pretrain
     if spec is None:
         return []
     config = spec.config or study.base
-    if spec.per is None:
-        return [RunSpec(PRETRAIN, {}, None, study.folder / PRETRAIN, dict(spec.set), config, "pretrain")]
     per_value = {str(value): overrides for value, overrides in spec.set_per_value.items()}
-    runs = []
-    for label in _labels(study, spec.per):
-        name = f"{PRETRAIN}_{spec.per.rsplit('.', 1)[-1]}={_slug(label)}"
-        settings = {**spec.set, **per_value.get(str(label), {})}
-        runs.append(RunSpec(name, {spec.per: label}, None, study.folder / name, settings, config, "pretrain"))
-    return runs
+    variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [(PRETRAIN, {}, dict(spec.set))]
+    if spec.per is not None:
+        variants = [(f"{PRETRAIN}_{spec.per.rsplit('.', 1)[-1]}={_slug(label)}", {spec.per: label},
+                     {**spec.set, **per_value.get(str(label), {})}) for label in _labels(study, spec.per)]
+    if not spec.seeded:
+        return [RunSpec(name, values, None, study.folder / name, settings, config, "pretrain")
+                for name, values, settings in variants]
+    return [RunSpec(f"{name}_seed={seed}", values, seed, study.folder / f"{name}_seed={seed}", settings, config,
+                    "pretrain") for name, values, settings in variants for seed in study.seeds]
 
 
-def pretrain_for(study: StudyConfig, values: dict[str, Any]) -> RunSpec | None:
-    """The pretrain run an arm with these axis values starts from (None for a one-stage study)."""
-    runs = pretrain_runs(study)
-    if study.pretrain is None or study.pretrain.per is None:
-        return runs[0] if runs else None
-    return next(r for r in runs if str(r.values[study.pretrain.per]) == str(values[study.pretrain.per]))
+def pretrain_for(study: StudyConfig, values: dict[str, Any], seed: int | None = None) -> RunSpec | None:
+    """The pretrain run an arm with these axis values (and, for a `seeded` pretrain, this seed) starts from
+    (None for a one-stage study)."""
+    spec = study.pretrain
+    if spec is None:
+        return None
+    if spec.seeded and seed is None:
+        raise ValueError("a seeded pretrain stage needs the arm's seed")
+    return next(r for r in pretrain_runs(study)
+                if (spec.per is None or str(r.values[spec.per]) == str(values[spec.per]))
+                and (not spec.seeded or r.seed == seed))
 
 
 def check_pretrain(study: StudyConfig, path: str | Path) -> None:
@@ -321,18 +340,18 @@ def grid(study: StudyConfig) -> list[RunSpec]:
     runs = []
     for combo in combos:
         labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}
-        # an arm loads its pretrain run (launch/train.py runs in the repository, so a relative runs_dir is
-        # there), as its model or under the key `pretrain.as` names
-        pretrain, start = pretrain_for(study, labels), {}
-        if pretrain is not None:
-            folder = str(REPO_ROOT / pretrain.run_dir)
-            key = study.pretrain.as_key
-            start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
-        settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}, **start}
+        settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}}
         for seed in study.seeds:
+            # an arm loads its pretrain run (launch/train.py runs in the repository, so a relative runs_dir is
+            # there), as its model or under the key `pretrain.as` names
+            pretrain, start = pretrain_for(study, labels, seed), {}
+            if pretrain is not None:
+                folder = str(REPO_ROOT / pretrain.run_dir)
+                key = study.pretrain.as_key
+                start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
             parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
             name = "_".join(parts)
-            runs.append(RunSpec(name, labels, seed, study.folder / name, settings, study.base))
+            runs.append(RunSpec(name, labels, seed, study.folder / name, {**settings, **start}, study.base))
     return runs
 
 
@@ -425,6 +444,10 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
                                   f"'{spec.axis}' (its values: {', '.join(axis_values(study, spec.axis))})")
             for key in spec.keys:
                 column(f"{where}.keys", key, known)
+            for key, other in spec.against.items():
+                if key not in spec.keys:
+                    raise ConfigError(f"{path}: field '{where}.against': '{key}' is not one of its keys")
+                column(f"{where}.against", other, known)
         else:
             axis(f"{where}.group", spec.group)
             axis(f"{where}.x", spec.x)
@@ -436,6 +459,9 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
         if plot.kind == "final":
             axis(f"{where}.x", plot.x)
             column(f"{where}.y", plot.y, known)
+        if plot.kind == "experts" and not is_evaluator_column(plot.y):
+            raise ConfigError(f"{path}: field '{where}.y': an `experts` plot takes an evaluator column "
+                              f"task.style.metric (its per-k columns are task.style@k<K>.metric), got '{plot.y}'")
         if plot.group is not None:
             axis(f"{where}.group", plot.group)
         for name, value in plot.where.items():

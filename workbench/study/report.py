@@ -7,12 +7,13 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from workbench.io import atomic_write_text, read_jsonl
-from workbench.layout import METRICS, results_path
+from workbench.layout import EXPERTS_MARK, METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
 from workbench.study.collect import aggregate, collect_run, evaluator_series
 from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_runs, warn
@@ -106,15 +107,17 @@ def _pretrain_lines(study: StudyConfig) -> list[str]:
     if not runs:
         return []
     per = study.pretrain.per
-    lines = ["## Pretrain runs" if per else "## Pretrain run", ""]
-    if per:
-        lines += [f"Each arm starts from the pretrain run of its `{per}` value (`{study.pretrain.as_key}` of each "
+    several = len(runs) > 1 or per is not None or study.pretrain.seeded
+    lines = ["## Pretrain runs" if several else "## Pretrain run", ""]
+    if several:
+        own = " and ".join(([f"`{per}` value"] if per else []) + (["seed"] if study.pretrain.seeded else []))
+        lines += [f"Each arm starts from the pretrain run of its {own} (`{study.pretrain.as_key}` of each "
                   "arm); no arm starts while one of them failed.", ""]
     for run in runs:
         status = run_status(run)
         overrides = ", ".join(f"`{o}`" for o in run.overrides() if not o.startswith(("name=", "runs_dir="))) or "none"
         where = f"config `{run.config}`, overrides {overrides}"
-        line = (f"- `{run.name}`: `{run.run_dir}` ({where}): **{status['status']}**." if per else
+        line = (f"- `{run.name}`: `{run.run_dir}` ({where}): **{status['status']}**." if several else
                 f"Every arm starts from the pretrain run `{run.run_dir}` ({where}; `{study.pretrain.as_key}` of "
                 f"each arm): **{status['status']}**.")
         if status["status"] == "failed":
@@ -171,6 +174,8 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
             ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xlabel(plot.x)
         ax.tick_params(axis="x", labelrotation=20 if len(table) > 5 else 0)
+    elif plot.kind == "experts":
+        bars = _draw_experts(ax, plot, study, table)
     else:
         curves: dict[str, list[list[tuple[int, float]]]] = {}
         for run in runs:
@@ -208,6 +213,33 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _draw_experts(ax, plot: PlotSpec, study: StudyConfig, table: list[dict[str, Any]]) -> str:
+    """An `experts` plot: each row's `task.style@k<K>.metric` against k (mean ± std over seeds); a row with
+    only `task.style.metric` (evaluated as saved, a dense model) as a dashed horizontal line, its std a band."""
+    task, style, metric = plot.y.split(".")
+    per_k = re.compile(rf"^{re.escape(task)}\.{re.escape(style)}{re.escape(EXPERTS_MARK)}(\d+)\.{re.escape(metric)}_mean$")
+    levels: set[int] = set()
+    for row in table:
+        label = ", ".join(f"{a.rsplit('.', 1)[-1]}={row.get(a)}" for a in study.axes) or "all runs"
+        points = sorted((int(m.group(1)), row[key], row.get(key.replace("_mean", "_std"), 0.0))
+                        for key in row if (m := per_k.match(key)))
+        if points:
+            k, mean, std = zip(*points, strict=True)
+            ax.errorbar(k, mean, yerr=[e if isinstance(e, float) and math.isfinite(e) else 0.0 for e in std],
+                        marker="o", capsize=3, label=label)
+            levels.update(k)
+        elif f"{plot.y}_mean" in row:
+            mean, std = row[f"{plot.y}_mean"], row.get(f"{plot.y}_std", 0.0)
+            line = ax.axhline(mean, linestyle="--", color="0.3", label=f"{label} (no experts; band ± 1 std)")
+            if isinstance(std, float) and math.isfinite(std) and std > 0:
+                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.12, linewidth=0)
+    if levels:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(levels), [str(k) for k in sorted(levels)])
+    ax.set_xlabel("active experts per token at inference (k)")
+    return "bars: ± 1 std over seeds"
 
 
 def curve_points(run_dir: Path, key: str) -> list[tuple[int, float]]:

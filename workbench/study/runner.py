@@ -88,7 +88,7 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
     arms = [r for r in runs if r.stage == "arm"]
     first = [r for r in runs if r.stage == "pretrain"]
     for arm in arms:
-        pretrain = pretrain_for(study, arm.values)
+        pretrain = pretrain_for(study, arm.values, arm.seed)
         if pretrain is not None and pretrain not in first and run_status(pretrain)["status"] != "done":
             raise WorkbenchError(f"arm '{arm.name}' starts from the pretrain run '{pretrain.run_dir}', which is "
                                  f"{run_status(pretrain)['status']}: train it first (--only {pretrain.name})")
