@@ -174,7 +174,6 @@ def test_deltas_against_another_column_of_the_reference_run():
 
 def test_an_experts_plot_draws_each_arm_against_k_and_a_dense_arm_as_a_line(tmp_path):
     import matplotlib.image
-
     import matplotlib.pyplot as plt
 
     from workbench.study import PlotSpec, StudyConfig
