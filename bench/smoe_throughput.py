@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import cpu_name, set_threads  # noqa: E402
 
 from workbench.methods.smoe_dropout import SMoEDropoutConfig, scheduled_k  # noqa: E402
-from workbench.models.moe import MoEMLP, mean_active_fraction  # noqa: E402
+from workbench.models.moe import MoEMLP  # noqa: E402
+from workbench.models.moe_model import mean_active_fraction  # noqa: E402
 
 SIZES = ["32x128x16", "64x256x16", "128x512x16", "256x1024x16", "256x2048x16", "512x2048x16", "512x4096x16",
          "1024x4096x16"]

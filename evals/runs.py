@@ -80,7 +80,7 @@ def expert_counts(checkpoint: Path, experts: list[int] | str | None) -> list[int
     if not experts:
         return [None]
     from workbench.methods.smoe_dropout import inference_levels
-    from workbench.models.moe import moe_config
+    from workbench.models.moe_model import moe_config
 
     smoe = moe_config(checkpoint)
     if not smoe:
@@ -99,7 +99,7 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
     """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results, for an SMoE model at each
     of `cfg.experts` active experts (cells (checkpoint, task, `style@k<K>`)); returns cells done."""
     from evals.sweep import Evaluator, load_checkpoint_model
-    from workbench.models.moe import set_active_experts
+    from workbench.models.moe_model import set_active_experts
 
     limit = limit if limit is not None else cfg.limit
     done = done_cells(read_results(target.results), limit)

@@ -45,6 +45,32 @@ def test_fact_tf_rows_are_distinct_labelled_statements_of_the_world():
         FactTrueFalseConfig(statements_per_fact=0)
 
 
+def test_fact_value_rows_ask_every_fact_for_its_value_in_every_wording():
+    from workbench.data.loading import _fact_value
+    from workbench.data.synthetic import ATTRIBUTES, FactWorld, FactWorldConfig
+
+    options = FactWorldConfig(num_entities=12, seed=2, attributes_per_entity=4)
+    rows = _fact_value(options)
+    assert rows.column_names == ["text", "label", "entity", "attribute"]
+    world = FactWorld(options)
+    truth = {e.name: e.attributes for e in world.entities}
+    specs = {spec.name: spec for spec in ATTRIBUTES}
+    asked: dict[tuple[str, str], int] = {}
+    for text, label, entity, attribute in zip(rows["text"], rows["label"], rows["entity"], rows["attribute"],
+                                              strict=True):
+        assert label == truth[entity][attribute] and entity in text  # the fact's value; the entity is named
+        assert label.lower() not in text.lower().split()  # the answer is never in the prompt
+        asked[(entity, attribute)] = asked.get((entity, attribute), 0) + 1
+    assert len(asked) == 12 * 4  # every fact
+    for (_, attribute), count in asked.items():  # every question, and the statements with the entity first
+        spec = specs[attribute]
+        cut = [t for t in spec.statements if t.index("{e}") < t.replace("{av}", "{v}").index("{v}")]
+        assert count == len(spec.questions) + len(cut)
+    assert len(set(rows["text"])) == len(rows) and len(set(rows["label"])) > 20  # many classes
+    assert rows.to_list() == _fact_value(options).to_list()
+    assert is_classification(DataConfig(source="synthetic:fact_value"))
+
+
 def test_which_runs_classify():
     assert is_classification(DataConfig(source="synthetic:fact_tf"))
     assert is_classification(DataConfig(source="rows.jsonl", label_column="y"))

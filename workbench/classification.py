@@ -1,7 +1,7 @@
 """The sequence-classification side of a run: texts with labels, a model with a classification head.
 
 A run classifies when its data have labels: `data.label_column` is set (any source with that column and
-`data.text_column`), or the source is a generator of labelled rows (`synthetic:fact_tf`, column `label`).
+`data.text_column`), or the source is a generator of labelled rows (`synthetic:fact_tf`, `synthetic:fact_value`, column `label`).
 It is decided from the config alone, like `workbench.finetune.is_finetuning`, and checked first.
 
     data: {source: synthetic:fact_tf, synthetic: {num_entities: 60}, block_size: 32}

@@ -103,7 +103,7 @@ class DataConfig(_Section):
     source: str = Field(
         "synthetic:fact_world",
         description="'synthetic:fact_world' (text), 'synthetic:arithmetic' or 'synthetic:fact_qa' "
-        "(fine-tuning), 'synthetic:fact_tf' (classification), a hub dataset name, a "
+        "(fine-tuning), 'synthetic:fact_tf' or 'synthetic:fact_value' (classification), a hub dataset name, a "
         ".jsonl/.json/.parquet/.csv/.txt file, or a folder of .txt or of data files",
     )
     text_column: str = "text"
@@ -128,7 +128,7 @@ class DataConfig(_Section):
     messages_column: str = Field("messages", description="fine-tuning: the column read as TRL's 'messages'")
     label_column: str | None = Field(
         None, description="sequence classification: the column of labels (with text_column); setting it, or the "
-        "generator synthetic:fact_tf (column label), makes the run a classifier (workbench.classification)"
+        "generator synthetic:fact_tf or synthetic:fact_value (column label), makes the run a classifier (workbench.classification)"
     )
     packing: bool = Field(
         False, description="fine-tuning: pack examples into block_size rows, each attending only to itself"

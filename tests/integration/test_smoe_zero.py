@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from workbench.io import read_jsonl
 from workbench.methods.smoe_dropout import scheduled_k
 from workbench.models import load_trained_model
-from workbench.models.moe import moe_layers
+from workbench.models.moe_model import moe_layers
 
 SMOE = {"experts": 4, "k_min": 1}
 CELLS = [pytest.param(stage, id=f"zero{stage}", marks=[] if stage == 3 else [pytest.mark.slow]) for stage in range(4)]

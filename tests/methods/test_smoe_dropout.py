@@ -19,7 +19,8 @@ from workbench.methods import build_methods, method_class, validate_method_confi
 from workbench.methods.smoe_dropout import SCHEDULES, SMoEDropout, SMoEDropoutConfig, scheduled_k
 from workbench.models import load_trained_model
 from workbench.models.flops import active_parameters
-from workbench.models.moe import MoEMLP, find_mlp_blocks, mean_active_fraction, moe_layers, set_active_experts
+from workbench.models.moe import MoEMLP
+from workbench.models.moe_model import find_mlp_blocks, mean_active_fraction, moe_layers, set_active_experts
 
 
 def tiny_model(family: str = "gpt_neox") -> torch.nn.Module:

@@ -9,9 +9,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPTNeoXConfig, LlamaConfig
 
 from workbench.models import load_trained_model
-from workbench.models.moe import (
+from workbench.models.moe import MoEMLP
+from workbench.models.moe_model import (
     ChunkDropout,
-    MoEMLP,
     add_chunk_dropout,
     convert_to_moe,
     expert_load,

@@ -108,6 +108,13 @@ def _fact_true_false(options: FactTrueFalseConfig) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+def _fact_value(options: FactWorldConfig) -> Dataset:
+    """Columns text (a prompt for one fact's value: a statement cut before it, or a question) and label (the
+    value), every wording of every fact (`FactWorld.value_prompts`): a many-class classification whose answers
+    a language model pretrained on the same world's corpus knows."""
+    return _world(options).value_prompts()
+
+
 @dataclass(frozen=True)
 class Generator:
     """A built-in source: its options dataclass (`data.synthetic`), its rows, and the kind of data they are
@@ -128,6 +135,8 @@ GENERATORS: dict[str, Generator] = {
     "arithmetic": Generator(ArithmeticConfig, arithmetic_problems, "qa"),
     # true/false statements of the fact world, label 1 (true) or 0 (false), several per fact
     "fact_tf": Generator(FactTrueFalseConfig, _fact_true_false, "classification"),
+    # every fact asked for its value (statements cut before it, questions), label the value: many classes
+    "fact_value": Generator(FactWorldConfig, _fact_value, "classification"),
 }
 
 

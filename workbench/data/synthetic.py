@@ -300,6 +300,22 @@ class FactWorld:
             rows["attribute"].append(spec.name)
         return Dataset.from_dict(rows)
 
+    def value_prompts(self, entities: EntitySelection = None) -> Dataset:
+        """Every fact asked for its value in every wording the world has: each statement template cut just
+        before the value, where the entity comes before it ("Lumzen Rinda was born in"), and each question
+        ("Where was Lumzen Rinda born?"); `label` is the value (`synthetic:fact_value`)."""
+        rows: dict[str, list[str]] = {"text": [], "label": [], "entity": [], "attribute": []}
+        for entity, spec, value in self._facts(entities):
+            prompts = [_render(t.split(mark)[0].rstrip(), entity.name, value) for t in spec.statements
+                       for mark in ("{v}", "{av}") if mark in t and "{e}" in t.split(mark)[0]]
+            prompts += [_render(q, entity.name, value) for q in spec.questions]
+            for prompt in dict.fromkeys(prompts):
+                rows["text"].append(prompt)
+                rows["label"].append(value)
+                rows["entity"].append(entity.name)
+                rows["attribute"].append(spec.name)
+        return Dataset.from_dict(rows)
+
     def true_false(self, entities: EntitySelection = None, variant: int = 0) -> Dataset:
         """Balanced true/false statements, one per fact; false ones use a wrong value of the same attribute type.
         Each `variant` draws its own labels, templates and wrong values (0: the original draw), so variants

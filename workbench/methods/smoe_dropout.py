@@ -52,13 +52,8 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from workbench.errors import ConfigError, did_you_mean
 from workbench.methods import Method, register
-from workbench.models.moe import (
-    COMBINES,
-    INITS,
-    ROUTER_INITS,
-    ROUTERS,
-    WEIGHTS,
-    MoEMLP,
+from workbench.models.moe import COMBINES, INITS, ROUTER_INITS, ROUTERS, WEIGHTS, MoEMLP
+from workbench.models.moe_model import (
     add_chunk_dropout,
     broadcast_frozen_routers,
     convert_to_moe,

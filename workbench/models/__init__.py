@@ -25,7 +25,7 @@ from workbench.models.lora import (
     is_adapter_checkpoint,
     set_loraplus_lr_ratio,
 )
-from workbench.models.moe import moe_model_class
+from workbench.models.moe_model import moe_model_class
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 
@@ -74,7 +74,7 @@ def _build_base_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, adde
         return _fit_vocabulary(load_trained_model(cfg.name_or_path, merge=True).train(), cfg, tokenizer, added_tokens)
     try:
         options = {"dtype": torch.float32, **cfg.overrides}  # fp32 weights; mixed precision is the run's choice
-        config = _pretrained_config(cfg)  # a converted SMoE model (config.smoe) loads as converted: models.moe
+        config = _pretrained_config(cfg)  # a converted SMoE model (config.smoe) loads as converted: models.moe_model
         model = moe_model_class(model_class(config), config).from_pretrained(
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **options
         )

@@ -15,7 +15,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from workbench.models.moe import MoEMLP, moe_layers
+from workbench.models.moe import MoEMLP
+from workbench.models.moe_model import moe_layers
 
 
 def _numel(tensor) -> int:

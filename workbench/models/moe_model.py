@@ -1,0 +1,333 @@
+"""SMoE layers inside a whole model: converting its dense MLPs, reloading converted checkpoints, the number of
+active experts, the experts' load, and the structured dense-dropout baseline. The layer itself and the equations
+(1)-(7) are in `workbench/models/moe.py`.
+
+Blocks replaced: GPT-NeoX `mlp` (dense_h_to_4h, act, dense_4h_to_h), Llama-style `mlp` (gate_proj, up_proj,
+down_proj), BERT-style layers (`intermediate` becomes the MoE layer, with b2 inside the experts, and
+`output.dense` becomes an identity, so BertOutput's dropout, residual and LayerNorm still follow it).
+
+Checkpoints: the conversion is recorded in `config.smoe` (config.json) and the model's class becomes a subclass of
+its own (`SMoE<Class>`) whose constructor re-applies it, so `save_pretrained`/`from_pretrained` of that class, the
+workbench loader (`moe_model_class`) and the Trainer's resume all rebuild the converted architecture before the
+weights are read; every weight then comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workbench.distributed import gathered_parameters
+from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice
+
+__all__ = ["ChunkDropout", "MLPBlock", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
+           "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config", "moe_layers",
+           "moe_model_class", "restore_moe_layers", "set_active_experts"]
+
+
+# --- finding and replacing dense MLPs ---------------------------------------------------------------------
+@dataclass
+class MLPBlock:
+    """One dense MLP of a model (or the MoE layer that replaced it), in model order."""
+
+    index: int
+    name: str  # dotted name of the module that is (or was) replaced
+    kind: str  # "mlp" (GPT-NeoX), "gated" (Llama SwiGLU), "bert" (intermediate + output.dense), "moe" (converted)
+    module: nn.Module
+    output: nn.Module | None = None  # BertOutput, for "bert"
+
+
+def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
+    """Every dense MLP (or already converted MoE layer) of `model`, in the order of its layers."""
+    blocks: list[MLPBlock] = []
+    for name, module in model.named_modules():
+        kind, output, target = None, None, name
+        if isinstance(module, MoEMLP):
+            kind = "moe"
+        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("dense_h_to_4h", "dense_4h_to_h")):
+            kind = "mlp"
+        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            kind = "gated"
+        elif (isinstance(getattr(getattr(module, "intermediate", None), "dense", None), nn.Linear)
+              and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)):
+            kind, output, target = "bert", module.output, f"{name}.intermediate"
+            module = module.intermediate
+        if kind is not None:
+            blocks.append(MLPBlock(len(blocks), target, kind, module, output))
+    return blocks
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape, also under ZeRO-3 (where `param.shape` is a placeholder's)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _dense_parts(block: MLPBlock) -> dict[str, Any]:
+    """The linear layers and activation of a dense block: w_in (d_ff x d), optional gate, w_out (d x d_ff)."""
+    m = block.module
+    if block.kind == "mlp":
+        return {"up": m.dense_h_to_4h, "gate": None, "down": m.dense_4h_to_h, "act": m.act}
+    if block.kind == "gated":
+        return {"up": m.up_proj, "gate": m.gate_proj, "down": m.down_proj, "act": m.act_fn}
+    return {"up": m.dense, "gate": None, "down": block.output.dense, "act": m.intermediate_act_fn}
+
+
+def _select(blocks: list[MLPBlock], layers: list[int] | None) -> list[MLPBlock]:
+    if layers is None:
+        return blocks
+    chosen = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not -len(blocks) <= i < len(blocks):
+            raise ValueError(f"layers: {i!r} is not an MLP block index of this model (it has {len(blocks)})")
+        chosen.append(blocks[i])
+    if len({b.index for b in chosen}) != len(chosen):
+        raise ValueError(f"layers: {layers} names a block twice")
+    return sorted(chosen, key=lambda b: b.index)
+
+
+def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | None = None, init: str = "scratch",
+                   combine: str = "softmax_topk", weights: str = "softmax", router: str = "random_frozen",
+                   router_init: str = "normal", router_std: float = 0.02, init_std: float | None = None,
+                   k: int | None = None, eval_k: int | None = None) -> list[MoEMLP]:
+    """Replace the dense MLPs of `layers` (indices into `find_mlp_blocks`, None: all) by `MoEMLP`s of `num_experts`
+    experts; record the conversion in `model.config.smoe` and give the model its `SMoE<Class>` class so that
+    checkpoints reload converted. `init`: `scratch` (independent N(0, init_std) experts, zero biases; init_std
+    defaults to the config's initializer_range, else 0.02) or `split` (eq. 5; under ZeRO-3 the dense weights are
+    gathered first). Raises ValueError naming the argument at fault."""
+    _check_choice("init", init, INITS)
+    _check_choice("router_init", router_init, ROUTER_INITS)
+    blocks = find_mlp_blocks(model)
+    if not blocks:
+        raise ValueError(f"no dense MLP blocks (GPT-NeoX, Llama or BERT style) found in {type(model).__name__}")
+    if any(b.kind == "moe" for b in blocks):
+        raise ValueError(f"{type(model).__name__} already has MoE layers (config.smoe = {_smoe(model)})")
+    chosen = _select(blocks, layers)
+    config = getattr(model, "config", None)
+    std = init_std if init_std is not None else float(getattr(config, "initializer_range", 0.02) or 0.02)
+    converted = []
+    for block in chosen:
+        parts = _dense_parts(block)
+        up, gate, down = parts["up"], parts["gate"], parts["down"]
+        d_ff, d_model = _shape(up.weight)
+        if d_ff % num_experts or num_experts < 1:
+            raise ValueError(f"num_experts ({num_experts}) must divide the MLP width d_ff ({d_ff}) of block "
+                             f"{block.index} ('{block.name}')")
+        moe = MoEMLP(d_model, d_ff, num_experts, parts["act"], gated=gate is not None, bias_in=up.bias is not None,
+                     bias_out=down.bias is not None, combine=combine, weights=weights, router=router, k=k,
+                     eval_k=eval_k, device=up.weight.device, dtype=up.weight.dtype).train(block.module.training)
+        if init == "split":
+            dense = [p for lin in (up, gate, down) if lin is not None for p in lin.parameters()]
+            with gathered_parameters(dense):
+                moe.load_dense(up.weight, up.bias, down.weight, down.bias,
+                               None if gate is None else gate.weight, None if gate is None else gate.bias)
+        else:
+            moe.init_scratch(std)
+        moe.init_router(router_init, router_std)
+        _replace(model, block, moe)
+        converted.append(moe)
+    if config is not None:
+        config.smoe = {"num_experts": num_experts, "layers": [b.index for b in chosen], "combine": combine,
+                       "weights": weights, "router": router, "eval_k": eval_k}
+    if hasattr(type(model), "from_pretrained") and config is not None:  # a transformers model: reloads converted
+        model.__class__ = moe_model_class(type(model))
+    return converted
+
+
+def _replace(model: nn.Module, block: MLPBlock, moe: MoEMLP) -> None:
+    parent_name, _, attr = block.name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, moe)
+    if block.kind == "bert":  # b2 lives in the experts; BertOutput keeps its dropout, residual and LayerNorm
+        block.output.dense = nn.Identity()
+
+
+def _smoe(model: nn.Module) -> dict[str, Any] | None:
+    return getattr(getattr(model, "config", None), "smoe", None)
+
+
+def restore_moe_layers(model: nn.Module) -> list[MoEMLP]:
+    """Re-apply the conversion recorded in `model.config.smoe` to a model built from that config (experts
+    initialised from scratch, a no-op inside `from_pretrained`: the checkpoint's weights are loaded next). A model
+    without `config.smoe`, or already converted, is left as it is."""
+    smoe = _smoe(model)
+    if not smoe or moe_layers(model):
+        return moe_layers(model)
+    return convert_to_moe(model, int(smoe["num_experts"]), layers=list(smoe["layers"]), init="scratch",
+                          combine=smoe.get("combine", "softmax_topk"), weights=smoe.get("weights", "softmax"),
+                          router=smoe.get("router", "random_frozen"), eval_k=smoe.get("eval_k"))
+
+
+# --- the model class that reloads converted ------------------------------------------------------------
+_CLASSES: dict[type, type] = {}
+
+
+def moe_model_class(model_class: type, config: Any = None) -> type:
+    """The class that builds a converted model: `SMoE<model_class>`, whose constructor re-applies `config.smoe`.
+
+    With `config` given, `model_class` may be an Auto class (resolved through its mapping) and is returned
+    unchanged when the config records no conversion, so a loader can always write
+    `moe_model_class(AutoModelForCausalLM, config).from_pretrained(path)`."""
+    if config is not None:
+        if not getattr(config, "smoe", None):
+            return model_class
+        mapping = getattr(model_class, "_model_mapping", None)
+        if mapping is not None:
+            model_class = mapping[type(config)]
+            if isinstance(model_class, (list, tuple)):
+                model_class = model_class[0]
+    if getattr(model_class, "_workbench_smoe", False):
+        return model_class
+    if model_class not in _CLASSES:
+        base = model_class
+
+        def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+            base.__init__(self, config, *args, **kwargs)
+            restore_moe_layers(self)
+
+        name = f"SMoE{base.__name__}"
+        cls = type(name, (base,), {"__init__": __init__, "_workbench_smoe": True, "__module__": __name__,
+                                   "__qualname__": name, "__doc__": f"{base.__name__} with SMoE MLP layers."})
+        globals()[name] = cls  # importable by name (pickle)
+        _register_weight_renaming(base.__name__, name)
+        _CLASSES[base] = cls
+    return _CLASSES[model_class]
+
+
+def moe_config(path: str | Path) -> dict[str, Any] | None:
+    """The conversion a model folder's config.json records (`smoe`: num_experts, layers, ...); None for a dense
+    model or a folder without a readable config.json (a hub name)."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text()).get("smoe") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _register_weight_renaming(base: str, name: str) -> None:
+    """Give `SMoE<base>` the checkpoint key renaming transformers keeps per class name (GPT-NeoX: `embed_out.` ->
+    `lm_head.`), so that it loads what `<base>` saved: an untied head converted after `from_pretrained` is saved
+    under the old name."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # older transformers: no per-class renaming
+        return
+    mapping = get_checkpoint_conversion_mapping(base)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+
+
+def is_moe_checkpoint(path: str | Path) -> bool:
+    """Whether the model folder at `path` holds a converted model (config.json records `smoe`)."""
+    return moe_config(path) is not None
+
+
+# --- inference k and statistics -----------------------------------------------------------------------------
+def moe_layers(model: nn.Module) -> list[MoEMLP]:
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+@torch.no_grad()
+def broadcast_frozen_routers(model: nn.Module) -> int:
+    """Give every rank rank 0's frozen routers (buffers: DeepSpeed broadcasts or partitions parameters from
+    rank 0, never buffers), so that all ranks route alike whatever their random state. Does nothing outside a
+    multi-rank process group; a collective otherwise. Returns the number of layers broadcast."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0
+    layers = [layer for layer in moe_layers(model) if layer.router_mode == "random_frozen"]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for layer in layers:
+        for buffer in (layer.router_weight, layer.router_bias):
+            value = buffer if device is None else buffer.to(device)
+            dist.broadcast(value, src=0)
+            if value is not buffer:
+                buffer.copy_(value)
+    return len(layers)
+
+
+def set_active_experts(model: nn.Module, k: int | None, *, training: bool = True, evaluation: bool = True) -> int:
+    """Use k experts per token in every MoE layer (None: all E), in training mode and/or eval mode (the
+    self-slimmable evaluation: k ∈ {1, 2, 4, ..., E} on a loaded model). Returns the number of layers set;
+    ValueError for a model without MoE layers or k outside [1, E]."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers to set k on")
+    for layer in layers:
+        if training:
+            layer.k = layer.num_experts if k is None else k
+        if evaluation:
+            layer.eval_k = k
+    return len(layers)
+
+
+def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
+    """Eq. (6): the mean fraction of token assignments each expert got, per MoE layer, over the training passes
+    since the last reset, shape (layers, E) (rows sum to 1); None if there was no training pass."""
+    layers = moe_layers(model)
+    loads = []
+    for layer in layers:
+        if reset:
+            load = layer.pop_load()
+        else:
+            load = None if layer._load_sum is None else layer._load_sum / layer._load_passes
+        if load is None:
+            return None
+        loads.append(load.float().cpu())
+    return torch.stack(loads) if loads else None
+
+
+# --- the structured dense-dropout baseline --------------------------------------------------------------
+class ChunkDropout(nn.Module):
+    """Eq. (7): zero expert-sized, strided chunks of a dense MLP's hidden units in training mode (unit i belongs to
+    chunk i mod E, as `torch.rand(E).gt(p).repeat(H)` in the code); one draw per forward pass, shared by its
+    tokens; no 1/(1-p) rescale unless `rescale`."""
+
+    def __init__(self, d_ff: int, num_chunks: int, p: float, rescale: bool = False) -> None:
+        super().__init__()
+        if num_chunks < 1 or d_ff % num_chunks:
+            raise ValueError(f"num_experts ({num_chunks}) must divide the MLP width d_ff ({d_ff})")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"structured_dropout must be in [0, 1), got {p}")
+        self.d_ff, self.num_chunks, self.p, self.rescale = d_ff, num_chunks, p, rescale
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return hidden
+        keep = torch.rand(self.num_chunks, device=hidden.device).gt(self.p)
+        mask = keep.repeat(self.d_ff // self.num_chunks).to(hidden.dtype)
+        if self.rescale:
+            mask = mask / (1.0 - self.p)
+        return hidden * mask
+
+    def extra_repr(self) -> str:
+        return f"d_ff={self.d_ff}, chunks={self.num_chunks}, p={self.p}, rescale={self.rescale}"
+
+
+def add_chunk_dropout(model: nn.Module, num_experts: int, p: float, layers: list[int] | None = None,
+                      rescale: bool = False) -> list[ChunkDropout]:
+    """Eq. (7) on the dense MLPs of `layers` (None: all): a pre-hook on each down projection masks its input
+    (the hidden units; exact for activations with act(0) = 0, as masking W1's rows, b1 and W2's columns in the
+    code). The architecture and its checkpoints stay dense."""
+    blocks = [b for b in _select(find_mlp_blocks(model), layers) if b.kind != "moe"]
+    added = []
+    for block in blocks:
+        down = _dense_parts(block)["down"]
+        chunk = ChunkDropout(_shape(down.weight)[1], num_experts, p, rescale)
+        down.add_module("workbench_chunk_dropout", chunk)  # a child, so train()/eval() reach it
+        down.register_forward_pre_hook(lambda module, args, chunk=chunk: (chunk(args[0]), *args[1:]))
+        added.append(chunk)
+    return added
+
+
+def mean_active_fraction(ks: list[int], num_experts: int) -> float:
+    """Mean k/E over steps: the fraction of the dense MLP's FLOPs the experts spend (router and scatter aside)."""
+    return math.fsum(ks) / (len(ks) * num_experts) if ks else 1.0
