@@ -46,6 +46,26 @@ def test_hooked_residual_dropout_changes_training_outputs(tokenizer):
     assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout in eval mode
 
 
+@pytest.mark.parametrize("preset", ["llama-tiny", "mixtral-tiny"])
+def test_hooked_residual_dropout_is_on_the_sublayers_not_the_residual_stream(preset, tokenizer):
+    """Dropout on the attention and MLP/MoE outputs before the residual add: at rate 1 every sublayer adds zero and
+    the residual stream carries the embeddings through the layer unchanged (a hook on the layer's output would
+    zero it)."""
+    model = build_model(ModelConfig(preset=preset), tokenizer).train()
+    sites = dropout_sites(model)
+    hooked = [name for name, module in model.named_modules() if name.endswith("workbench_output_dropout")]
+    layers = model.get_decoder().layers
+    assert len(sites["residual"]) == len(hooked) == 2 * len(layers)
+    assert all(name.rsplit(".", 2)[-2] in ("self_attn", "mlp", "block_sparse_moe") for name in hooked)
+    for site in sites["residual"]:
+        site.p = 1.0
+    ids = torch.tensor([tokenizer("sentence number 3 about things")["input_ids"]])
+    hidden = model(ids, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+    assert torch.equal(hidden[1], hidden[0]) and hidden[0].abs().sum() > 0
+    # and it is dropout: in eval mode the sublayers add their outputs again
+    assert not torch.allclose(model.eval()(ids, output_hidden_states=True).hidden_states[1], hidden[0])
+
+
 def test_config_validation():
     assert validate_method_config("dropout_schedule", {"rate": 0.2})["start_step"] == 0
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):

@@ -6,8 +6,11 @@ reaches the same final value while training faster early. This method sets the r
 site of the model at each step:
 
 - `attention`: the attention-probability dropout (the `attention_dropout` attribute of attention modules);
-- `residual`: `nn.Dropout` modules on the residual stream (GPT-NeoX's post-attention/post-MLP dropout), or,
-  for families without them (Llama, Mixtral, Qwen-MoE), dropout hooks added on every decoder layer's output;
+- `residual`: dropout on each sublayer's output before it is added to the residual stream: the model's own
+  `nn.Dropout` modules where it has them (GPT-NeoX's post-attention/post-MLP dropout, T5's), or, for families
+  without them (Llama, Mixtral, Qwen-MoE), hooks on every decoder layer's attention (`self_attn`) and MLP or MoE
+  block (`mlp`, `block_sparse_moe`) outputs. Never on the layer's output, which is the residual stream itself:
+  dropping that would compound over the layers;
 - `embedding`: dropout on the token-embedding output (`nn.Dropout` named like `emb*`, else a hook).
 
     methods:
@@ -27,6 +30,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from workbench.methods import Method, register
 
 SITES = ("attention", "residual", "embedding")
+SUBLAYERS = ("self_attn", "mlp", "block_sparse_moe")  # a decoder layer's outputs added to the residual stream
 
 
 @dataclass
@@ -69,7 +73,9 @@ def dropout_sites(model: PreTrainedModel) -> dict[str, list[Any]]:
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     if not sites["residual"]:
         for layer in getattr(base, "layers", []):
-            sites["residual"].append(_hook_output_dropout(layer, "workbench_output_dropout"))
+            for sublayer in SUBLAYERS:
+                if isinstance(getattr(layer, sublayer, None), nn.Module):
+                    sites["residual"].append(_hook_output_dropout(getattr(layer, sublayer), "workbench_output_dropout"))
     if not sites["embedding"]:
         sites["embedding"].append(_hook_output_dropout(model.get_input_embeddings(), "workbench_emb_dropout"))
     return sites
