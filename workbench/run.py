@@ -174,10 +174,13 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Non
 
 
 def run_callbacks(cfg: ExperimentConfig) -> list:
-    """metrics.jsonl always; the LoRA update's norm (`lora_delta_norm`) for LoRA runs; extra save steps when
+    """metrics.jsonl always; the load of a model's own learned routers (Mixtral-shaped: `router_load_*`); the
+    LoRA update's norm (`lora_delta_norm`) for LoRA runs; extra save steps when
     the config asks. (Evaluation on save is the evaluator's
     callback, `evals.on_save`, which the entry point adds: the library does not import the evaluator.)"""
-    callbacks = [MetricsJsonlCallback(cfg.run_dir / METRICS)]
+    from workbench.models.moe_model import RouterLoadCallback
+
+    callbacks = [RouterLoadCallback(), MetricsJsonlCallback(cfg.run_dir / METRICS)]  # load logged before written
     if cfg.model.lora is not None:
         from workbench.models.lora import LoraDeltaNormCallback
 

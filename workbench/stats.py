@@ -3,7 +3,8 @@
 :func:`kendall_tau_b` is the statistic (SciPy's ``kendalltau(variant="b")`` plus its p-value),
 :func:`tau_b_reference` an independent SciPy-free O(n^2) implementation to cross-check it,
 :func:`tau_b_rows` the same formula vectorised over many rows (bootstrap resamples), and
-:func:`tau_b_undefined_reason` says in words why tau-b is NaN for an input.
+:func:`tau_b_undefined_reason` says in words why tau-b is NaN for an input, and
+:func:`bootstrap_mean_interval` is a percentile bootstrap interval of a mean (SciPy's ``bootstrap``).
 
 Nothing here imports ``evals`` (the library must not depend on the evaluator).
 """
@@ -16,7 +17,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-__all__ = ["CHUNK_ELEMENTS", "kendall_tau_b", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason"]
+__all__ = ["CHUNK_ELEMENTS", "bootstrap_mean_interval", "kendall_tau_b", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason"]
 
 # Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
 CHUNK_ELEMENTS = 4_000_000
@@ -125,3 +126,17 @@ def tau_b_rows(x: NDArray, y: NDArray) -> NDArray:
         with np.errstate(invalid="ignore", divide="ignore"):
             out[start:stop] = np.where(denom > 0, s / np.where(denom > 0, denom, 1.0), np.nan)
     return np.clip(out, -1.0, 1.0)
+
+
+def bootstrap_mean_interval(values: ArrayLike, confidence: float = 0.95, resamples: int = 10_000,
+                            seed: int = 0) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` (SciPy's `stats.bootstrap`, seeded); NaNs for
+    fewer than 2 values. With few values (3 seeds) it is narrow: read it with the values themselves."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 2:
+        return math.nan, math.nan
+    if np.all(data == data[0]):
+        return float(data[0]), float(data[0])
+    result = stats.bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                             method="percentile", random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -360,3 +360,45 @@ def test_a_converted_pretrained_untied_head_reloads(tmp_path):
     model.save_pretrained(tmp_path / "smoe")
     loaded = load_trained_model(tmp_path / "smoe")  # a missing head would be a CheckpointError
     assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
+
+
+class _OneExpertRouter(nn.Module):  # named like transformers' routers: (logits, weights, indices), all on expert 0
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, 8))
+
+    def forward(self, x: torch.Tensor):
+        logits = x @ self.weight.T
+        return logits, torch.ones(len(x), 1), torch.zeros(len(x), 1, dtype=torch.long)
+
+
+def test_router_load_of_a_collapsed_and_of_a_real_mixtral_router():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from workbench.config import ModelConfig
+    from workbench.models import build_model, train_bpe_tokenizer
+    from workbench.models.moe_model import RouterLoadCallback
+
+    args, state, control = TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl()
+    collapsed = nn.Sequential(_OneExpertRouter(4)).train()
+    callback = RouterLoadCallback()
+    callback.on_train_begin(args, state, control, model=collapsed)
+    collapsed(torch.randn(10, 8))
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["router_load_min"] == 0 and logs["router_load_max"] == 1
+    assert logs["router_load_cv"] == pytest.approx(3**0.5)  # √(E − 1): everything on one expert
+    collapsed.eval()(torch.randn(10, 8))  # evaluation passes do not count
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    assert "router_load_min" not in logs  # counts reset at each log, nothing counted since
+    tokenizer = train_bpe_tokenizer([f"text number {i}" for i in range(40)], 300)
+    model = build_model(ModelConfig(preset="mixtral-tiny"), tokenizer).train()
+    callback = RouterLoadCallback()
+    callback.on_train_begin(args, state, control, model=model)
+    assert len(callback.counts) == 2  # one router per layer
+    model(torch.randint(0, len(tokenizer), (4, 32)))
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, control, logs=logs)
+    assert logs["router_load_min"] <= 0.25 <= logs["router_load_max"] and logs["router_load_cv"] >= 0
+    assert all(c.sum() == 0 for c in callback.counts.values())

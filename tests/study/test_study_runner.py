@@ -212,6 +212,10 @@ def test_agreement_best_x_kendall_tau_and_cost():
             rows.append({"seed": seed, "m": "moe", "rate": x, "nll": moe[x] - shift, "sec": 5.0, "flops": 1.0})
     result = agreement(rows, AgreementSpec(group="m", x="rate", y="nll", cost=["sec", "flops"]), maximize=False)
     assert result["groups"]["dense"]["best_x"] == 0.1 and result["groups"]["moe"]["best_x"] == 0.3
+    regret = result["pairs"][0]["regret"]  # the dense model at the MoE's choice (0.3) against its own best (0.1)
+    assert regret["moe for dense"]["per_seed"] == pytest.approx({0: 0.5, 1: 0.5})
+    assert regret["moe for dense"]["ci95_bootstrap"] == pytest.approx([0.5, 0.5])
+    assert regret["dense for moe"]["mean"] == pytest.approx(0.2)
     (pair,) = result["pairs"]
     assert pair["same_best_x"] is False
     expected = stats.kendalltau([dense[x] + 0.05 for x in dense], [moe[x] - 0.05 for x in dense]).statistic

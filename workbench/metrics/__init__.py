@@ -23,8 +23,8 @@ def token_predictions(shift: bool) -> Callable[[torch.Tensor, torch.Tensor], tor
     """`preprocess_logits_for_metrics`: (..., 2) float tensor of [argmax token, label NLL] per position."""
 
     def preprocess(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, tuple):
-            logits = logits[0]
+        if isinstance(logits, tuple):  # the model's other outputs too; an MoE's aux_loss (a scalar) may come first
+            logits = next(t for t in logits if isinstance(t, torch.Tensor) and t.dim() == labels.dim() + 1)
         if shift:  # position t is scored against label t+1; the last position has no label
             logits, labels = logits[:, :-1], labels[:, 1:]
         log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -1,5 +1,6 @@
 """SMoE layers inside a whole model: converting its dense MLPs, reloading converted checkpoints, the number of
-active experts, the experts' load, and the structured dense-dropout baseline. The layer itself and the equations
+active experts, the experts' load (also of other models' learned routers, `RouterLoadCallback`), and the
+structured dense-dropout baseline. The layer itself and the equations
 (1)-(7) are in `workbench/models/moe.py`.
 
 Blocks replaced: GPT-NeoX `mlp` (dense_h_to_4h, act, dense_4h_to_h), Llama-style `mlp` (gate_proj, up_proj,
@@ -22,11 +23,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from workbench.distributed import gathered_parameters
 from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice
 
-__all__ = ["ChunkDropout", "MLPBlock", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
+__all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
            "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config", "moe_layers",
            "moe_model_class", "restore_moe_layers", "set_active_experts"]
 
@@ -331,3 +333,44 @@ def add_chunk_dropout(model: nn.Module, num_experts: int, p: float, layers: list
 def mean_active_fraction(ks: list[int], num_experts: int) -> float:
     """Mean k/E over steps: the fraction of the dense MLP's FLOPs the experts spend (router and scatter aside)."""
     return math.fsum(ks) / (len(ks) * num_experts) if ks else 1.0
+
+
+# --- routed experts of other models (transformers' Mixtral, Qwen-MoE): their load ---------------------------------
+ROUTER_LOAD_METRICS = ("router_load_min", "router_load_max", "router_load_cv")
+
+
+class RouterLoadCallback(TrainerCallback):
+    """Eq. (6)'s load f_e of a model's own learned routers (a router module returning (logits, weights, indices),
+    as transformers' `MixtralTopKRouter` does), counted over the training passes between two logs and logged as
+    `router_load_min`, `router_load_max` and `router_load_cv` (across experts, averaged over layers; balanced:
+    1/E, 1/E, 0; collapsed onto one expert: 0, 1, √(E−1)). Does nothing for a model without such routers."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
+        if model is None or self.counts:
+            return
+        for index, module in enumerate(m for m in model.modules() if type(m).__name__.endswith("Router")):
+            experts = getattr(module, "num_experts", None) or module.weight.shape[0]
+            self.counts[index] = torch.zeros(int(experts), dtype=torch.float64)
+            module.register_forward_hook(self._counter(index))
+
+    def _counter(self, index: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if module.training and isinstance(output, tuple) and len(output) >= 3:
+                chosen = output[2].detach().reshape(-1).to("cpu", torch.long)
+                self.counts[index] += torch.bincount(chosen, minlength=self.counts[index].numel()).double()
+        return hook
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs is None or "loss" not in logs or not self.counts:
+            return
+        loads = [c / c.sum() for c in self.counts.values() if c.sum() > 0]
+        if loads:
+            load = torch.stack(loads)
+            logs["router_load_min"] = load.min(dim=1).values.mean().item()
+            logs["router_load_max"] = load.max(dim=1).values.mean().item()
+            logs["router_load_cv"] = (load.std(dim=1, unbiased=False) / load.mean(dim=1)).mean().item()
+        for counts in self.counts.values():
+            counts.zero_()

@@ -42,6 +42,11 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
         dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=1024, num_local_experts=1, num_experts_per_tok=1),
     ),
+    "mixtral-dense-active-tiny": (  # ~0.56M parameters: one expert of width 256, the MoE's active parameters per token
+        MixtralConfig,
+        dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=256, num_local_experts=1, num_experts_per_tok=1),
+    ),
     "t5-tiny": (  # ~1.2M parameters: d 128, 2 encoder + 2 decoder layers (train with data.objective span_corruption)
         T5Config,
         dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4),

@@ -71,13 +71,33 @@ def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -
                 if math.isfinite(t):
                     per_seed.append(t)
             ratio = {k: cost[a][k] / cost[b][k] for k in cost[a] if cost[b].get(k)}
-            out["pairs"].append({
+            regret = {f"{p} for {t}": _regret(curves[p], curves[t], best, maximize) for p, t in ((a, b), (b, a))}
+            out["pairs"].append({"regret": regret,
                 "groups": [a, b], "same_best_x": out["groups"][a]["best_x"] == out["groups"][b]["best_x"],
                 "tau_of_means": tau, "p_value": p, "points": len(xs),
                 "tau_per_seed_mean": statistics.fmean(per_seed) if per_seed else math.nan,
                 "tau_per_seed_std": statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan,
                 "cost_ratio": ratio})
     return out
+
+
+def _regret(proxy: dict[int, dict[float, float]], target: dict[int, dict[float, float]], best, maximize: bool
+            ) -> dict[str, Any]:
+    """Per seed, how much worse `target` is at the x that `proxy` picks (its best x on that seed) than at its own
+    best x (0: the proxy picked target's optimum; > 0: worse, whichever the direction of y); the mean over seeds
+    with its percentile bootstrap 95% interval."""
+    from workbench.stats import bootstrap_mean_interval
+
+    per_seed = {}
+    for seed in sorted(set(proxy) & set(target)):
+        chosen, own = best(proxy[seed]), best(target[seed])
+        if chosen in target[seed]:
+            gap = target[seed][own] - target[seed][chosen]
+            per_seed[seed] = gap if maximize else -gap
+    values = list(per_seed.values())
+    low, high = bootstrap_mean_interval(values)
+    return {"per_seed": per_seed, "mean": statistics.fmean(values) if values else math.nan,
+            "ci95_bootstrap": [low, high]}
 
 
 def agreement_markdown(result: dict[str, Any]) -> list[str]:
@@ -95,6 +115,12 @@ def agreement_markdown(result: dict[str, Any]) -> list[str]:
         lines += ["", f"- {a} vs {b}: same best x: **{pair['same_best_x']}**; Kendall tau of the mean curves "
                   f"{pair['tau_of_means']:.3f} (p = {pair['p_value']:.3g}, {pair['points']} points); per seed "
                   f"{pair['tau_per_seed_mean']:.3f} ± {pair['tau_per_seed_std']:.2f}; cost of {a} / {b}: {ratio}"]
+        for name, entry in pair.get("regret", {}).items():
+            low, high = entry["ci95_bootstrap"]
+            seeds = ", ".join(f"{v:.4g}" for v in entry["per_seed"].values())
+            lines.append(f"  - regret of choosing x by {name}: {entry['mean']:.4g} [{low:.4g}, {high:.4g}] (mean over "
+                         f"seeds, percentile bootstrap 95% interval; per seed: {seeds}); 0 = {name.split(' for ')[1]}'s "
+                         "own best, > 0 = worse")
     return lines
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from workbench.config import ExperimentConfig
 from workbench.errors import ConfigError, did_you_mean
+from workbench.models.moe_model import ROUTER_LOAD_METRICS
 
 if TYPE_CHECKING:
     from workbench.study.plan import StudyConfig
@@ -43,6 +44,14 @@ OPTIONAL_TRAINER_METRICS = re.compile(r"^((init|train|eval)_mem_(cpu|gpu)_(alloc
                                       r"|eval_(model_preparation|jit_compilation)_time|(eval_)?aux_loss)$")
 
 
+def _routed_experts(cfg: ExperimentConfig) -> int:
+    """The number of experts of a preset's own learned router (Mixtral-shaped presets), after the overrides."""
+    from workbench.models.presets import PRESETS
+
+    preset = PRESETS.get(cfg.model.preset or "", (None, {}))[1]
+    return int({**preset, **cfg.model.overrides}.get("num_local_experts", 1))
+
+
 def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
     """Whether a run of `cfg` logs `key`: True, False, or (when that cannot be known in advance) the reason
     it may."""
@@ -50,6 +59,8 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
     if key in TRAINER_METRICS or (key in EVAL_METRICS and validates):
         return True
     if key == "lora_delta_norm" and cfg.model.lora is not None:
+        return True
+    if key in ROUTER_LOAD_METRICS and _routed_experts(cfg) > 1:
         return True
     if len(key.split(".")) == 3:  # an evaluator column
         task, style, _ = key.split(".")
