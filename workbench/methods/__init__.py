@@ -46,6 +46,7 @@ from workbench.options import dataclass_options
 METHODS: dict[str, type[Method]] = {}
 BUILTIN: dict[str, str] = {  # name -> module that registers it, imported on first use
     "dropout_schedule": "workbench.methods.dropout_schedule",
+    "drop_path": "workbench.methods.drop_path",
     "masked_thought": "workbench.methods.masked_thought",
     "allora": "workbench.methods.allora",
     "smoe_dropout": "workbench.methods.smoe_dropout",

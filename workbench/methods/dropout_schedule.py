@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from workbench.methods import Method, register
 
 SITES = ("attention", "residual", "embedding")
-SUBLAYERS = ("self_attn", "mlp", "block_sparse_moe")  # a decoder layer's outputs added to the residual stream
+SUBLAYERS = ("self_attn", "attention", "mlp", "block_sparse_moe")  # a decoder layer's residual branches
 
 
 @dataclass
@@ -70,15 +70,21 @@ def dropout_sites(model: PreTrainedModel) -> dict[str, list[Any]]:
             sites["embedding" if "emb" in name.rsplit(".", 1)[-1] else "residual"].append(module)
         elif isinstance(getattr(module, "attention_dropout", None), float):
             sites["attention"].append(module)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
     if not sites["residual"]:
-        for layer in getattr(base, "layers", []):
-            for sublayer in SUBLAYERS:
-                if isinstance(getattr(layer, sublayer, None), nn.Module):
-                    sites["residual"].append(_hook_output_dropout(getattr(layer, sublayer), "workbench_output_dropout"))
+        for branch in residual_branches(model):
+            sites["residual"].append(_hook_output_dropout(branch, "workbench_output_dropout"))
     if not sites["embedding"]:
         sites["embedding"].append(_hook_output_dropout(model.get_input_embeddings(), "workbench_emb_dropout"))
     return sites
+
+
+def residual_branches(model: PreTrainedModel) -> list[nn.Module]:
+    """Every decoder layer's attention and MLP/MoE modules, whose outputs are added to the residual stream
+    (GPT-NeoX `attention`/`mlp`, Llama/Mixtral/Qwen `self_attn`/`mlp`); [] for other architectures."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(base, "layers", None) or getattr(getattr(model, "base_model", model), "layers", None) or []
+    return [getattr(layer, name) for layer in layers for name in SUBLAYERS
+            if isinstance(getattr(layer, name, None), nn.Module)]
 
 
 def _hook_output_dropout(module: nn.Module, name: str) -> nn.Dropout:

@@ -352,8 +352,10 @@ class RouterLoadCallback(TrainerCallback):
         if model is None or self.counts:
             return
         for index, module in enumerate(m for m in model.modules() if type(m).__name__.endswith("Router")):
-            experts = getattr(module, "num_experts", None) or module.weight.shape[0]
-            self.counts[index] = torch.zeros(int(experts), dtype=torch.float64)
+            experts = int(getattr(module, "num_experts", None) or module.weight.shape[0])
+            if experts < 2:  # a dense twin's one-expert router: nothing to balance
+                continue
+            self.counts[index] = torch.zeros(experts, dtype=torch.float64)
             module.register_forward_hook(self._counter(index))
 
     def _counter(self, index: int):

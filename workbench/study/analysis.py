@@ -93,7 +93,7 @@ def _regret(proxy: dict[int, dict[float, float]], target: dict[int, dict[float, 
         chosen, own = best(proxy[seed]), best(target[seed])
         if chosen in target[seed]:
             gap = target[seed][own] - target[seed][chosen]
-            per_seed[seed] = gap if maximize else -gap
+            per_seed[seed] = (gap if maximize else -gap) + 0.0  # no -0.0
     values = list(per_seed.values())
     low, high = bootstrap_mean_interval(values)
     return {"per_seed": per_seed, "mean": statistics.fmean(values) if values else math.nan,

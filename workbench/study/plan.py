@@ -106,6 +106,7 @@ class PlotSpec(BaseModel):
     y: str  # a collected column (`final`), or a metrics.jsonl key or evaluator column (`curve`)
     group: str | None = None  # an axis: one line per value
     label: str | None = None  # the y axis's label, in the reader's units (default: the column's name)
+    xlabel: str | None = None  # the x axis's label (default: the axis's name, or the training step / k)
     logx: bool = False
     where: dict[str, Any] = Field(default_factory=dict)  # only the runs with these axis values
     name: str | None = None  # file name (default from y and x)

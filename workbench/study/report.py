@@ -173,7 +173,9 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         if paired:
             ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
         ax.set_xlabel(plot.x)
-        ax.tick_params(axis="x", labelrotation=20 if len(table) > 5 else 0)
+        named = any(isinstance(_number(t.get(plot.x)), str) for t in table)
+        if named and len(table) > 5:  # many categories: slanted, anchored at their tick, so names do not overlap
+            plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")
     elif plot.kind == "experts":
         bars = _draw_experts(ax, plot, study, table)
     else:
@@ -196,6 +198,8 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
                 banded = True
         ax.set_xlabel("training step")
         bars = "band" if banded else "curve"
+    if plot.xlabel:
+        ax.set_xlabel(plot.xlabel)
     if plot.logx:
         ax.set_xscale("log")
     detail = {"": "", "curve": "\n(mean over seeds)", "band": "\n(mean over seeds; band: ± 1 std over seeds)"}.get(

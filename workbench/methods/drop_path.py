@@ -1,0 +1,65 @@
+"""DropPath (stochastic depth, Huang et al. 2016), the regulariser "To Repeat or Not To Repeat" (Xue et al.,
+NeurIPS 2023, Table 4) compares with dropout for multi-epoch training. During training every residual branch of
+every decoder layer (its attention output and its MLP/MoE output, before they are added to the residual stream)
+is dropped for a whole sequence at once:
+
+    (1) h ← h + (m / (1 − p)) · f(h),   m ~ Bernoulli(1 − p), one draw per sequence and branch
+
+so E[m / (1 − p)] = 1 and evaluation (eval mode) uses every branch unscaled. The draws come from torch's global
+generator, which the run seeds; there is no state besides the rate.
+
+    methods:
+      drop_path: {rate: 0.1}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from workbench.methods import Method, register
+from workbench.methods.dropout_schedule import residual_branches
+
+
+@dataclass
+class DropPathConfig:
+    rate: float = 0.1  # p of eq. (1), in [0, 1)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+
+
+class BranchDrop:
+    """A forward hook: eq. (1) on a branch module's output (its first element when it returns a tuple)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not module.training or self.rate == 0.0:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        shape = (hidden.shape[0],) + (1,) * (hidden.dim() - 1)
+        keep = torch.empty(shape, device=hidden.device, dtype=hidden.dtype).bernoulli_(1.0 - self.rate)
+        dropped = hidden * keep / (1.0 - self.rate)
+        return (dropped, *output[1:]) if isinstance(output, tuple) else dropped
+
+
+@register("drop_path")
+class DropPath(Method):
+    Config = DropPathConfig
+    logged_metrics = ()
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        branches = residual_branches(model)
+        if not branches:
+            raise ValueError(f"[drop_path] {type(model).__name__} has no decoder layers with attention/MLP branches "
+                             "this method knows (GPT-NeoX, Llama, Mixtral and Qwen-shaped models)")
+        for branch in branches:
+            branch.register_forward_hook(BranchDrop(self.config.rate))
+        return model
