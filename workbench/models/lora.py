@@ -53,8 +53,10 @@ def _lora_field_types() -> dict[str, Any]:
 
 
 def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Union:
-        return " | ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is typing.Union:  # sorted: typing caches equal unions in either order
+        args = typing.get_args(annotation)
+        names = sorted(_type_name(arg) for arg in args if arg is not type(None))
+        return " | ".join(names + (["None"] if type(None) in args else []))
     if annotation is type(None):
         return "None"
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")

@@ -208,7 +208,11 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
     ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries > 5:  # many lines: the legend beside the axes, where it hides none of them
+        fig.set_figwidth(fig.get_figwidth() + 2.5)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif entries:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = folder / f"{plot.name or f'{plot.y}_vs_{plot.x}'}.png"
