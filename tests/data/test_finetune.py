@@ -156,7 +156,7 @@ def test_fact_qa_is_the_evaluators_instruction_pool(tokenizer):
 
 def test_generator_errors_name_the_field(tokenizer):
     unknown = r"^field 'data.source': unknown synthetic source 'synthetic:gsm9k'; valid: "
-    valid = "synthetic:fact_world, synthetic:fact_qa, synthetic:arithmetic, synthetic:fact_tf$"
+    valid = "synthetic:fact_world, synthetic:fact_qa, synthetic:arithmetic, synthetic:fact_tf, synthetic:fact_value$"
     with pytest.raises(ConfigError, match=unknown + valid):
         resolve_format(DataConfig(source="synthetic:gsm9k"))
     with pytest.raises(ConfigError, match=r"^field 'data.synthetic.num_step': unknown option \(did you mean "
