@@ -58,6 +58,7 @@ from workbench.models.moe_model import (
     broadcast_frozen_routers,
     convert_to_moe,
     expert_load,
+    load_summary,
     moe_layers,
     set_active_experts,
 )
@@ -278,9 +279,7 @@ class SMoEDropout(Method):
             stats["smoe_k"] = float(self.current_k)
         load = expert_load(self.model, reset=True) if self.layers else None
         if load is not None:
-            stats["smoe_load_min"] = load.min(dim=1).values.mean().item()
-            stats["smoe_load_max"] = load.max(dim=1).values.mean().item()
-            stats["smoe_load_cv"] = (load.std(dim=1, unbiased=False) / load.mean(dim=1)).mean().item()
+            stats.update(load_summary(load, "smoe_load"))
         if self.balance_loss is not None:
             stats["smoe_balance_loss"] = self.balance_loss.item()
         return stats

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from workbench.distributed import gathered_parameters
 from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice
 
-__all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
+__all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "load_summary", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
            "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config", "moe_layers",
            "moe_model_class", "restore_moe_layers", "set_active_experts"]
 
@@ -335,6 +335,13 @@ def mean_active_fraction(ks: list[int], num_experts: int) -> float:
     return math.fsum(ks) / (len(ks) * num_experts) if ks else 1.0
 
 
+def load_summary(load: torch.Tensor, prefix: str) -> dict[str, float]:
+    """`<prefix>_min`, `_max`, `_cv` of a (layers, experts) load: across experts, averaged over layers (balanced:
+    1/E, 1/E, 0; all on one expert: 0, 1, √(E−1))."""
+    return {f"{prefix}_min": load.min(dim=1).values.mean().item(), f"{prefix}_max": load.max(dim=1).values.mean().item(),
+            f"{prefix}_cv": (load.std(dim=1, unbiased=False) / load.mean(dim=1)).mean().item()}
+
+
 # --- routed experts of other models (transformers' Mixtral, Qwen-MoE): their load ---------------------------------
 ROUTER_LOAD_METRICS = ("router_load_min", "router_load_max", "router_load_cv")
 
@@ -370,9 +377,6 @@ class RouterLoadCallback(TrainerCallback):
             return
         loads = [c / c.sum() for c in self.counts.values() if c.sum() > 0]
         if loads:
-            load = torch.stack(loads)
-            logs["router_load_min"] = load.min(dim=1).values.mean().item()
-            logs["router_load_max"] = load.max(dim=1).values.mean().item()
-            logs["router_load_cv"] = (load.std(dim=1, unbiased=False) / load.mean(dim=1)).mean().item()
+            logs.update(load_summary(torch.stack(loads), "router_load"))
         for counts in self.counts.values():
             counts.zero_()
