@@ -29,11 +29,9 @@ from workbench.data.synthetic import (
     FactWorld,
     FactWorldConfig,
     arithmetic_problems,
+    entity_pools,
 )
 from workbench.errors import ConfigError
-
-FEWSHOT_ENTITIES = 8  # entities whose facts form the few-shot pool, never test items
-SFT_FRACTION = 0.1  # share of entities reserved for instruction tuning, never test items
 
 
 def _world(options: dict[str, Any]) -> FactWorld:
@@ -47,24 +45,26 @@ def untrained_entities(n: int, options: dict[str, Any]) -> set[int]:
     beyond `max_documents`."""
     from workbench.data.packing import split_documents
 
-    rows = min(n, options.get("max_documents") or n)
+    total = n + _appended_documents(options)  # the n entity paragraphs come first
+    rows = min(total, options.get("max_documents") or total)
     fraction = options.get("validation_fraction", 0.0)
     held_out: set[int] = set(range(rows, n))
     if fraction:
         docs = Dataset.from_dict({"text": [str(i) for i in range(rows)]})
-        held_out |= {int(t) for t in split_documents(docs, fraction, options.get("split_seed", 0))["validation"]["text"]}
+        validation = split_documents(docs, fraction, options.get("split_seed", 0))["validation"]["text"]
+        held_out |= {int(t) for t in validation if int(t) < n}
     return held_out
 
 
-def entity_pools(n: int, untrained: set[int] | None = None) -> tuple[list[int], list[int], list[int]]:
-    """(test, instruction tuning, few-shot) entity indices of a world with `n` entities; `untrained` entities
-    are never test items (a question about a fact the model never saw measures nothing)."""
-    n_sft = int(n * SFT_FRACTION)
-    if n - n_sft - FEWSHOT_ENTITIES < 1:
-        raise ValueError(f"the fact world has {n} entities; evaluation needs more than {FEWSHOT_ENTITIES + n_sft}")
-    test_end = n - FEWSHOT_ENTITIES - n_sft
-    test = [i for i in range(test_end) if i not in (untrained or set())]
-    return test, list(range(test_end, n - FEWSHOT_ENTITIES)), list(range(n - FEWSHOT_ENTITIES, n))
+def _appended_documents(options: dict[str, Any]) -> int:
+    """How many documents the run's corpus has after its entity paragraphs (`qa_share`, `other_share`)."""
+    if not (options.get("qa_share") or options.get("other_share")):
+        return 0
+    from workbench.data.loading import FactCorpusConfig, generator
+
+    corpus = generator("synthetic:fact_world").build(
+        FactCorpusConfig(**{k: v for k, v in options.items() if k in FactCorpusConfig.__dataclass_fields__}))
+    return len(corpus) - options.get("num_entities", FactWorldConfig.num_entities)
 
 
 def _split(world: FactWorld, build, options: dict[str, Any]) -> DatasetDict:

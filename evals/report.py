@@ -12,6 +12,7 @@ import numpy as np
 
 from evals.results import metric_info, split_experts_style
 from evals.stability import EARLY_MIN, NOTE_CONSTANT, NOTE_TOO_FEW, StabilityResult, stability
+from evals.styles import style_colour
 from workbench.io import atomic_write_text
 from workbench.stats import kendall_tau_b
 
@@ -225,10 +226,11 @@ def task_figure(task: str, lines: dict[tuple[str, str, str], list[dict[str, Any]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     metrics = sorted({m for _, _, m in lines})
     for (_, style, metric), points in lines.items():
-        ax.plot([p["step"] for p in points], [p["value"] for p in points], marker="o",
+        ax.plot([p["step"] for p in points], [p["value"] for p in points], marker="o", color=style_colour(style),
+                linestyle="-" if metric == metrics[0] else ":",
                 label=style if len(metrics) == 1 else f"{style} ({metric})")
     points = [p for pts in lines.values() for p in pts]
-    _step_axis(ax, sorted({p["step"] for p in points}))
+    step_axis(ax, sorted({p["step"] for p in points}))
     chances = [p["chance"] for p in points if p.get("chance") is not None]
     top = max([p["value"] for p in points] + chances)
     if chances:
@@ -257,7 +259,7 @@ def _chance_label(chance: float) -> str:
     return f"chance (random option): {chance:.1%}"
 
 
-def _step_axis(ax, steps: list[int]) -> None:
+def step_axis(ax, steps: list[int]) -> None:
     """Checkpoint steps on the x axis: a tick at every checkpoint, at most MAX_TICK_LABELS labelled; a log
     scale when the checkpoints crowd the start of a long run (log-spaced saving), else linear."""
     from matplotlib.ticker import NullFormatter

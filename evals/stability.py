@@ -36,9 +36,11 @@ from workbench.stats import CHUNK_ELEMENTS, kendall_tau_b, tau_b_reference, tau_
 __all__ = [
     "ConsistencyResult",
     "StabilityResult",
+    "TauDifference",
     "bootstrap_tau_over_items",
     "consistency",
     "kendall_tau_b",
+    "paired_tau_difference",
     "stability",
     "tau_b_reference",
 ]
@@ -429,3 +431,33 @@ def consistency(
     return ConsistencyResult(
         tau=tau, p_value=p, n_models=m, ci_low=lo, ci_high=hi, n_boot_used=used, resample=resample
     )
+
+
+@dataclass(frozen=True)
+class TauDifference:
+    """tau_b(a, z) − tau_b(b, z) over the same models, with a paired bootstrap interval over models."""
+
+    tau_a: float
+    tau_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    n_boot_used: int
+
+
+def paired_tau_difference(scores_a: ArrayLike, scores_b: ArrayLike, target: ArrayLike, *, n_boot: int = 2000,
+                          confidence: float = 0.95, seed: int | None = 0) -> TauDifference:
+    """How much better style `a` ranks the models the way `target` does than style `b` (BOSE consistency:
+    `target` is the instruct models' scores): tau_b(a, target) − tau_b(b, target). Each bootstrap resample draws
+    the models once, with replacement, and computes both taus on that same draw (a paired bootstrap); resamples
+    where either tau is undefined are dropped; percentile interval."""
+    _check_boot_args(n_boot, confidence)
+    a, b, z = (np.asarray(v, dtype=np.float64) for v in (scores_a, scores_b, target))
+    if not a.shape == b.shape == z.shape or a.ndim != 1:
+        raise ValueError(f"scores_a, scores_b and target must be 1-D of one length; got {a.shape}, {b.shape}, {z.shape}")
+    for name, v in (("scores_a", a), ("scores_b", b), ("target", z)):
+        _finite(name, v)
+    tau_a, tau_b = kendall_tau_b(a, z)[0], kendall_tau_b(b, z)[0]
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(int(n_boot), a.size))
+    lo, hi, used = _percentile_interval(tau_b_rows(a[idx], z[idx]) - tau_b_rows(b[idx], z[idx]), confidence)
+    return TauDifference(tau_a, tau_b, tau_a - tau_b, lo, hi, used)

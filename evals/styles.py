@@ -52,6 +52,13 @@ OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")
 OPEN_EXTRA_STYLES = ("completion",)  # valid for open specs with a cloze, run only when asked for
 WORKED_EXTRA_STYLES = ("gold_nll",)  # valid for worked specs, run only when asked for
 WORKED_STYLES = ("zero_shot", "few_shot")
+_PLOT_ORDER = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl", "instruction_only", "completion", "gold_nll")
+
+
+def style_colour(style: str) -> str:
+    """One colour per prompt style in every plot (matplotlib's tab10, in a fixed order; other styles grey)."""
+    base = style.split("@")[0]
+    return f"C{_PLOT_ORDER.index(base)}" if base in _PLOT_ORDER else "0.45"
 ICLIP_PATTERN = r"The answer is (.*)"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 
 def test_bootstrap_mean_interval_brackets_the_mean_and_narrows_with_more_values():
@@ -19,3 +20,21 @@ def test_bootstrap_mean_interval_brackets_the_mean_and_narrows_with_more_values(
     assert bootstrap_mean_interval(few) == bootstrap_mean_interval(few)  # seeded
     assert bootstrap_mean_interval([2.0, 2.0]) == (2.0, 2.0)
     assert all(math.isnan(v) for v in bootstrap_mean_interval([1.0]))
+
+
+def test_paired_difference_matches_scipy_t_interval():
+    from scipy import stats as sps
+
+    from workbench.stats import paired_difference
+
+    rng = np.random.default_rng(3)
+    arm, ref = rng.normal(size=5), rng.normal(size=5)
+    result = paired_difference(arm, ref)
+    diff = arm - ref
+    low, high = sps.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=sps.sem(diff))
+    assert (result.mean, result.low, result.high, result.n) == pytest.approx((diff.mean(), low, high, 5))
+    assert result.inside_spread == (low <= 0 <= high)
+    assert "inside the seed spread" in paired_difference([1.0, 2.0, 3.0], [1.1, 1.9, 3.05]).text()
+    assert "inside" not in paired_difference([1.0, 2.0, 3.0], [0.0, 1.1, 1.9]).text()
+    nan = paired_difference([1.0, float("nan")], [0.0, 1.0])
+    assert nan.n == 1 and np.isnan(nan.low)

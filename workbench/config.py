@@ -139,7 +139,7 @@ class DataConfig(_Section):
     num_proc: int | None = Field(None, ge=1, description="processes for datasets.map")
     cache_dir: str = Field(".cache/workbench", description="tokenizers and tokenised data are cached here")
     repetition: dict[str, Any] | None = Field(
-        None, description="workbench.data.repetition.RepetitionConfig: budget_tokens, unique_tokens, mode, seed"
+        None, description="workbench.data.repetition.RepetitionConfig: budget_tokens, unique_tokens, mode, seed, subset"
     )
 
     noise: dict[str, Any] | None = Field(

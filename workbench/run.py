@@ -27,7 +27,7 @@ from workbench.classification import (
 from workbench.config import ExperimentConfig, dump_config, resolve_path
 from workbench.data import prepare_data
 from workbench.data.finetune import check_packing
-from workbench.data.repetition import RepetitionConfig, repetition_stream
+from workbench.data.repetition import RepetitionConfig, repetition_stream, resolve_seed
 from workbench.data.span_corruption import (
     VALIDATION_OFFSET,
     SpanCorruptionCollator,
@@ -244,7 +244,8 @@ def pretraining_pieces(cfg: ExperimentConfig, args: TrainingArguments, objective
     train_blocks = blocks["train"]
     if cfg.data.repetition is not None:
         try:
-            train_blocks = repetition_stream(train_blocks, RepetitionConfig(**cfg.data.repetition), cfg.data.block_size)
+            repetition = resolve_seed(RepetitionConfig(**cfg.data.repetition), cfg.seed)
+            train_blocks = repetition_stream(train_blocks, repetition, cfg.data.block_size)
         except ValueError as err:
             raise ConfigError(f"field 'data.repetition': {err}") from None
     validation = blocks["validation"] if len(blocks["validation"]) else None

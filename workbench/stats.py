@@ -4,7 +4,10 @@
 :func:`tau_b_reference` an independent SciPy-free O(n^2) implementation to cross-check it,
 :func:`tau_b_rows` the same formula vectorised over many rows (bootstrap resamples), and
 :func:`tau_b_undefined_reason` says in words why tau-b is NaN for an input, and
-:func:`bootstrap_mean_interval` is a percentile bootstrap interval of a mean (SciPy's ``bootstrap``).
+:func:`bootstrap_mean_interval` is a percentile bootstrap interval of a mean (SciPy's ``bootstrap``),
+:func:`t_interval` the half-width of a Student-t interval, and :func:`paired_difference` the paired comparison
+every reproduction reports (mean difference against the reference arm, its 95% interval, and whether the
+interval holds zero: "inside the seed spread").
 
 Nothing here imports ``evals`` (the library must not depend on the evaluator).
 """
@@ -12,12 +15,16 @@ Nothing here imports ``evals`` (the library must not depend on the evaluator).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
-__all__ = ["CHUNK_ELEMENTS", "bootstrap_mean_interval", "kendall_tau_b", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason"]
+__all__ = [
+    "CHUNK_ELEMENTS", "PairedDifference", "bootstrap_mean_interval", "kendall_tau_b", "paired_difference",
+    "t_interval", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason",
+]  # fmt: skip
 
 # Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
 CHUNK_ELEMENTS = 4_000_000
@@ -140,3 +147,45 @@ def bootstrap_mean_interval(values: ArrayLike, confidence: float = 0.95, resampl
     result = stats.bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=resamples,
                              method="percentile", random_state=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def t_interval(values: ArrayLike, confidence: float = 0.95) -> float:
+    """Half-width of the two-sided Student-t interval of the mean of `values` (nan below 2 values)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, data.size - 1) * data.std(ddof=1) / math.sqrt(data.size))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The mean of paired differences (arm minus reference, one per seed or model) and its interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def inside_spread(self) -> bool:
+        """The interval holds zero: the difference is inside the seed spread."""
+        return not (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 3) -> str:
+        """'+0.123 [+0.050, +0.196]', with ', inside the seed spread' when the interval holds zero."""
+        if math.isnan(self.mean):
+            return "–"
+        interval = "" if math.isnan(self.low) else f" [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+        return f"{self.mean:+.{digits}f}{interval}" + (", inside the seed spread" if interval and self.inside_spread else "")
+
+
+def paired_difference(arm: ArrayLike, reference: ArrayLike, confidence: float = 0.95) -> PairedDifference:
+    """Paired differences `arm - reference` (same seeds, in the same order; NaN pairs dropped): their mean and
+    the Student-t interval of the mean (the t-interval at small n, where a bootstrap is too narrow)."""
+    a, r = _paired_1d(arm, reference, ("arm", "reference"))
+    diff = (a - r)[np.isfinite(a - r)]
+    if diff.size == 0:
+        return PairedDifference(math.nan, math.nan, math.nan, 0)
+    mean = float(diff.mean())
+    half = t_interval(diff, confidence)
+    return PairedDifference(mean, mean - half, mean + half, int(diff.size))

@@ -45,3 +45,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def fmt_ms(values: list[float]) -> str:
     mean, std = mean_std(values)
     return "–" if math.isnan(mean) else f"{mean:+.2f} ± {std:.2f}"
+
+
+def prompt_lengths(run: Path, cfg, limit: int) -> dict[tuple[str, str], list[int]]:
+    """(task, style) -> the token count of each request's full text (prompt and, for scored options, the option)
+    as the run's tokenizer splits it: what must fit in the model's context."""
+    from transformers import AutoTokenizer
+
+    from evals.runs import run_target
+    from evals.sweep import Evaluator
+
+    target = run_target(run)
+    tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)
+    evaluator = Evaluator(cfg, tokenizer, target.world, limit)
+    lengths: dict[tuple[str, str], list[int]] = {}
+    for key, task in evaluator.tasks.items():
+        texts = [inst.args[0] + (inst.args[1] if isinstance(inst.args[1], str) else "") for inst in task.instances]
+        lengths[key] = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return lengths

@@ -1,44 +1,63 @@
 """BOSE consistency at tiny scale: does a base model's rank under each prompt style predict the rank of its
-instruction-tuned counterpart?
+instruction-tuned counterpart, across data-mixture ablations?
 
-    python evals/experiments/consistency.py            # 6 base models (2 sizes x 3 lengths), ~15 min CPU
-    python evals/experiments/consistency.py --quick    # 3 tiny models, short runs: a smoke test
+    python evals/experiments/consistency.py            # 8 base models (4 fact shares x 2 QA shares)
+    python evals/experiments/consistency.py --quick    # 4 base models, short runs: a smoke test
 
-Each base model is pretrained on the fact world, then instruction-tuned by one recipe (`RECIPE`, through
-`launch/train.py` like any fine-tuning run: TRL's SFTTrainer, loss on the answer) on QA pairs about entities
-that evaluation never asks about (`synthetic:fact_qa`). Base models are scored in every style; instruct models
-with plain zero-shot prompts; Kendall's tau-b between the two rankings, per task, style and metric.
+The base models differ only in their pretraining data mixture, at one token budget (`configs/bose/
+consistency.yaml`): the share of text about the evaluated fact world (the rest is text about another world's
+entities, `other_share`) and whether question-answer documents about never-asked entities are mixed in
+(`qa_share` 0 or 5%). Each is instruction-tuned by one recipe (`RECIPE`, through `launch/train.py`: TRL's
+SFTTrainer, loss on the answer) on QA pairs about entities evaluation never asks about (`synthetic:fact_qa`).
+Base models are scored in every style; instruct models with plain zero-shot prompts. Per style: Kendall's
+tau-b between the base and the instruct scores over the models, and its paired bootstrap difference (over
+models) from the zero-shot style's tau; a base-vs-instruct scatter per style.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 import yaml
 
-from evals.consistency import evaluate_consistency
+from evals.consistency import final_checkpoint_target
 from evals.experiments.common import REPO, train
+from evals.report import latest_by_cell
+from evals.results import read_results
+from evals.runs import sweep
+from evals.stability import consistency, paired_tau_difference
+from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config, override_string
 from workbench.io import atomic_write_text
 from workbench.layout import RUN_CONFIG, checkpoint_dir
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
-FULL = [("pythia-tiny", 60), ("pythia-tiny", 150), ("pythia-tiny", 377),
-        ("pythia-small", 60), ("pythia-small", 150), ("pythia-small", 377)]
-QUICK = [("pythia-tiny", 20), ("pythia-tiny", 40), ("pythia-tiny", 80)]
+REFERENCE_STYLE = "zero_shot"
+# (share of the text about the evaluated world, share of question-answer documents): 8 data mixtures
+FULL = [(fact, qa) for qa in (0.0, 0.05) for fact in (0.25, 0.5, 0.75, 1.0 - qa)]
+QUICK = [(0.25, 0.0), (1.0, 0.0), (0.25, 0.05), (0.95, 0.05)]
 # One instruction-tuning recipe for every model, so differences between instruct models come from their bases.
 RECIPE = {"training.max_steps": 150, "training.per_device_train_batch_size": 16, "training.learning_rate": 1e-3,
           "training.lr_scheduler_type": "cosine", "training.warmup_steps": 10, "data.block_size": 128, "seed": 0}
+PRIMARY = {"factworld_mc": "acc", "factworld_qa": "f1"}
 
 
-def base_run(preset: str, steps: int, runs_dir: Path) -> Path:
-    name = f"bose-base-{preset.split('-')[1]}-{steps}"
+def mixture_name(fact: float, qa: float) -> str:
+    return f"fact{round(fact * 100)}-qa{round(qa * 100)}"
+
+
+def base_run(fact: float, qa: float, runs_dir: Path, steps: int | None) -> Path:
+    name = f"bose-base-{mixture_name(fact, qa)}"
     run = runs_dir / name
     if newest_complete_checkpoint(run, report=lambda _: None) is None:
-        train(CONFIG, [f"name={name}", f"runs_dir={runs_dir}", f"model.preset={preset}",
-                       f"training.max_steps={steps}"], runs_dir / f"{name}.log")
+        other = round(1.0 - fact - qa, 6)
+        train(CONFIG, [f"name={name}", f"runs_dir={runs_dir}", f"data.synthetic.other_share={other}",
+                       f"data.synthetic.qa_share={qa}", *([f"training.max_steps={steps}"] if steps else [])],
+              runs_dir / f"{name}.log")
     return run
 
 
@@ -48,7 +67,8 @@ def instruct_run(base: Path, recipe: dict) -> Path:
     steps = recipe["training.max_steps"]
     if newest_complete_checkpoint(run, report=lambda _: None) is None or not checkpoint_dir(run, steps).is_dir():
         world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
-        world.pop("sentences_per_fact", None)  # a corpus option; the QA pairs take the world's options only
+        for corpus_option in ("sentences_per_fact", "hold_out_cloze", "qa_share", "other_share"):
+            world.pop(corpus_option, None)  # the QA pairs take the world's options only
         settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
                     "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
                     "training.save_steps": steps, "training.logging_steps": max(1, steps // 10), **recipe}
@@ -56,24 +76,116 @@ def instruct_run(base: Path, recipe: dict) -> Path:
     return run
 
 
+def scores(runs: list[Path], cfg, limit: int, styles: list[str] | None = None) -> list[dict]:
+    """Each run's final-checkpoint score per (task, style, metric), evaluated (and cached) in `styles`."""
+    if styles is not None:
+        cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": styles}) for t in cfg.tasks]})
+    out = []
+    for run in runs:
+        target = final_checkpoint_target(run)
+        sweep(target, cfg, limit)
+        label = target.checkpoints[0].name
+        out.append({(t, s, m): r["value"] for (t, s, m, c), r in latest_by_cell(read_results(target.results)).items()
+                    if c == label})
+    return out
+
+
+def analyse(names: list[str], base: list[dict], instruct: list[dict], n_boot: int) -> list[dict]:
+    rows = []
+    for task, metric in PRIMARY.items():
+        z = [i[(task, REFERENCE_STYLE, metric)] for i in instruct]
+        reference = [b[(task, REFERENCE_STYLE, metric)] for b in base]
+        for style in sorted({s for (t, s, m) in base[0] if t == task and m == metric}):
+            x = [b[(task, style, metric)] for b in base]
+            row = {"task": task, "style": style, "metric": metric, "base": x, "instruct": z, "models": names}
+            if len(set(x)) < 2 or len(set(z)) < 2:
+                rows.append({**row, "tau": math.nan, "p": math.nan, "ci": (math.nan, math.nan),
+                             "delta": None, "note": "constant scores: tau undefined"})
+                continue
+            single = consistency(x, z, n_boot=n_boot)
+            delta = None if style == REFERENCE_STYLE or len(set(reference)) < 2 else (
+                paired_tau_difference(x, reference, z, n_boot=n_boot))
+            rows.append({**row, "tau": single.tau, "p": single.p_value, "ci": (single.ci_low, single.ci_high),
+                         "delta": None if delta is None else (delta.difference, delta.ci_low, delta.ci_high)})
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    def f(x: float, sign: str = "") -> str:
+        return "–" if x is None or math.isnan(x) else f"{x:{sign}.2f}"
+
+    lines = ["| task | base style | metric | tau (base vs instruct) | p | 95% CI (resampling models) | "
+             "tau − tau(zero-shot), paired bootstrap [95% CI] | base scores (range) |",
+             "|---|---|---|---:|---:|---|---|---|"]
+    for r in rows:
+        if r["delta"] is None:
+            delta = "(reference)" if r["style"] == REFERENCE_STYLE else "–"
+        else:
+            d, lo, hi = r["delta"]
+            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (", inside the spread" if lo <= 0 <= hi else "")
+        lines.append(f"| {r['task']} | {r['style']} | {r['metric']} | {f(r['tau'], '+')} | {f(r['p'])} | "
+                     f"[{f(r['ci'][0], '+')}, {f(r['ci'][1], '+')}] | {delta} | "
+                     f"{min(r['base']):.3f}–{max(r['base']):.3f} |")
+    return lines
+
+
+def scatter(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    panels = [r for r in rows]
+    cols = 5
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.3 * cols, 3.2 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, r in zip(axes.flat, panels, strict=False):
+        ax.scatter(r["base"], r["instruct"], color=style_colour(r["style"]), s=28, zorder=3)
+        for x, y, name in zip(r["base"], r["instruct"], r["models"], strict=True):
+            ax.annotate(name.replace("fact", "f").replace("-qa", "/q"), (x, y), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")
+        tau = "undefined" if math.isnan(r["tau"]) else f"{r['tau']:+.2f}"
+        ax.set_title(f"{r['task'].split('_')[1]}: {r['style']} (tau {tau})", fontsize=9)
+        ax.set_xlabel(f"base model {'accuracy' if r['metric'] == 'acc' else 'answer F1'}", fontsize=8)
+        ax.set_ylabel(f"instruct zero-shot {'accuracy' if r['metric'] == 'acc' else 'F1'}", fontsize=8)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("Base vs instruction-tuned score, one point per data mixture (f = % fact text, q = % QA "
+                 "documents); mc = 4-option multiple choice, qa = open questions", fontsize=10)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "bose_consistency.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     grid, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
-    limit = 40 if args.quick else args.limit
-    bases = [base_run(preset, steps, args.runs_dir) for preset, steps in grid]
+    limit, steps = (40, 30) if args.quick else (args.limit, None)
+    bases = [base_run(fact, qa, args.runs_dir, steps) for fact, qa in grid]
     instructs = [instruct_run(base, recipe) for base in bases]
+    cfg = load_config(CONFIG).eval
+    base_scores = scores(bases, cfg, limit)
+    instruct_scores = scores(instructs, cfg, limit, styles=[REFERENCE_STYLE])
+    names = [mixture_name(fact, qa) for fact, qa in grid]
+    rows = analyse(names, base_scores, instruct_scores, n_boot=200 if args.quick else 2000)
     out = args.runs_dir / "bose-consistency"
-    rows = evaluate_consistency(bases, instructs, load_config(CONFIG).eval, out, limit, n_boot=1000)
-    label = "QUICK (smoke test, not a result)" if args.quick else f"{len(bases)} base/instruct pairs"
-    text = (out / "consistency.md").read_text()
-    atomic_write_text(out / "consistency.md", text.replace("# Consistency", f"# Consistency ({label})", 1))
-    for row in rows:
-        print(f"{row['task']:14} {row['style']:17} {row['metric']:5} tau {row['tau']:+.2f}  base {row['base']}  "
-              f"instruct {row['instruct']}")
+    scatter(rows, out if args.quick else args.out)
+    label = "QUICK (smoke test, not a result)" if args.quick else f"{len(bases)} data mixtures"
+    text = "\n".join([f"# BOSE consistency ({label})", "", "Models: " + ", ".join(names), "", *table(rows), ""])
+    atomic_write_text(out / "consistency.md", text)
+    atomic_write_text(out / "consistency.json", json.dumps(rows, indent=1, default=str))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from datasets import Dataset
@@ -72,3 +74,41 @@ def test_counts_must_be_whole_blocks_and_fit_the_corpus():
         stream_indices(RepetitionConfig(10 * B + 1, B), 100, B)
     with pytest.raises(ValueError, match="exceeds the corpus"):
         stream_indices(RepetitionConfig(200 * B, 200 * B), 100, B)
+
+
+def test_budget_none_is_one_epoch_of_the_unique_tokens():
+    cfg = RepetitionConfig(unique_tokens=12 * B)
+    assert cfg.budget_tokens == 12 * B and cfg.epochs == 1
+    indices = stream_indices(cfg, 100, B)
+    assert sorted(indices.tolist()) == list(range(12))
+
+
+def test_random_subset_differs_by_seed_and_each_block_repeats_once_per_epoch():
+    streams = {}
+    for seed in (0, 1):
+        cfg = RepetitionConfig(budget_tokens=40 * B, unique_tokens=10 * B, seed=seed, subset="random")
+        indices = stream_indices(cfg, 100, B)
+        chosen = set(indices.tolist())
+        assert len(chosen) == 10 and all(0 <= i < 100 for i in chosen)
+        assert all(indices.tolist().count(i) == 4 for i in chosen)
+        for epoch in range(4):  # every epoch is a permutation of the same subset
+            assert set(indices[epoch * 10:(epoch + 1) * 10].tolist()) == chosen
+        streams[seed] = chosen
+    assert streams[0] != streams[1]
+    prefix = stream_indices(RepetitionConfig(budget_tokens=40 * B, unique_tokens=10 * B), 100, B)
+    assert set(prefix.tolist()) == set(range(10))
+
+
+def test_seed_none_takes_the_run_seed():
+    from workbench.data.repetition import resolve_seed
+
+    cfg = RepetitionConfig(budget_tokens=20 * B, unique_tokens=5 * B, seed=None, subset="random")
+    with pytest.raises(ValueError, match="seed is None"):
+        stream_indices(cfg, 100, B)
+    resolved = resolve_seed(cfg, 3)
+    assert resolved.seed == 3
+    assert (stream_indices(resolved, 100, B) == stream_indices(replace(cfg, seed=3), 100, B)).all()
+    with pytest.raises(ValueError, match="unique_tokens is required"):
+        RepetitionConfig(budget_tokens=20 * B)
+    with pytest.raises(ValueError, match="subset"):
+        RepetitionConfig(budget_tokens=20 * B, unique_tokens=5 * B, subset="first")

@@ -235,3 +235,50 @@ def test_statement_and_cloze_forms_match_the_facts():
     for row in world.multiple_choice():
         assert row["cloze"].count("___") == 1 and row["entity"] in row["cloze"]
         assert not row["cloze"].startswith("___")
+
+
+def test_held_out_cloze_template_never_appears_and_other_templates_still_do():
+    from workbench.data.synthetic import _ATTRIBUTE_BY_NAME, _cloze_template, _render
+
+    world = FactWorld(FactWorldConfig(num_entities=20, seed=4))
+    for hold in (False, True):
+        text = " ".join(world.corpus(sentences_per_fact=6, hold_out_cloze=hold)["text"])
+        cloze = [_render(_cloze_template(_ATTRIBUTE_BY_NAME[a]), e.name, v)
+                 for e in world.entities for a, v in e.attributes.items()]
+        assert sum(text.count(sentence) for sentence in cloze) == (0 if hold else 20 * 6 * 2)
+        others = [_render(t, e.name, v) for e in world.entities for a, v in e.attributes.items()
+                  for t in _ATTRIBUTE_BY_NAME[a].statements if t != _cloze_template(_ATTRIBUTE_BY_NAME[a])]
+        assert sum(text.count(sentence) for sentence in others) == 20 * 6 * (6 if hold else 4)
+
+
+@pytest.mark.parametrize(("qa_share", "other_share"), [(0.05, 0.0), (0.0, 0.5), (0.03, 0.7)])
+def test_fact_corpus_shares_of_question_answer_and_other_world_text(qa_share, other_share):
+    from workbench.data.loading import FactCorpusConfig, generator
+    from workbench.data.synthetic import entity_pools
+
+    options = FactCorpusConfig(num_entities=60, seed=1, sentences_per_fact=10, qa_share=qa_share,
+                               other_share=other_share, hold_out_cloze=True)
+    corpus = generator("synthetic:fact_world").build(options)
+    world = FactWorld(FactWorldConfig(num_entities=60, seed=1))
+    names = [e.name for e in world.entities]
+    assert corpus["entity"][:60] == names  # the entity paragraphs first, in order
+    chars = [len(t) for t in corpus["text"]]
+    qa_rows = [i for i, t in enumerate(corpus["text"]) if t.startswith("Question: ")]
+    other_rows = [i for i in range(60, len(corpus)) if i not in qa_rows]
+    assert sum(chars[i] for i in qa_rows) / sum(chars) == pytest.approx(qa_share, abs=0.01)
+    assert sum(chars[i] for i in other_rows) / sum(chars) == pytest.approx(other_share, abs=0.01)
+    _, sft, fewshot = entity_pools(60)
+    assert {corpus["entity"][i] for i in qa_rows} <= {names[i] for i in sft + fewshot}  # never a test entity
+    assert not {corpus["entity"][i] for i in other_rows} & set(names)  # another world's entities
+
+
+def test_qa_documents_answer_with_the_facts():
+    world = FactWorld(FactWorldConfig(num_entities=10, seed=2))
+    docs = world.qa_documents(3000, entities=[7, 8])
+    facts = {e.name: e for e in world.entities}
+    for text, name in zip(docs["text"], docs["entity"], strict=True):
+        pairs = text.split("\n\n")
+        assert len(pairs) == len(facts[name].attributes)
+        for pair in pairs:
+            answer = pair.split("\nAnswer: ")[1]
+            assert answer.split("The answer is ")[-1].rstrip(".") in facts[name].attributes.values()

@@ -424,3 +424,20 @@ def test_questions_never_ask_about_entities_held_out_from_training():
     asked = set(factworld_mc(**options)["test"]["entity"])
     assert asked and not asked & held_out_names
     assert untrained_entities(60, {"max_documents": 50}) == set(range(50, 60))
+
+
+def test_held_out_entities_with_question_answer_and_other_world_documents_in_the_corpus():
+    """Documents appended after the entity paragraphs change the split; the evaluator replays it."""
+    from evals.data import untrained_entities
+    from workbench.data.loading import FactCorpusConfig, generator
+    from workbench.data.packing import split_documents
+
+    corpus_options = {"num_entities": 60, "seed": 2, "sentences_per_fact": 4, "qa_share": 0.05, "other_share": 0.3}
+    corpus = generator("synthetic:fact_world").build(FactCorpusConfig(**corpus_options))
+    assert len(corpus) > 60
+    validation = split_documents(corpus, 0.1, seed=5)["validation"]
+    names = [e["entity"] for e in corpus.select(range(60))]
+    held_out_names = {name for name, text in zip(validation["entity"], validation["text"], strict=True)
+                      if name in names and not text.startswith("Question: ")}
+    held_out = untrained_entities(60, {**corpus_options, "validation_fraction": 0.1, "split_seed": 5})
+    assert {names[i] for i in held_out} == held_out_names

@@ -242,3 +242,23 @@ def test_consistency_item_resampling():
     assert r2.n_boot_used == 100
     with pytest.raises(ValueError, match="300 base items and 250 instruct items"):
         consistency(None, None, base_item_scores=base, instruct_item_scores=inst[:, :250], resample="items")
+
+
+def test_paired_tau_difference_matches_a_scipy_loop_over_the_same_resamples():
+    from scipy.stats import kendalltau
+
+    from evals.stability import paired_tau_difference
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=9)
+    a, b = z + rng.normal(scale=0.3, size=9), rng.normal(size=9)
+    result = paired_tau_difference(a, b, z, n_boot=300, seed=11)
+    assert result.tau_a == pytest.approx(kendalltau(a, z).statistic)
+    assert result.difference == pytest.approx(kendalltau(a, z).statistic - kendalltau(b, z).statistic)
+    idx = np.random.default_rng(11).integers(0, 9, size=(300, 9))
+    diffs = [kendalltau(a[i], z[i]).statistic - kendalltau(b[i], z[i]).statistic for i in idx]
+    diffs = np.array([d for d in diffs if np.isfinite(d)])
+    assert (result.ci_low, result.ci_high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+    assert result.n_boot_used == diffs.size
+    with pytest.raises(ValueError, match="one length"):
+        paired_tau_difference(a, b[:5], z)

@@ -9,7 +9,8 @@ import random
 import pytest
 from scipy import stats
 
-from workbench.study.collect import aggregate, eval_scores_at_best_validation, t_interval
+from workbench.stats import t_interval
+from workbench.study.collect import aggregate, eval_scores_at_best_validation
 from workbench.study.report import _cell
 
 
@@ -60,3 +61,70 @@ def test_a_delta_plot_draws_intervals_around_zero(tmp_path):
     study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["ref", "b"]})
     path = draw(PlotSpec(kind="final", x="arm", y="delta_x", name="d"), study, [], table, tmp_path)
     assert path == tmp_path / "d.png" and matplotlib.image.imread(path).shape[0] > 100
+
+
+def _fake_repetition_run(folder, budget, unique, steps, hidden=8):
+    """A run folder as training leaves it: config.yaml with data.repetition, metrics.jsonl, one checkpoint."""
+    import numpy as np
+    import yaml
+    from safetensors.numpy import save_file
+
+    from workbench.layout import MANIFEST, METRICS, RUN_CONFIG
+
+    folder.mkdir(parents=True)
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump(
+        {"data": {"repetition": {"budget_tokens": budget, "unique_tokens": unique}}}))
+    records = [{"step": s, "epoch": s / steps, "eval_nll": 3.0 - s / steps} for s in range(4, steps + 1, 4)]
+    (folder / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    checkpoint = folder / f"checkpoint-{steps}"
+    checkpoint.mkdir()
+    save_file({"a": np.zeros((hidden, 3), np.float32), "b": np.zeros(5, np.float32)}, str(checkpoint / "model.safetensors"))
+    size = (checkpoint / "model.safetensors").stat().st_size
+    (checkpoint / MANIFEST).write_text(json.dumps({"files": {"model.safetensors": size}}))
+    return folder
+
+
+def test_run_columns_and_curves_in_epochs_of_the_unique_tokens(tmp_path):
+    from workbench.study.collect import epochs_per_step, run_columns
+    from workbench.study.report import curve_points
+
+    run = _fake_repetition_run(tmp_path / "r", budget=64 * 128, unique=16 * 128, steps=32)
+    columns = run_columns(run)
+    assert columns == {"parameters": 8 * 3 + 5, "epochs": 4.0, "unique_tokens_per_parameter": 16 * 128 / 29}
+    assert epochs_per_step(run) == pytest.approx(4 / 32)
+    points = curve_points(run, "eval_nll", x="epochs")
+    assert points[-1][0] == pytest.approx(4.0) and points[0][0] == pytest.approx(0.5)
+    assert curve_points(run, "eval_nll")[-1][0] == 32
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run_columns(plain) == {} and epochs_per_step(plain) is None and curve_points(plain, "eval_nll", "epochs") == []
+
+
+def test_a_named_delta_pairs_with_its_own_reference_and_keeps_the_plain_delta():
+    from workbench.study.analysis import add_deltas
+    from workbench.study.plan import DeltaSpec
+
+    rows = [{"seed": 0, "u": u, "schedule": s, "x": x} for u, s, x in
+            [(1, "fixed", 1.0), (1, "single", 1.0), (4, "fixed", 2.0), (4, "single", 3.0)]]
+    add_deltas(rows, DeltaSpec(axis="u", reference=1, keys=["x"]), ["u", "schedule"])
+    add_deltas(rows, DeltaSpec(axis="schedule", reference="single", keys=["x"], name="delta_vs_control"),
+               ["u", "schedule"])
+    by = {(r["u"], r["schedule"]): r for r in rows}
+    assert by[(4, "fixed")]["delta_x"] == 1.0 and by[(4, "single")]["delta_x"] == 2.0
+    assert by[(4, "fixed")]["delta_vs_control_x"] == -1.0 and by[(1, "fixed")]["delta_vs_control_x"] == 0.0
+    with pytest.raises(ValueError):
+        DeltaSpec(axis="u", reference=1, keys=["x"], name="versus")
+
+
+def test_a_curve_plot_in_epochs_with_a_reference_line(tmp_path):
+    import matplotlib.image
+
+    from workbench.study import PlotSpec, RunSpec, StudyConfig
+    from workbench.study.report import draw
+
+    runs = [RunSpec(f"u{u}", {"u": u}, 0, _fake_repetition_run(tmp_path / f"u{u}", 64 * 128, u * 128, 32))
+            for u in (64, 16, 4)]
+    study = StudyConfig(study="s", base="b.yaml", axes={"u": [64, 16, 4]})
+    plot = PlotSpec(kind="curve", x="epochs", y="eval_nll", reference={"u": 64}, logx=True, name="c")
+    path = draw(plot, study, runs, [], tmp_path)
+    assert matplotlib.image.imread(path).shape[0] > 100

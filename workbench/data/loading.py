@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from datasets import Dataset
+import numpy as np
+from datasets import Dataset, concatenate_datasets
 
 from workbench.config import DataConfig, looks_local
 from workbench.data.synthetic import (
@@ -38,14 +40,26 @@ TABLE_FORMATS = {suffix: builder for suffix, builder in LOCAL_FORMATS.items() if
 
 @dataclass(frozen=True)
 class FactCorpusConfig(FactWorldConfig):
-    """`synthetic:fact_world` options: the world's, and how many sentences state each fact."""
+    """`synthetic:fact_world` options: the world's, how many sentences state each fact, whether the cloze
+    template is held out of the statements (`FactWorld.corpus`), and the share of the corpus's characters in
+    question-answer documents about the entities evaluation never asks about (the instruction-tuning and
+    few-shot pools, `FactWorld.qa_documents`) and in paragraphs about the entities of another world
+    (`FactWorld.other_world`: text the evaluation never asks about, for data-mixture ablations), both
+    appended after the entity paragraphs."""
 
     sentences_per_fact: int = 3
+    hold_out_cloze: bool = False
+    qa_share: float = 0.0
+    other_share: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sentences_per_fact < 1:
             raise ValueError(f"sentences_per_fact must be >= 1, got {self.sentences_per_fact}")
+        if not 0.0 <= self.qa_share < 0.5:
+            raise ValueError(f"qa_share must be in [0, 0.5), got {self.qa_share}")
+        if not 0.0 <= self.other_share < 1.0:
+            raise ValueError(f"other_share must be in [0, 1), got {self.other_share}")
 
 
 def _world(options: FactWorldConfig) -> FactWorld:
@@ -54,7 +68,27 @@ def _world(options: FactWorldConfig) -> FactWorld:
 
 
 def _fact_corpus(options: FactCorpusConfig) -> Dataset:
-    return _world(options).corpus(sentences_per_fact=options.sentences_per_fact)
+    world = _world(options)
+    parts = [world.corpus(sentences_per_fact=options.sentences_per_fact, hold_out_cloze=options.hold_out_cloze)]
+    fact_chars = sum(len(text) for text in parts[0]["text"])
+    shares = options.qa_share + options.other_share
+    if shares >= 1:
+        raise ConfigError(f"field 'data.synthetic': qa_share + other_share must be below 1, got {shares}")
+    total_chars = fact_chars / (1 - shares)
+    if options.qa_share:
+        try:
+            _, instruction_pool, fewshot_pool = entity_pools(len(world))
+        except ValueError as err:
+            raise ConfigError(f"field 'data.synthetic.num_entities': {err}") from None
+        parts.append(world.qa_documents(round(total_chars * options.qa_share), instruction_pool + fewshot_pool))
+    if options.other_share:
+        other = world.other_world()  # enough statements per fact to fill the share (5% spare), then cut to it
+        target = total_chars * options.other_share
+        per_fact = math.ceil(1.05 * options.sentences_per_fact * target / fact_chars * len(world) / len(other))
+        text = other.corpus(sentences_per_fact=per_fact)
+        ends = np.cumsum([len(t) for t in text["text"]])
+        parts.append(text.select(range(min(len(text), int(np.searchsorted(ends, target)) + 1))))
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def _fact_qa(options: FactWorldConfig) -> Dataset:

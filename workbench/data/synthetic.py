@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from datasets import Dataset
 
@@ -209,6 +209,7 @@ def _unique_names(rng: random.Random, count: int) -> list[str]:
 
 
 EntitySelection = slice | Sequence[int] | None
+OTHER_WORLD_SEED_OFFSET = 1_000_003  # the seed of `FactWorld.other_world`, relative to the world's
 
 
 class FactWorld:
@@ -230,6 +231,14 @@ class FactWorld:
     def __len__(self) -> int:
         return len(self.entities)
 
+    def other_world(self) -> FactWorld:
+        """A world of the same size and shape about other entities (another seed; no name shared with this
+        one): text the evaluation of this world never asks about."""
+        other = FactWorld(replace(self.config, seed=self.config.seed + OTHER_WORLD_SEED_OFFSET))
+        names = {entity.name for entity in self.entities}
+        other.entities = [entity for entity in other.entities if entity.name not in names]
+        return other
+
     def _rng(self, purpose: str) -> random.Random:
         return random.Random(f"{self.config.seed}:{purpose}")
 
@@ -250,8 +259,12 @@ class FactWorld:
             for attr, value in entity.attributes.items()
         ]
 
-    def corpus(self, sentences_per_fact: int = 3, entities: EntitySelection = None) -> Dataset:
-        """One paragraph per entity stating each fact ``sentences_per_fact`` times with varied templates."""
+    def corpus(self, sentences_per_fact: int = 3, entities: EntitySelection = None,
+               hold_out_cloze: bool = False) -> Dataset:
+        """One paragraph per entity stating each fact ``sentences_per_fact`` times with varied templates.
+
+        With `hold_out_cloze`, no sentence uses an attribute's cloze template (the sentence the Blank-ppl and
+        completion evaluations are built from), so those evaluations ask in a wording never trained on."""
         if sentences_per_fact < 1:
             raise ValueError(f"sentences_per_fact must be >= 1, got {sentences_per_fact}")
         rng = self._rng(f"corpus:{sentences_per_fact}")
@@ -259,13 +272,42 @@ class FactWorld:
         for entity in self._select(entities):
             sentences: list[str] = []
             for attr, value in entity.attributes.items():
-                templates = list(_ATTRIBUTE_BY_NAME[attr].statements)
+                spec = _ATTRIBUTE_BY_NAME[attr]
+                templates = [t for t in spec.statements if not (hold_out_cloze and t == _cloze_template(spec))]
                 rng.shuffle(templates)
                 picked = [templates[i % len(templates)] for i in range(sentences_per_fact)]
                 sentences.extend(_render(t, entity.name, value) for t in picked)
             rng.shuffle(sentences)
             rows["text"].append(" ".join(sentences))
             rows["entity"].append(entity.name)
+        return Dataset.from_dict(rows)
+
+    def qa_documents(self, target_chars: int, entities: EntitySelection = None) -> Dataset:
+        """Question-answer documents, one per entity in turn (cycling), until they hold `target_chars`
+        characters: each of the entity's facts asked once, in shuffled order, with a random question template,
+        answered either plainly ("Question: q\nAnswer: v") or with a statement first ("Answer: {statement}
+        The answer is v.", never in the cloze template's wording), half each: pretraining text in the format
+        of the evaluation's prompts."""
+        selected = self._select(entities)
+        if target_chars > 0 and not selected:
+            raise ValueError("qa_documents needs at least one entity")
+        rng = self._rng(f"qa_documents:{target_chars}")
+        rows: dict[str, list[str]] = {"text": [], "entity": []}
+        total = 0
+        while total < target_chars:
+            entity = selected[len(rows["text"]) % len(selected)]
+            facts = list(entity.attributes.items())
+            rng.shuffle(facts)
+            pairs = []
+            for attr, value in facts:
+                spec = _ATTRIBUTE_BY_NAME[attr]
+                question = _render(rng.choice(spec.questions), entity.name, value)
+                statement = rng.choice([t for t in spec.statements if t != _cloze_template(spec)])
+                answer = value if rng.random() < 0.5 else f"{_render(statement, entity.name, value)} The answer is {value}."
+                pairs.append(f"Question: {question}\nAnswer: {answer}")
+            rows["text"].append("\n\n".join(pairs))
+            rows["entity"].append(entity.name)
+            total += len(rows["text"][-1])
         return Dataset.from_dict(rows)
 
     def qa(self, entities: EntitySelection = None) -> Dataset:

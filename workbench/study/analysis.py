@@ -12,7 +12,7 @@ from workbench.study.plan import AgreementSpec, DeltaSpec, StudyConfig, collecte
 
 
 def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> None:
-    """Add `delta_<key>` to every row (in place): its value minus the reference run's (same seed and other
+    """Add `<spec.name>_<key>` (`delta_<key>`) to every row (in place): its value minus the reference run's (same seed and other
     axis values, `spec.axis` = `spec.reference`), or minus the reference's `spec.against[key]` column where
     given; rows without a reference value get none."""
     others = [a for a in axes if a != spec.axis]
@@ -26,7 +26,7 @@ def add_deltas(rows: list[dict[str, Any]], spec: DeltaSpec, axes: list[str]) -> 
         for key in spec.keys:
             other = spec.against.get(key, key)
             if reference is not None and _finite(row.get(key)) and _finite(reference.get(other)):
-                row[f"delta_{key}"] = row[key] - reference[other]
+                row[spec.column(key)] = row[key] - reference[other]
 
 
 def agreement(rows: list[dict[str, Any]], spec: AgreementSpec, maximize: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import yaml
 from workbench.errors import ConfigError
 from workbench.io import read_jsonl
 from workbench.layout import METRICS, RUN_CONFIG, results_path
+from workbench.stats import t_interval
 from workbench.study.plan import PlotSpec, RunSpec, StudyConfig, check_collect_items, collected
 from workbench.study.runner import run_status
 
@@ -45,9 +46,54 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
         elif direction != "last":
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
+    row.update(run_columns(run.run_dir))
     row.update(final_eval_scores(results_path(run.run_dir)))
     row.update(eval_scores_at_best_validation(results_path(run.run_dir), records))
     return row
+
+
+def run_columns(run_dir: Path) -> dict[str, float]:
+    """`parameters` (of the newest complete checkpoint, from its safetensors headers) and, for a repetition
+    run (`data.repetition`), its `epochs` D/U and `unique_tokens_per_parameter` U/parameters."""
+    from safetensors import safe_open
+
+    from workbench.checkpoints import newest_complete_checkpoint
+
+    out: dict[str, float] = {}
+    checkpoint = newest_complete_checkpoint(run_dir, report=lambda _: None) if run_dir.is_dir() else None
+    if checkpoint is not None:
+        total = 0
+        for path in checkpoint.glob("*.safetensors"):
+            with safe_open(str(path), framework="numpy") as weights:
+                total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+        if total:
+            out["parameters"] = float(total)
+    repetition = _repetition(run_dir)
+    if repetition is not None:
+        out["epochs"] = repetition.epochs
+        if "parameters" in out:
+            out["unique_tokens_per_parameter"] = repetition.unique_tokens / out["parameters"]
+    return out
+
+
+def _repetition(run_dir: Path):
+    """The run's RepetitionConfig, or None when it has none."""
+    from workbench.data.repetition import RepetitionConfig
+
+    path = run_dir / RUN_CONFIG
+    options = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("repetition") if path.is_file() else None
+    return RepetitionConfig(**options) if options else None
+
+
+def epochs_per_step(run_dir: Path) -> float | None:
+    """Epochs of a repetition run's U unique tokens per training step (from the Trainer's epoch in metrics.jsonl,
+    which counts passes over the whole D-token stream, times D/U); None for a run without repetition."""
+    repetition = _repetition(run_dir)
+    path = run_dir / METRICS
+    records = [r for r in (read_jsonl(path) if path.is_file() else []) if r.get("step") and r.get("epoch")]
+    if repetition is None or not records:
+        return None
+    return records[-1]["epoch"] / records[-1]["step"] * repetition.epochs
 
 
 def evaluator_series(results: Path) -> dict[str, list[tuple[int, float]]]:
@@ -96,18 +142,6 @@ def eval_scores_at_best_validation(results: Path, records: list[dict[str, Any]])
     best = min({r["step"] for r in evaluated}, key=lambda step: (losses[step], step))
     scores = {f"best@{r['task']}.{r['style']}.{r['metric']}": r["value"] for r in evaluated if r["step"] == best}
     return {**scores, "best_eval_step": best}
-
-
-def t_interval(values: list[float]) -> float:
-    """Half-width of the two-sided 95% Student-t interval of the mean of `values` (nan below 2 values)."""
-    from scipy.stats import t
-
-    n = len(values)
-    if n < 2:
-        return math.nan
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
 
 
 def aggregate(rows: list[dict[str, Any]], axes: list[str], keys: list[str]) -> list[dict[str, Any]]:

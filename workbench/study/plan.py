@@ -91,6 +91,12 @@ class Launcher(BaseModel):
     num_gpus: int = Field(1, ge=1, description="ranks per run under deepspeed (GPUs, or CPU processes)")
 
 
+# Columns every run's row gets where they apply (`workbench.study.collect.run_columns`), usable as a `final`
+# plot's x: the model's parameter count, and for a repetition run its epochs D/U and unique tokens per parameter
+RUN_COLUMNS = ("parameters", "epochs", "unique_tokens_per_parameter")
+CURVE_X = ("step", "epochs")  # a curve against the training step, or (repetition runs) epochs of the U tokens
+
+
 class PlotSpec(BaseModel):
     """A PNG of the study: `final` = a collected column against an axis (mean ± std over seeds; a paired
     `delta_` column: mean with its 95% t-interval, against a zero line), one line per value of `group`;
@@ -102,13 +108,16 @@ class PlotSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["final", "curve", "experts"] = "final"
-    x: str = "step"  # an axis for `final`
+    x: str = "step"  # `final`: an axis or a RUN_COLUMNS column; `curve`: one of CURVE_X
     y: str  # a collected column (`final`), or a metrics.jsonl key or evaluator column (`curve`)
     group: str | None = None  # an axis: one line per value
     label: str | None = None  # the y axis's label, in the reader's units (default: the column's name)
     xlabel: str | None = None  # the x axis's label (default: the axis's name, or the training step / k)
     logx: bool = False
     where: dict[str, Any] = Field(default_factory=dict)  # only the runs with these axis values
+    # `curve`: the runs with these axis values drawn as a horizontal line at their final value (mean over seeds,
+    # band ± 1 std) instead of a curve, e.g. the single-epoch reference of a repetition study
+    reference: dict[str, Any] = Field(default_factory=dict)
     name: str | None = None  # file name (default from y and x)
 
 
@@ -124,6 +133,11 @@ class DeltaSpec(BaseModel):
     # a key -> the reference run's column it is paired with (default: the same key), e.g. an SMoE arm's
     # `task.zero_shot@k8.exact_match` against the dense reference's `task.zero_shot.exact_match`
     against: dict[str, str] = Field(default_factory=dict)
+    # the columns' prefix: `<name>_<key>`; a second comparison of the same keys needs its own ("delta_vs_control")
+    name: str = Field("delta", pattern=r"^delta(_[A-Za-z0-9]+)*$")
+
+    def column(self, key: str) -> str:
+        return f"{self.name}_{key}"
 
 
 class AgreementSpec(BaseModel):
@@ -412,8 +426,8 @@ def columns(study: StudyConfig) -> set[str]:
             out |= {key, f"var@{key}", f"osc@{key}"}
         else:
             out |= {key} | ({f"best_{key}", f"best_step_{key}"} if direction != "last" else set())
-    deltas = {f"delta_{key}" for spec in study.compare if isinstance(spec, DeltaSpec) for key in spec.keys}
-    return out | deltas
+    deltas = {spec.column(key) for spec in study.compare if isinstance(spec, DeltaSpec) for key in spec.keys}
+    return out | deltas | set(RUN_COLUMNS)
 
 
 def is_evaluator_column(key: str) -> bool:
@@ -458,8 +472,15 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
     for i, plot in enumerate(study.plots):
         where = f"plots[{i}]"
         if plot.kind == "final":
-            axis(f"{where}.x", plot.x)
+            if plot.x not in RUN_COLUMNS:
+                axis(f"{where}.x", plot.x)
             column(f"{where}.y", plot.y, known)
+        if plot.kind == "curve" and plot.x not in CURVE_X:
+            raise ConfigError(f"{path}: field '{where}.x': a curve's x is one of {', '.join(CURVE_X)}, got '{plot.x}'")
+        for name, value in plot.reference.items():
+            axis(f"{where}.reference", name)
+            if str(value) not in axis_values(study, name):
+                raise ConfigError(f"{path}: field '{where}.reference': {value!r} is not a value of axis '{name}'")
         if plot.kind == "experts" and not is_evaluator_column(plot.y):
             raise ConfigError(f"{path}: field '{where}.y': an `experts` plot takes an evaluator column "
                               f"task.style.metric (its per-k columns are task.style@k<K>.metric), got '{plot.y}'")

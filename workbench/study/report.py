@@ -15,7 +15,7 @@ from typing import Any
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import EXPERTS_MARK, METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
-from workbench.study.collect import aggregate, collect_run, evaluator_series
+from workbench.study.collect import aggregate, collect_run, epochs_per_step, evaluator_series
 from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_runs, warn
 from workbench.study.runner import run_status
 
@@ -95,7 +95,7 @@ def missing_columns(study: StudyConfig, rows: list[dict[str, Any]]) -> dict[str,
     wanted = {key: "collected" for key in collected(study.collect)}
     for spec in study.compare:
         if isinstance(spec, DeltaSpec):
-            wanted.update({f"delta_{key}": f"compare: delta against {spec.axis} = {spec.reference}" for key in spec.keys})
+            wanted.update({spec.column(key): f"compare: delta against {spec.axis} = {spec.reference}" for key in spec.keys})
         else:
             wanted.setdefault(spec.y, f"compare: agreement across {spec.group}")
     return {key: why for key, why in wanted.items() if key not in present}
@@ -160,11 +160,14 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         paired = plot.y.startswith("delta_")  # a paired difference: its 95% interval, against a zero line
         spread = f"{plot.y}_ci95" if paired else f"{plot.y}_std"
         bars = "bars: 95% t-interval over seeds" if paired else "bars: ± 1 std over seeds"
+        x_key = plot.x if plot.x in study.axes else f"{plot.x}_mean"  # an axis, or a run column (mean over seeds)
         for group in groups:
-            points = [(_number(t[plot.x]), t[f"{plot.y}_mean"], t.get(spread, 0.0)) for t in table
-                      if f"{plot.y}_mean" in t and (group is None or str(t.get(plot.group)) == group)]
+            points = [(_number(t[x_key]), t[f"{plot.y}_mean"], t.get(spread, 0.0)) for t in table
+                      if f"{plot.y}_mean" in t and x_key in t and (group is None or str(t.get(plot.group)) == group)]
             categorical = any(isinstance(p[0], str) for p in points)
-            points = points if categorical else sorted(points)  # categories stay in the axis's order
+            # numbers in order; categories sorted by their value when alone, else in the axis's order (aligned groups)
+            points = sorted(points, key=lambda p: p[1]) if categorical and len(groups) == 1 else (
+                points if categorical else sorted(points))
             if points:
                 x, mean, err = zip(*points, strict=True)
                 err = [e if isinstance(e, float) and math.isfinite(e) else 0.0 for e in err]
@@ -179,12 +182,21 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     elif plot.kind == "experts":
         bars = _draw_experts(ax, plot, study, table)
     else:
-        curves: dict[str, list[list[tuple[int, float]]]] = {}
+        curves: dict[str, list[list[tuple[float, float]]]] = {}
+        references: dict[str, list[float]] = {}
         for run in runs:
             label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()) or "all runs"
-            points = curve_points(run.run_dir, plot.y)
-            if points:
+            points = curve_points(run.run_dir, plot.y, plot.x)
+            if points and plot.reference and all(str(run.values.get(a)) == str(v) for a, v in plot.reference.items()):
+                references.setdefault(label, []).append(points[-1][1])
+            elif points:
                 curves.setdefault(label, []).append(points)
+        for label, finals in references.items():
+            mean = float(np.mean(finals))
+            line = ax.axhline(mean, color="0.25", linestyle="--", linewidth=1.2, label=f"{label} (final value)")
+            if len(finals) > 1:
+                std = float(np.std(finals, ddof=1))
+                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.12, linewidth=0)
         banded = False
         for label, seeds in curves.items():
             length = min(len(s) for s in seeds)
@@ -196,12 +208,19 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
                 ax.fill_between(steps, values.mean(axis=0) - std, values.mean(axis=0) + std, alpha=0.2,
                                 color=line.get_color(), linewidth=0)
                 banded = True
-        ax.set_xlabel("training step")
+        ax.set_xlabel("epochs of the unique tokens" if plot.x == "epochs" else "training step")
         bars = "band" if banded else "curve"
     if plot.xlabel:
         ax.set_xlabel(plot.xlabel)
     if plot.logx:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        low, high = ax.get_xlim()
+        if high / max(low, 1e-300) < 1e3:  # up to three decades: 1, 2, 5, 10, 20, 50 ... labelled
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.01, 1, 64: not 10^-2
+        ax.xaxis.set_minor_formatter(NullFormatter())
     detail = {"": "", "curve": "\n(mean over seeds)", "band": "\n(mean over seeds; band: ± 1 std over seeds)"}.get(
         bars, f"\n(mean over seeds; {bars})")
     ax.set_ylabel(f"{plot.label or plot.y}{detail}", fontsize=8)
@@ -250,14 +269,20 @@ def _draw_experts(ax, plot: PlotSpec, study: StudyConfig, table: list[dict[str, 
     return "bars: ± 1 std over seeds"
 
 
-def curve_points(run_dir: Path, key: str) -> list[tuple[int, float]]:
+def curve_points(run_dir: Path, key: str, x: str = "step") -> list[tuple[float, float]]:
     """(step, value) of a metrics.jsonl key, or of an evaluator column `task.style.metric` over the run's
-    evaluated checkpoints, in step order."""
+    evaluated checkpoints, in step order; with `x="epochs"`, (epochs of the U unique tokens, value) for a
+    repetition run (none for a run without repetition)."""
     if key.count(".") == 2:
-        return evaluator_series(results_path(run_dir)).get(key, [])
-    path = run_dir / METRICS
-    return [(r["step"], r[key]) for r in (read_jsonl(path) if path.is_file() else [])
-            if isinstance(r.get(key), (int, float))]
+        points = evaluator_series(results_path(run_dir)).get(key, [])
+    else:
+        path = run_dir / METRICS
+        points = [(r["step"], r[key]) for r in (read_jsonl(path) if path.is_file() else [])
+                  if isinstance(r.get(key), (int, float))]
+    if x == "step":
+        return points
+    scale = epochs_per_step(run_dir)
+    return [] if scale is None else [(step * scale, value) for step, value in points]
 
 
 def _number(value: Any) -> Any:
