@@ -128,3 +128,27 @@ def test_a_curve_plot_in_epochs_with_a_reference_line(tmp_path):
     plot = PlotSpec(kind="curve", x="epochs", y="eval_nll", reference={"u": 64}, logx=True, name="c")
     path = draw(plot, study, runs, [], tmp_path)
     assert matplotlib.image.imread(path).shape[0] > 100
+
+
+def test_the_primary_metric_leads_the_report_with_its_paired_differences():
+    from workbench.study import StudyConfig
+    from workbench.study.report import _primary_lines
+
+    rows = [{"arm": arm, "seed": s, "acc": a, "best_acc": a + 0.01, "delta_acc": a - 0.5, "nll": 1.0}
+            for arm, values in (("ref", (0.5, 0.5)), ("b", (0.6, 0.7))) for s, a in enumerate(values)]
+    table = aggregate(rows, ["arm"], ["acc", "best_acc", "delta_acc", "nll"])
+    study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["ref", "b"]}, collect=["acc:max", "nll"], primary="acc")
+    lines = _primary_lines(study, table, ["acc", "best_acc", "delta_acc", "nll"])
+    assert lines[0].startswith("**Primary metric: `acc`**")
+    assert lines[2] == "| arm | acc | best_acc | delta_acc |"
+    assert lines[5].startswith("| b | 0.65 ± 0.071 (n=2) | 0.66 ± 0.071 (n=2) | 0.15 ± 0.071 (n=2) [")
+
+
+def test_an_unknown_primary_metric_is_a_one_line_error(tmp_path):
+    from workbench.errors import ConfigError
+    from workbench.study import StudyConfig
+    from workbench.study.plan import check_references
+
+    study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["a", "b"]}, collect=["eval_loss"], primary="acc")
+    with pytest.raises(ConfigError, match="field 'primary': 'acc' is not a column"):
+        check_references(study, tmp_path / "s.yaml")

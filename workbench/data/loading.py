@@ -60,6 +60,8 @@ class FactCorpusConfig(FactWorldConfig):
             raise ValueError(f"qa_share must be in [0, 0.5), got {self.qa_share}")
         if not 0.0 <= self.other_share < 1.0:
             raise ValueError(f"other_share must be in [0, 1), got {self.other_share}")
+        if self.qa_share + self.other_share >= 1.0:
+            raise ValueError(f"qa_share + other_share must be below 1, got {self.qa_share + self.other_share}")
 
 
 def _world(options: FactWorldConfig) -> FactWorld:
@@ -71,10 +73,7 @@ def _fact_corpus(options: FactCorpusConfig) -> Dataset:
     world = _world(options)
     parts = [world.corpus(sentences_per_fact=options.sentences_per_fact, hold_out_cloze=options.hold_out_cloze)]
     fact_chars = sum(len(text) for text in parts[0]["text"])
-    shares = options.qa_share + options.other_share
-    if shares >= 1:
-        raise ConfigError(f"field 'data.synthetic': qa_share + other_share must be below 1, got {shares}")
-    total_chars = fact_chars / (1 - shares)
+    total_chars = fact_chars / (1 - options.qa_share - options.other_share)
     if options.qa_share:
         try:
             _, instruction_pool, fewshot_pool = entity_pools(len(world))

@@ -212,6 +212,7 @@ class StudyConfig(BaseModel):
     runs_dir: str = "runs"
     launcher: Launcher = Field(default_factory=Launcher)
     collect: list[str] = Field(default_factory=lambda: ["eval_loss", "loss"])
+    primary: str | None = None  # the study's primary metric (a collected column): report.md leads with it
     plots: list[PlotSpec] = Field(default_factory=list)
     compare: list[DeltaSpec | AgreementSpec] = Field(default_factory=list)
     pretrain: PretrainSpec | None = None
@@ -469,6 +470,8 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
             column(f"{where}.y", spec.y, known)
             for key in spec.cost if "cost" in spec.model_fields_set else []:
                 column(f"{where}.cost", key, known)
+    if study.primary is not None:
+        column("primary", study.primary, known)
     for i, plot in enumerate(study.plots):
         where = f"plots[{i}]"
         if plot.kind == "final":

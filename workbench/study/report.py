@@ -56,6 +56,8 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
              "to the reference run of the same seed, with its 95% Student-t interval over seeds in brackets, marked "
              "*inside the seed spread* where that interval holds 0.", ""]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
+    if study.primary:
+        lines += _primary_lines(study, table, shown)
     lines.append("| " + " | ".join([*study.axes, *shown]) + " |")
     lines.append("|" + "---|" * (len(study.axes) + len(shown)))
     for entry in table:
@@ -75,6 +77,18 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     report = folder / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return folder / "results.csv", report
+
+
+def _primary_lines(study: StudyConfig, table: list[dict[str, Any]], shown: list[str]) -> list[str]:
+    """The primary metric at a glance: final and best value, and every paired difference of either."""
+    primary = study.primary
+    wanted = [primary, f"best_{primary}"] + [k for k in shown if k.startswith("delta") and
+                                             (k.endswith(f"_{primary}") and k != primary)]
+    columns = [k for k in dict.fromkeys(wanted) if k in shown]
+    lines = [f"**Primary metric: `{primary}`** (final value, best over training, and their paired differences).", "",
+             "| " + " | ".join([*study.axes, *columns]) + " |", "|" + "---|" * (len(study.axes) + len(columns))]
+    lines += ["| " + " | ".join([str(t[a]) for a in study.axes] + [_cell(t, k) for k in columns]) + " |" for t in table]
+    return [*lines, "", "All collected columns:", ""]
 
 
 def _cell(entry: dict[str, Any], key: str) -> str:
