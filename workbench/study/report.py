@@ -169,6 +169,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     runs = [r for r in runs if selected(r.values)]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     bars = ""
+    x_values: set[float] = set()  # a `final` plot's numeric x values: few of them get a labelled tick each
     if plot.kind == "final":
         groups = list(dict.fromkeys(str(t.get(plot.group)) for t in table)) if plot.group else [None]  # axis order
         paired = plot.y.startswith("delta_")  # a paired difference: its 95% interval, against a zero line
@@ -184,6 +185,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
                 points if categorical else sorted(points))
             if points:
                 x, mean, err = zip(*points, strict=True)
+                x_values |= set() if categorical else set(x)
                 err = [e if isinstance(e, float) and math.isfinite(e) else 0.0 for e in err]
                 ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, linestyle="none" if categorical else "-",
                             label=f"{plot.group}={group}" if group else None)
@@ -199,7 +201,8 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         curves: dict[str, list[list[tuple[float, float]]]] = {}
         references: dict[str, list[float]] = {}
         for run in runs:
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()) or "all runs"
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in run.values.items()
+                              if k not in plot.where) or "all runs"  # `where` fixes its axes: the title says them
             points = curve_points(run.run_dir, plot.y, plot.x)
             if points and plot.reference and all(str(run.values.get(a)) == str(v) for a, v in plot.reference.items()):
                 references.setdefault(label, []).append(points[-1][1])
@@ -233,7 +236,9 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         low, high = ax.get_xlim()
         if high / max(low, 1e-300) < 1e3:  # up to three decades: 1, 2, 5, 10, 20, 50 ... labelled
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.01, 1, 64: not 10^-2
+        if 1 < len(x_values) <= 10:  # a swept axis: a tick at each of its values
+            ax.set_xticks(sorted(x_values))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))  # 0.01, 1, 64: not 10^-2
         ax.xaxis.set_minor_formatter(NullFormatter())
     detail = {"": "", "curve": "\n(mean over seeds)", "band": "\n(mean over seeds; band: ± 1 std over seeds)"}.get(
         bars, f"\n(mean over seeds; {bars})")
@@ -242,7 +247,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
     ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
     ax.grid(alpha=0.3)
     entries = len(ax.get_legend_handles_labels()[0])
-    if entries > 5:  # many lines: the legend beside the axes, where it hides none of them
+    if entries > (3 if plot.kind == "curve" else 5):  # many lines: the legend beside the axes, hiding none of them
         fig.set_figwidth(fig.get_figwidth() + 2.5)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     elif entries:
