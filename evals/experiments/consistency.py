@@ -136,7 +136,7 @@ def scatter(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    panels = [r for r in rows]
+    panels = rows
     cols = 5
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.3 * cols, 3.2 * math.ceil(len(panels) / cols)),
                              squeeze=False)

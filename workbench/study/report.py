@@ -244,7 +244,7 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         bars, f"\n(mean over seeds; {bars})")
     ax.set_ylabel(f"{plot.label or plot.y}{detail}", fontsize=8)
     where = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in plot.where.items())
-    ax.set_title(f"{study.study}: {plot.y}" + (f" ({where})" if where else ""), fontsize=10)
+    ax.set_title(study.study + (f" ({where})" if where else ""), fontsize=10)  # the y label names the metric
     ax.grid(alpha=0.3)
     entries = len(ax.get_legend_handles_labels()[0])
     if entries > (3 if plot.kind == "curve" else 5):  # many lines: the legend beside the axes, hiding none of them
