@@ -43,7 +43,8 @@ def final_checkpoint_target(run_dir: Path) -> Target:
     return target
 
 
-def _scores(target: Target) -> dict[tuple[str, str, str], float]:
+def final_scores(target: Target) -> dict[tuple[str, str, str], float]:
+    """(task, style, metric) -> score of the target's one (final) checkpoint, from its results."""
     label = target.checkpoints[0].name
     return {(t, s, m): r["value"] for (t, s, m, c), r in latest_by_cell(read_results(target.results)).items()
             if c == label}
@@ -63,8 +64,8 @@ def evaluate_consistency(base_runs: list[Path], instruct_runs: list[Path], cfg: 
         sweep(target, cfg, limit)
     for target in instruct_targets:
         sweep(target, instruct_cfg, limit)
-    base = [_scores(t) for t in base_targets]
-    instruct = [_scores(t) for t in instruct_targets]
+    base = [final_scores(t) for t in base_targets]
+    instruct = [final_scores(t) for t in instruct_targets]
     rows = []
     for key in sorted(set.intersection(*(set(b) for b in base))):
         task, style, metric = key

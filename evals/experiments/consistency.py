@@ -23,15 +23,15 @@ from pathlib import Path
 
 import yaml
 
-from evals.consistency import final_checkpoint_target
+from evals.consistency import final_checkpoint_target, final_scores
 from evals.experiments.common import REPO, train
-from evals.report import latest_by_cell
-from evals.results import read_results
 from evals.runs import sweep
 from evals.stability import consistency, paired_tau_difference
 from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config, override_string
+from workbench.data.loading import FactCorpusConfig
+from workbench.data.synthetic import FactWorldConfig
 from workbench.io import atomic_write_text
 from workbench.layout import RUN_CONFIG, checkpoint_dir
 
@@ -67,7 +67,7 @@ def instruct_run(base: Path, recipe: dict) -> Path:
     steps = recipe["training.max_steps"]
     if newest_complete_checkpoint(run, report=lambda _: None) is None or not checkpoint_dir(run, steps).is_dir():
         world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
-        for corpus_option in ("sentences_per_fact", "hold_out_cloze", "qa_share", "other_share"):
+        for corpus_option in set(FactCorpusConfig.__dataclass_fields__) - set(FactWorldConfig.__dataclass_fields__):
             world.pop(corpus_option, None)  # the QA pairs take the world's options only
         settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
                     "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
@@ -80,14 +80,10 @@ def scores(runs: list[Path], cfg, limit: int, styles: list[str] | None = None) -
     """Each run's final-checkpoint score per (task, style, metric), evaluated (and cached) in `styles`."""
     if styles is not None:
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": styles}) for t in cfg.tasks]})
-    out = []
-    for run in runs:
-        target = final_checkpoint_target(run)
+    targets = [final_checkpoint_target(run) for run in runs]
+    for target in targets:
         sweep(target, cfg, limit)
-        label = target.checkpoints[0].name
-        out.append({(t, s, m): r["value"] for (t, s, m, c), r in latest_by_cell(read_results(target.results)).items()
-                    if c == label})
-    return out
+    return [final_scores(target) for target in targets]
 
 
 def analyse(names: list[str], base: list[dict], instruct: list[dict], n_boot: int) -> list[dict]:
@@ -121,7 +117,7 @@ def table(rows: list[dict]) -> list[str]:
         if r["delta"] is None:
             delta = "(reference)" if r["style"] == REFERENCE_STYLE else "–"
         else:
-            d, lo, hi = r["delta"]
+            d, lo, hi = r["delta"]  # an interval over resampled models, not seeds
             delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (", inside the spread" if lo <= 0 <= hi else "")
         lines.append(f"| {r['task']} | {r['style']} | {r['metric']} | {f(r['tau'], '+')} | {f(r['p'])} | "
                      f"[{f(r['ci'][0], '+')}, {f(r['ci'][1], '+')}] | {delta} | "
@@ -136,11 +132,9 @@ def scatter(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    panels = rows
-    cols = 5
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.3 * cols, 3.2 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
-    for ax, r in zip(axes.flat, panels, strict=False):
+    cols, grid_rows = 5, math.ceil(len(rows) / 5)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(3.3 * cols, 3.2 * grid_rows), squeeze=False)
+    for ax, r in zip(axes.flat, rows, strict=False):
         ax.scatter(r["base"], r["instruct"], color=style_colour(r["style"]), s=28, zorder=3)
         for x, y, name in zip(r["base"], r["instruct"], r["models"], strict=True):
             ax.annotate(name.replace("fact", "f").replace("-qa", "/q"), (x, y), fontsize=6, xytext=(2, 2),
@@ -153,7 +147,7 @@ def scatter(rows: list[dict], out: Path) -> None:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.suptitle("Base vs instruction-tuned score, one point per data mixture (f = % fact text, q = % QA "
                  "documents); mc = 4-option multiple choice, qa = open questions", fontsize=10)
