@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from workbench.warm import train_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,18 +22,23 @@ def log_spaced_steps(first: int, last: int, count: int) -> list[int]:
     return steps
 
 
-def train(config: Path, overrides: list[str], log: Path) -> None:
-    """`python launch/train.py config --set ...` in a subprocess; raises with the log's tail on failure."""
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), str(config), "--overwrite"]
-    for override in overrides:
-        cmd += ["--set", override]
+def train(config: Path, overrides: list[str], log: Path, threads: int | None = None) -> None:
+    """`python launch/train.py config --set ... --overwrite` (forked from a warm server, `workbench.warm`) with
+    `threads` torch threads; raises with the log's tail on failure."""
+    args = [str(config), "--overwrite", *[arg for override in overrides for arg in ("--set", override)]]
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    with log.open("w") as handle:
-        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
+    log.write_text("")
+    if train_process(args, log, threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}) != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"training failed ({' '.join(cmd)}), see {log}:\n{tail}")
+        raise RuntimeError(f"training failed (launch/train.py {' '.join(args)}), see {log}:\n{tail}")
+
+
+def train_all(jobs: list[tuple[Path, list[str], Path]], parallel: int = 2) -> None:
+    """`train` each (config, overrides, log) of `jobs`, `parallel` at a time with the cores shared out."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in [pool.submit(train, *job, threads) for job in jobs]:
+            future.result()
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from evals.consistency import final_checkpoint_target, final_scores
-from evals.experiments.common import REPO, train
+from evals.experiments.common import REPO, train_all
 from evals.runs import sweep
 from evals.stability import consistency, paired_tau_difference
 from evals.styles import style_colour
@@ -50,30 +50,38 @@ def mixture_name(fact: float, qa: float) -> str:
     return f"fact{round(fact * 100)}-qa{round(qa * 100)}"
 
 
-def base_run(fact: float, qa: float, runs_dir: Path, steps: int | None) -> Path:
+def base_job(fact: float, qa: float, runs_dir: Path, steps: int | None) -> tuple[Path, tuple | None]:
+    """One data mixture's base run and its `train_all` job (None when it is already trained)."""
     name = f"bose-base-{mixture_name(fact, qa)}"
     run = runs_dir / name
-    if newest_complete_checkpoint(run, report=lambda _: None) is None:
-        other = round(1.0 - fact - qa, 6)
-        train(CONFIG, [f"name={name}", f"runs_dir={runs_dir}", f"data.synthetic.other_share={other}",
-                       f"data.synthetic.qa_share={qa}", *([f"training.max_steps={steps}"] if steps else [])],
-              runs_dir / f"{name}.log")
-    return run
+    if newest_complete_checkpoint(run, report=lambda _: None) is not None:
+        return run, None
+    other = round(1.0 - fact - qa, 6)
+    return run, (CONFIG, [f"name={name}", f"runs_dir={runs_dir}", f"data.synthetic.other_share={other}",
+                          f"data.synthetic.qa_share={qa}", *([f"training.max_steps={steps}"] if steps else [])],
+                 runs_dir / f"{name}.log")
 
 
-def instruct_run(base: Path, recipe: dict) -> Path:
-    """`base` fine-tuned on the fact world's instruction-tuning QA pairs (the run's own fact world)."""
+def instruct_job(base: Path, recipe: dict) -> tuple[Path, tuple | None]:
+    """`base` fine-tuned on the fact world's instruction-tuning QA pairs (the run's own fact world): the instruct
+    run and its `train_all` job (None when it is already trained)."""
     run = base.with_name(base.name.replace("bose-base", "bose-instruct"))
     steps = recipe["training.max_steps"]
-    if newest_complete_checkpoint(run, report=lambda _: None) is None or not checkpoint_dir(run, steps).is_dir():
-        world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
-        for corpus_option in set(FactCorpusConfig.__dataclass_fields__) - set(FactWorldConfig.__dataclass_fields__):
-            world.pop(corpus_option, None)  # the QA pairs take the world's options only
-        settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
-                    "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
-                    "training.save_steps": steps, "training.logging_steps": max(1, steps // 10), **recipe}
-        train(CONFIG, [override_string(k, v) for k, v in settings.items()], run.parent / f"{run.name}.log")
-    return run
+    if newest_complete_checkpoint(run, report=lambda _: None) is not None and checkpoint_dir(run, steps).is_dir():
+        return run, None
+    world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
+    for corpus_option in set(FactCorpusConfig.__dataclass_fields__) - set(FactWorldConfig.__dataclass_fields__):
+        world.pop(corpus_option, None)  # the QA pairs take the world's options only
+    settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
+                "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
+                "training.save_steps": steps, "training.logging_steps": max(1, steps // 10), **recipe}
+    return run, (CONFIG, [override_string(k, v) for k, v in settings.items()], run.parent / f"{run.name}.log")
+
+
+def trained(jobs: list[tuple[Path, tuple | None]], parallel: int) -> list[Path]:
+    """Train the runs of `jobs` that are not trained yet, `parallel` at a time; the run folders."""
+    train_all([job for _, job in jobs if job is not None], parallel)
+    return [run for run, _ in jobs]
 
 
 def scores(runs: list[Path], cfg, limit: int, styles: list[str] | None = None) -> list[dict]:
@@ -162,12 +170,13 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time, the cores shared out")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     grid, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
     limit, steps = (40, 30) if args.quick else (args.limit, None)
-    bases = [base_run(fact, qa, args.runs_dir, steps) for fact, qa in grid]
-    instructs = [instruct_run(base, recipe) for base in bases]
+    bases = trained([base_job(fact, qa, args.runs_dir, steps) for fact, qa in grid], args.parallel)
+    instructs = trained([instruct_job(base, recipe) for base in bases], args.parallel)
     cfg = load_config(CONFIG).eval
     base_scores = scores(bases, cfg, limit)
     instruct_scores = scores(instructs, cfg, limit, styles=[REFERENCE_STYLE])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.experiments.common import REPO, fmt_ms, log_spaced_steps, mean_std, prompt_lengths, train
+from evals.experiments.common import REPO, fmt_ms, log_spaced_steps, mean_std, prompt_lengths, train_all
 from evals.report import series, stability_of, step_axis
 from evals.results import metric_info, read_results
 from evals.runs import run_target, sweep
@@ -46,13 +46,20 @@ def steps_per_epoch(overrides: list[str]) -> int:
     return len(blocks["train"]) // cfg.training["per_device_train_batch_size"]
 
 
-def run_arm(arm: str, seed: int, steps: list[int], runs_dir: Path, limit: int) -> Path:
+def training_job(arm: str, seed: int, steps: list[int], runs_dir: Path) -> tuple | None:
+    """The `train_all` job of one (arm, seed) run; None when its last checkpoint is already there."""
     name = f"bose-stability-{arm}-s{seed}"
     run = runs_dir / name
     final = newest_complete_checkpoint(run, report=lambda _: None) if run.exists() else None
-    if final is None or final.name != f"checkpoint-{steps[-1]}":
-        train(CONFIG, [f"name={name}", f"seed={seed}", f"runs_dir={runs_dir}", f"training.max_steps={steps[-1]}",
-                       f"save_at_steps={steps}", *ARMS[arm]], runs_dir / f"{name}.log")
+    if final is not None and final.name == f"checkpoint-{steps[-1]}":
+        return None
+    return (CONFIG, [f"name={name}", f"seed={seed}", f"runs_dir={runs_dir}", f"training.max_steps={steps[-1]}",
+                     f"save_at_steps={steps}", *ARMS[arm]], runs_dir / f"{name}.log")
+
+
+def evaluate_arm(arm: str, seed: int, runs_dir: Path, limit: int) -> Path:
+    """Evaluate every checkpoint of one trained (arm, seed) run (cached); its run folder."""
+    run = runs_dir / f"bose-stability-{arm}-s{seed}"
     cfg = load_config(CONFIG).eval
     if arm != "held_out":
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": SEEN_ARM_STYLES[t.task]})
@@ -167,6 +174,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="items per task")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time, the cores shared out")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 checkpoints, 40 items, 40 steps")
     args = parser.parse_args()
     cfg = load_config(CONFIG)
@@ -176,7 +184,9 @@ def main() -> None:
         args.seeds, args.checkpoints, args.limit, total = args.seeds[:1], 6, 40, min(total, 40)
     steps = log_spaced_steps(4, total, args.checkpoints)
     print(f"{len(args.seeds)} seeds x 2 arms x {len(steps)} checkpoints at steps {steps}")
-    runs = {arm: [run_arm(arm, seed, steps, args.runs_dir, args.limit) for seed in args.seeds] for arm in ARMS}
+    jobs = [training_job(arm, seed, steps, args.runs_dir) for arm in ARMS for seed in args.seeds]
+    train_all([job for job in jobs if job is not None], parallel=args.parallel)
+    runs = {arm: [evaluate_arm(arm, seed, args.runs_dir, args.limit) for seed in args.seeds] for arm in ARMS}
     held, seen = ([series(read_results(results_path(r))) for r in runs[arm]] for arm in ("held_out", "seen"))
     styles, _ = style_table(held, n_boot=0 if args.quick else 200)
     plot(held, seen, epoch, args.out if not args.quick else args.runs_dir / "bose-stability-quick")

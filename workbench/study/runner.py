@@ -1,4 +1,5 @@
-"""Running a study's runs: each through `launch/train.py --resume`, its status in `study_status.json`.
+"""Running a study's runs: each through `launch/train.py --resume` (a one-process run forked from a warm server,
+`workbench.warm`), its status in `study_status.json`.
 
 A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
 line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
@@ -24,6 +25,7 @@ from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
 from workbench.net import free_port
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
+from workbench.warm import train_process
 
 STATUS = "study_status.json"
 
@@ -41,16 +43,20 @@ def run_status(run: RunSpec) -> dict[str, Any]:
     return {"status": "pending"}
 
 
+def train_arguments(run: RunSpec) -> list[str]:
+    """`launch/train.py`'s arguments for one run: its config, its `--set` overrides and `--resume`."""
+    return [str(resolve_path(run.config)), *[arg for o in run.overrides() for arg in ("--set", o)], "--resume"]
+
+
 def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[str]:
     """The `launch/train.py` command line of one run, under the study's launcher, with `--resume`."""
     script = str(REPO_ROOT / "launch" / "train.py")
-    config = str(resolve_path(run.config))
     if study.launcher.kind == "deepspeed":
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), script, config]
+        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), script]
     else:
-        head = [sys.executable, script, config]
-    return head + [arg for o in run.overrides() for arg in ("--set", o)] + ["--resume"]
+        head = [sys.executable, script]
+    return head + train_arguments(run)
 
 
 def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int | None = None) -> dict[str, Any]:
@@ -61,17 +67,18 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     if status["status"] == "done":
         return {**status, "skipped": True}
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     log = run.run_dir / "train.log"
     start = time.time()
-    with log.open("a") as handle:
-        result = subprocess.run(train_command(study, run, port or free_port()), cwd=REPO_ROOT, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT)
-    status = {"status": "done" if result.returncode == 0 else "failed",
-              "seconds": round(time.time() - start, 1), "returncode": result.returncode}
-    if result.returncode != 0:
+    if study.launcher.kind == "deepspeed":
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        with log.open("a") as handle:
+            returncode = subprocess.run(train_command(study, run, port or free_port()), cwd=REPO_ROOT, env=env,
+                                        stdout=handle, stderr=subprocess.STDOUT).returncode
+    else:  # one process: forked from a warm server (workbench.warm), not a new interpreter
+        returncode = train_process(train_arguments(run), log, threads)
+    status = {"status": "done" if returncode == 0 else "failed",
+              "seconds": round(time.time() - start, 1), "returncode": returncode}
+    if returncode != 0:
         errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
         status["error"] = errors[-1] if errors else log.read_text().splitlines()[-1:]
     atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
