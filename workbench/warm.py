@@ -15,12 +15,14 @@ import multiprocessing
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
-# What `launch/train.py` imports before and during a run (the forkserver imports them once).
-PRELOAD = ["workbench.config", "workbench.run", "evals.on_save"]
+# What `launch/train.py` and the evaluator import (the forkserver imports them once).
+PRELOAD = ["workbench.config", "workbench.run", "evals.on_save", "evals.runs"]
 
 
 def cold_start() -> bool:
@@ -34,23 +36,32 @@ def train_process(args: list[str], log: Path, threads: int | None = None, env: d
 
     `threads` caps torch's intra-op threads (as OMP_NUM_THREADS does for a new interpreter); `env` is added to
     the run's environment."""
-    env = {**(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if cold_start():
+        env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with log.open("a") as handle:
-            return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=REPO, env={**os.environ, **env},
+            return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=REPO, env=env,
                                   stdout=handle, stderr=subprocess.STDOUT).returncode
+    return warm_process(_train_script, (args,), log, threads, env)
+
+
+def warm_process(function: Callable[..., Any], args: tuple, log: Path, threads: int | None = None,
+                 env: dict[str, str] | None = None) -> int:
+    """`function(*args)` in a process forked from the warm server, its output appended to `log`, torch capped at
+    `threads` intra-op threads; the exit code (0 when it returns, 1 on an exception, whose traceback goes to
+    `log`; a `SystemExit` gives its own code). `function` must be importable by name (it is pickled)."""
+    env = {**(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    log.touch()  # there even when the child dies before it writes
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    process = context.Process(target=_train_main, args=(args, str(log), threads, env), name="launch/train.py")
+    process = context.Process(target=_child, args=(function, args, str(log), threads, env),
+                              name=getattr(function, "__name__", "warm"))
     process.start()
     process.join()
     return process.exitcode if process.exitcode is not None else 1
 
 
-def _train_main(args: list[str], log: str, threads: int | None, env: dict[str, str]) -> None:
-    """The forked child: output to `log`, the thread cap, then `launch/train.py`'s main; exits with its code."""
-    import importlib.util
-
+def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | None, env: dict[str, str]) -> None:
+    """The forked child: output to `log`, the environment and thread cap, then `function(*args)`."""
     os.environ.update(env)
     os.chdir(REPO)
     sys.stdout.flush()
@@ -65,6 +76,13 @@ def _train_main(args: list[str], log: str, threads: int | None, env: dict[str, s
         import torch
 
         torch.set_num_threads(threads)
+    function(*args)
+
+
+def _train_script(args: list[str]) -> None:
+    """`launch/train.py`'s main on `args`, leaving as the script does (exit code through SystemExit)."""
+    import importlib.util
+
     spec = importlib.util.spec_from_file_location("launch_train", TRAIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workbench.warm import train_process
+from workbench.warm import train_process, warm_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +38,26 @@ def train_all(jobs: list[tuple[Path, list[str], Path]], parallel: int = 2) -> No
     threads = max(1, (os.cpu_count() or 1) // parallel)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for future in [pool.submit(train, *job, threads) for job in jobs]:
+            future.result()
+
+
+def evaluate_all(jobs: list[tuple], limit: int, parallel: int = 2) -> None:
+    """`evals.runs.sweep` each (target, eval config) of `jobs` (cached cells are skipped), `parallel` at a time in
+    processes forked from the warm server, the cores shared out; progress goes to `<results>.log` beside each
+    target's results."""
+    from evals.runs import sweep
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+
+    def one(target, cfg) -> None:
+        log = target.results.with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if warm_process(sweep, (target, cfg, limit), log, threads) != 0:
+            tail = "\n".join(log.read_text().splitlines()[-15:])
+            raise RuntimeError(f"evaluating {target.name} failed, see {log}:\n{tail}")
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in [pool.submit(one, *job) for job in jobs]:
             future.result()
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import yaml
 
 from evals.consistency import final_checkpoint_target, final_scores
-from evals.experiments.common import REPO, train_all
-from evals.runs import sweep
+from evals.experiments.common import REPO, evaluate_all, train_all
 from evals.stability import consistency, paired_tau_difference
 from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
@@ -84,13 +83,13 @@ def trained(jobs: list[tuple[Path, tuple | None]], parallel: int) -> list[Path]:
     return [run for run, _ in jobs]
 
 
-def scores(runs: list[Path], cfg, limit: int, styles: list[str] | None = None) -> list[dict]:
-    """Each run's final-checkpoint score per (task, style, metric), evaluated (and cached) in `styles`."""
+def scores(runs: list[Path], cfg, limit: int, parallel: int, styles: list[str] | None = None) -> list[dict]:
+    """Each run's final-checkpoint score per (task, style, metric), evaluated (and cached) in `styles`, `parallel`
+    runs at a time."""
     if styles is not None:
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": styles}) for t in cfg.tasks]})
     targets = [final_checkpoint_target(run) for run in runs]
-    for target in targets:
-        sweep(target, cfg, limit)
+    evaluate_all([(target, cfg) for target in targets], limit, parallel)
     return [final_scores(target) for target in targets]
 
 
@@ -170,7 +169,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time, the cores shared out")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores shared out")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     grid, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
@@ -178,8 +177,8 @@ def main() -> None:
     bases = trained([base_job(fact, qa, args.runs_dir, steps) for fact, qa in grid], args.parallel)
     instructs = trained([instruct_job(base, recipe) for base in bases], args.parallel)
     cfg = load_config(CONFIG).eval
-    base_scores = scores(bases, cfg, limit)
-    instruct_scores = scores(instructs, cfg, limit, styles=[REFERENCE_STYLE])
+    base_scores = scores(bases, cfg, limit, args.parallel)
+    instruct_scores = scores(instructs, cfg, limit, args.parallel, styles=[REFERENCE_STYLE])
     names = [mixture_name(fact, qa) for fact, qa in grid]
     rows = analyse(names, base_scores, instruct_scores, n_boot=200 if args.quick else 2000)
     out = args.runs_dir / "bose-consistency"

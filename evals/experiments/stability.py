@@ -20,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.experiments.common import REPO, fmt_ms, log_spaced_steps, mean_std, prompt_lengths, train_all
+from evals.experiments.common import (
+    REPO,
+    evaluate_all,
+    fmt_ms,
+    log_spaced_steps,
+    mean_std,
+    prompt_lengths,
+    train_all,
+)
 from evals.report import series, stability_of, step_axis
 from evals.results import metric_info, read_results
-from evals.runs import run_target, sweep
+from evals.runs import run_target
 from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config
@@ -57,15 +65,14 @@ def training_job(arm: str, seed: int, steps: list[int], runs_dir: Path) -> tuple
                      f"save_at_steps={steps}", *ARMS[arm]], runs_dir / f"{name}.log")
 
 
-def evaluate_arm(arm: str, seed: int, runs_dir: Path, limit: int) -> Path:
-    """Evaluate every checkpoint of one trained (arm, seed) run (cached); its run folder."""
-    run = runs_dir / f"bose-stability-{arm}-s{seed}"
+def evaluation_job(arm: str, seed: int, runs_dir: Path) -> tuple:
+    """The `evaluate_all` job of one trained (arm, seed) run: its target and eval config (the `seen` arm in
+    Blank-ppl and zero-shot only)."""
     cfg = load_config(CONFIG).eval
     if arm != "held_out":
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": SEEN_ARM_STYLES[t.task]})
                                                for t in cfg.tasks if t.task in SEEN_ARM_STYLES]})
-    sweep(run_target(run), cfg, limit)
-    return run
+    return run_target(runs_dir / f"bose-stability-{arm}-s{seed}"), cfg
 
 
 def _best(points: list[dict], metric: str) -> float:
@@ -174,7 +181,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="items per task")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
-    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time, the cores shared out")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores shared out")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 checkpoints, 40 items, 40 steps")
     args = parser.parse_args()
     cfg = load_config(CONFIG)
@@ -186,7 +193,9 @@ def main() -> None:
     print(f"{len(args.seeds)} seeds x 2 arms x {len(steps)} checkpoints at steps {steps}")
     jobs = [training_job(arm, seed, steps, args.runs_dir) for arm in ARMS for seed in args.seeds]
     train_all([job for job in jobs if job is not None], parallel=args.parallel)
-    runs = {arm: [evaluate_arm(arm, seed, args.runs_dir, args.limit) for seed in args.seeds] for arm in ARMS}
+    evaluate_all([evaluation_job(arm, seed, args.runs_dir) for arm in ARMS for seed in args.seeds], args.limit,
+                 parallel=args.parallel)
+    runs = {arm: [args.runs_dir / f"bose-stability-{arm}-s{seed}" for seed in args.seeds] for arm in ARMS}
     held, seen = ([series(read_results(results_path(r))) for r in runs[arm]] for arm in ("held_out", "seen"))
     styles, _ = style_table(held, n_boot=0 if args.quick else 200)
     plot(held, seen, epoch, args.out if not args.quick else args.runs_dir / "bose-stability-quick")

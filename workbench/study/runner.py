@@ -79,8 +79,9 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     status = {"status": "done" if returncode == 0 else "failed",
               "seconds": round(time.time() - start, 1), "returncode": returncode}
     if returncode != 0:
-        errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
-        status["error"] = errors[-1] if errors else log.read_text().splitlines()[-1:]
+        lines = log.read_text().splitlines() if log.is_file() else []
+        errors = [line for line in lines if line.startswith("error:")]
+        status["error"] = errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}, no output")
     atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
     return status
 

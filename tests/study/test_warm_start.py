@@ -1,0 +1,35 @@
+"""`workbench.warm`: a run forked from the warm server trains exactly as a new interpreter does, and reports bad
+input the same way (exit code 2, the one-line error in its log)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_config, write_config
+
+from workbench.warm import train_process
+
+TIMINGS = ("runtime", "per_second")  # wall-clock figures: the only keys allowed to differ
+
+
+def _without_timings(path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not any(t in k for t in TIMINGS)} for row in rows]
+
+
+def test_a_warm_run_trains_like_a_new_interpreter_and_reports_bad_input(tmp_path, monkeypatch):
+    config = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 2,
+                                                                      "eval_strategy": "steps", "eval_steps": 2}))
+    for mode, cold in (("warm", "0"), ("cold", "1")):
+        monkeypatch.setenv("WORKBENCH_COLD_START", cold)
+        assert train_process([str(config), "--set", f"name={mode}"], tmp_path / f"{mode}.log", threads=1) == 0
+    warm, cold = (_without_timings(tmp_path / "runs" / mode / "metrics.jsonl") for mode in ("warm", "cold"))
+    assert any("eval_loss" in row for row in warm) and warm == cold
+    assert "[workbench] run folder" in (tmp_path / "warm.log").read_text()  # the run's output went to its log
+
+    monkeypatch.setenv("WORKBENCH_COLD_START", "0")
+    log = tmp_path / "bad.log"
+    assert train_process([str(config), "--set", "training.learnig_rate=1"], log) == 2
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training.learnig_rate" in errors[0]
+    assert not (tmp_path / "runs" / "tiny").exists()  # nothing written for the bad run
