@@ -27,6 +27,11 @@ step() {  # step NAME COMMAND...: run COMMAND, record its wall time (and a failu
   rows+=("| \`$name\`$status | $(printf '%d min %02d s' $(((end - start) / 60)) $(((end - start) % 60))) |")
 }
 study() { step "$*" "$PYTHON" launch/study.py "configs/studies/$1.yaml" "${@:2}" --parallel 2; }
+# The machine's speed, before and after the set: ms per fp32 training step of the dense moe-proxy model on
+# all cores (bench/moe_proxy_cost.py, about 10 s). Machines of one type differed 1.46x between sessions; compare
+# a set's time with another session's only through this figure.
+speed() { "$PYTHON" bench/moe_proxy_cost.py --steps 10 --repeats 3 | sed -n 's/^ *mixtral-dense-tiny .* \([0-9.]* ms\/step\).*/\1/p'; }
+speed_before=$(speed)
 if [[ $which == issue || $which == all ]]; then
   study repetition-degradation
   study repetition-size-lr
@@ -46,6 +51,7 @@ fi
   echo "| **together** | **$(printf '%d min %02d s' $((total / 60)) $((total % 60)))** |"
   echo
   echo "$(nproc) cores: $(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1); $(date -u +%F)"
+  echo "machine speed (bench/moe_proxy_cost.py, mixtral-dense-tiny, fp32): $speed_before before the set, $(speed) after"
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 cat "$out"

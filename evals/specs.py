@@ -18,8 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from workbench.config import parse_yaml, validate_model
+from workbench.config import validate_model
 from workbench.errors import ConfigError, did_you_mean
+from workbench.yaml_text import parse_yaml
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 _DATA_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split",

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from conftest import REPO, TRAIN, run, tiny_config, train_main, write_config
 
-from workbench.config import apply_override, load_config
+from workbench.config import load_config
 from workbench.errors import ConfigError
+from workbench.yaml_text import apply_override
 
 
 def _error_of(argv: list[str], capsys) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import ConfigError, did_you_mean
 from workbench.options import dataclass_options
+from workbench.sources import hub_problem, looks_like_model_path, looks_local
+from workbench.yaml_text import apply_override, parse_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -36,29 +36,6 @@ MANAGED_TRAINING_FIELDS = {
     "fp16": "set the top-level 'precision' instead",
     "resume_from_checkpoint": "set the top-level 'resume_from_checkpoint' or pass --resume",
 }
-
-
-class YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false are booleans; `no`, `off`, `yes`, `on` stay strings
-    (so `eval_strategy: no` means the TrainingArguments value 'no', not False)."""
-
-
-YamlLoader.yaml_implicit_resolvers = {
-    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-YamlLoader.add_implicit_resolver(  # YAML 1.2 floats such as 1e-3 (YAML 1.1 wants a dot: 1.0e-3)
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -334,25 +311,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `section.key=value` override in place; the value is parsed as YAML (`1e-3`, `true`, `[a, b]`)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set '{override}': expected key=value, e.g. training.learning_rate=1e-3")
-    try:
-        value = parse_yaml(raw) if raw else None
-    except yaml.YAMLError:
-        value = raw
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set '{override}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def _format_error(err: pydantic.ValidationError) -> tuple[str, str]:
     """The first error of `err` as (dotted field, one-line message naming that field)."""
     first = err.errors()[0]
@@ -472,7 +430,7 @@ def _check_sources(cfg: ExperimentConfig, fail: typing.Callable[..., ConfigError
             raise fail(f"field 'data.source': '{source}' is not a local file or folder, and {problem}", "data.source")
     for field in ("name_or_path", "tokenizer"):
         name = getattr(cfg.model, field)
-        if name is None or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if name is None or Path(name).expanduser().exists() or looks_like_model_path(name):
             continue  # absent, local, or a missing path (the model loader names it)
         runs = Path(cfg.runs_dir).expanduser()
         if Path(name).expanduser().parent in (runs, runs.absolute()):  # runs/<name>: a run not trained yet
@@ -483,48 +441,6 @@ def _check_sources(cfg: ExperimentConfig, fail: typing.Callable[..., ConfigError
             raise fail(f"field 'model.{field}': '{name}' is not a local folder, and {problem}", f"model.{field}")
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_problem(name: str, repo_type: Literal["model", "dataset"]) -> str | None:
-    """Why hub repository `name` cannot load here, or None: hub access is switched off and no copy is cached,
-    or the hub's host does not answer (checked directly only when no proxy is configured)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    cached = [Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{name.replace('/', '--')}"]
-    offline = ["HF_HUB_OFFLINE"]
-    if repo_type == "dataset":
-        datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"
-        cached.append(Path(datasets_cache) / name.replace("/", "___"))
-        offline.append("HF_DATASETS_OFFLINE")
-    if any(path.exists() for path in cached):
-        return None
-    switched_off = [variable for variable in offline if _env_flag(variable)]
-    if switched_off:
-        return f"hub access is off ({switched_off[0]}=1) with no cached copy in {cached[0].parent}"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as err:
-        return f"the hub ({endpoint.geturl()}) is unreachable: {err}"
-    return None
-
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
-
-
-def looks_local(source: str) -> bool:
-    """A path rather than a hub name: starts like a path or ends like a data file."""
-    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES)
-
-
 def validate_model(model: type[BaseModel], data: Any, source: str | Path, prefix: tuple[str, ...] = ()):
     """`model.model_validate(data)`, or a ConfigError naming the source file and the first bad field."""
     try:
@@ -533,11 +449,6 @@ def validate_model(model: type[BaseModel], data: Any, source: str | Path, prefix
         first = err.errors()[0]
         field = ".".join([*prefix, *map(str, first["loc"])])
         raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
-
-
-def override_string(key: str, value: Any) -> str:
-    """`key=value` with the value written as YAML, the form `--set` takes."""
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:

@@ -23,19 +23,24 @@ from pathlib import Path
 
 import yaml
 
-from evals.consistency import final_checkpoint_target, final_scores
+from evals.consistency import INSTRUCT_STYLE as REFERENCE_STYLE
+from evals.consistency import (
+    consistency_rows,
+    consistency_table,
+    final_checkpoint_target,
+    final_scores,
+)
 from evals.experiments.common import REPO, evaluate_all, train_all
-from evals.stability import consistency, paired_tau_difference
 from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
-from workbench.config import load_config, override_string
+from workbench.config import load_config
 from workbench.data.loading import FactCorpusConfig
 from workbench.data.synthetic import FactWorldConfig
 from workbench.io import atomic_write_text
 from workbench.layout import RUN_CONFIG, checkpoint_dir
+from workbench.yaml_text import override_string
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
-REFERENCE_STYLE = "zero_shot"
 # (share of the text about the evaluated world, share of question-answer documents): 8 data mixtures
 FULL = [(fact, qa) for qa in (0.0, 0.05) for fact in (0.25, 0.5, 0.75, 1.0 - qa)]
 QUICK = [(0.25, 0.0), (1.0, 0.0), (0.25, 0.05), (0.95, 0.05)]
@@ -94,42 +99,8 @@ def scores(runs: list[Path], cfg, limit: int, parallel: int, styles: list[str] |
 
 
 def analyse(names: list[str], base: list[dict], instruct: list[dict], n_boot: int) -> list[dict]:
-    rows = []
-    for task, metric in PRIMARY.items():
-        z = [i[(task, REFERENCE_STYLE, metric)] for i in instruct]
-        reference = [b[(task, REFERENCE_STYLE, metric)] for b in base]
-        for style in sorted({s for (t, s, m) in base[0] if t == task and m == metric}):
-            x = [b[(task, style, metric)] for b in base]
-            row = {"task": task, "style": style, "metric": metric, "base": x, "instruct": z, "models": names}
-            if len(set(x)) < 2 or len(set(z)) < 2:
-                rows.append({**row, "tau": math.nan, "p": math.nan, "ci": (math.nan, math.nan),
-                             "delta": None, "note": "constant scores: tau undefined"})
-                continue
-            single = consistency(x, z, n_boot=n_boot)
-            delta = None if style == REFERENCE_STYLE or len(set(reference)) < 2 else (
-                paired_tau_difference(x, reference, z, n_boot=n_boot))
-            rows.append({**row, "tau": single.tau, "p": single.p_value, "ci": (single.ci_low, single.ci_high),
-                         "delta": None if delta is None else (delta.difference, delta.ci_low, delta.ci_high)})
-    return rows
-
-
-def table(rows: list[dict]) -> list[str]:
-    def f(x: float, sign: str = "") -> str:
-        return "–" if x is None or math.isnan(x) else f"{x:{sign}.2f}"
-
-    lines = ["| task | base style | metric | tau (base vs instruct) | p | 95% CI (resampling models) | "
-             "tau − tau(zero-shot), paired bootstrap [95% CI] | base scores (range) |",
-             "|---|---|---|---:|---:|---|---|---|"]
-    for r in rows:
-        if r["delta"] is None:
-            delta = "(reference)" if r["style"] == REFERENCE_STYLE else "–"
-        else:
-            d, lo, hi = r["delta"]  # an interval over resampled models, not seeds
-            delta = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (", inside the spread" if lo <= 0 <= hi else "")
-        lines.append(f"| {r['task']} | {r['style']} | {r['metric']} | {f(r['tau'], '+')} | {f(r['p'])} | "
-                     f"[{f(r['ci'][0], '+')}, {f(r['ci'][1], '+')}] | {delta} | "
-                     f"{min(r['base']):.3f}–{max(r['base']):.3f} |")
-    return lines
+    """`consistency_rows` over the primary metrics, each row with the models' names (for the scatter)."""
+    return [{**row, "models": names} for row in consistency_rows(base, instruct, n_boot, PRIMARY)]
 
 
 def scatter(rows: list[dict], out: Path) -> None:
@@ -184,7 +155,7 @@ def main() -> None:
     out = args.runs_dir / "bose-consistency"
     scatter(rows, out if args.quick else args.out)
     label = "QUICK (smoke test, not a result)" if args.quick else f"{len(bases)} data mixtures"
-    text = "\n".join([f"# BOSE consistency ({label})", "", "Models: " + ", ".join(names), "", *table(rows), ""])
+    text = "\n".join([f"# BOSE consistency ({label})", "", "Models: " + ", ".join(names), "", *consistency_table(rows), ""])
     atomic_write_text(out / "consistency.md", text)
     atomic_write_text(out / "consistency.json", json.dumps(rows, indent=1, default=str))
     print(text)

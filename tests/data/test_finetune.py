@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from workbench.config import DataConfig
+from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
 from workbench.data.finetune import (
     QA_PROMPT,
     assistant_masks_supported,
@@ -20,7 +21,6 @@ from workbench.data.finetune import (
     sft_config_fields,
     truncation_report,
 )
-from workbench.data.synthetic import ArithmeticConfig, arithmetic_problems
 from workbench.errors import ConfigError
 from workbench.models import train_bpe_tokenizer
 

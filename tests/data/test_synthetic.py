@@ -7,14 +7,9 @@ import re
 
 import pytest
 
-from workbench.data.synthetic import (
-    ATTRIBUTES,
-    ArithmeticConfig,
-    FactWorld,
-    FactWorldConfig,
-    arithmetic_problems,
-    parse_gsm8k_answer,
-)
+from workbench.answers import parse_gsm8k_answer
+from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
+from workbench.data.synthetic import ATTRIBUTES, FactWorld, FactWorldConfig
 
 EQUATION = re.compile(r"(\d+) ([+\-*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}

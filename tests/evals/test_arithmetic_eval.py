@@ -26,8 +26,9 @@ from evals.results import read_results
 from evals.runs import run_target
 from evals.specs import spec_names
 from evals.sweep import build_tasks
+from workbench.answers import parse_gsm8k_answer
 from workbench.config import EvalConfig, EvalTask
-from workbench.data.synthetic import ArithmeticConfig, arithmetic_problems, parse_gsm8k_answer
+from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
 from workbench.errors import ConfigError
 
 # Small problems, so that the evaluation seed stream meets problems of the training set and has to drop them.

@@ -262,3 +262,26 @@ def test_paired_tau_difference_matches_a_scipy_loop_over_the_same_resamples():
     assert result.n_boot_used == diffs.size
     with pytest.raises(ValueError, match="one length"):
         paired_tau_difference(a, b[:5], z)
+
+
+def test_consistency_rows_rank_each_style_against_instruct_zero_shot_with_a_paired_difference():
+    from scipy.stats import kendalltau
+
+    from evals.consistency import consistency_rows, consistency_table
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=8)
+    styles = {"zero_shot": z + rng.normal(scale=1.0, size=8), "blank_ppl": z + rng.normal(scale=0.2, size=8),
+              "letter": np.full(8, 0.25)}
+    base = [{("mc", s, "acc"): float(v[m]) for s, v in styles.items()} | {("mc", "zero_shot", "acc_norm"): 0.0}
+            for m in range(8)]
+    instruct = [{("mc", "zero_shot", "acc"): float(z[m])} for m in range(8)]
+    rows = {r["style"]: r for r in consistency_rows(base, instruct, n_boot=200)}
+    assert set(rows) == {"blank_ppl", "letter", "zero_shot"}  # acc_norm is not a primary metric
+    assert rows["blank_ppl"]["tau"] == pytest.approx(kendalltau(styles["blank_ppl"], z).statistic)
+    expected = kendalltau(styles["blank_ppl"], z).statistic - kendalltau(styles["zero_shot"], z).statistic
+    assert rows["blank_ppl"]["delta"][0] == pytest.approx(expected)
+    assert rows["blank_ppl"]["delta"][1] <= expected <= rows["blank_ppl"]["delta"][2]
+    assert rows["zero_shot"]["delta"] is None and math.isnan(rows["letter"]["tau"])
+    table = "\n".join(consistency_table(list(rows.values())))
+    assert "(reference)" in table and f"{expected:+.2f} [" in table

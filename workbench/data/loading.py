@@ -18,18 +18,13 @@ import datasets
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from workbench.config import DataConfig, looks_local
-from workbench.data.synthetic import (
-    ArithmeticConfig,
-    FactWorld,
-    FactWorldConfig,
-    arithmetic_problems,
-    entity_pools,
-)
+from workbench.config import DataConfig
+from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
+from workbench.data.synthetic import FactWorld, FactWorldConfig, entity_pools
 from workbench.errors import ConfigError
 from workbench.options import dataclass_options
+from workbench.sources import LOCAL_FORMATS, looks_local
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 TABLE_FORMATS = {suffix: builder for suffix, builder in LOCAL_FORMATS.items() if suffix != ".txt"}
 
 

@@ -28,6 +28,7 @@ from workbench.models.lora import (
 from workbench.models.moe_model import moe_model_class
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
+from workbench.sources import looks_like_model_path
 
 __all__ = ["PRESETS", "build_model", "is_encoder_decoder", "model_class", "load_tokenizer", "load_or_train_tokenizer",
            "load_trained_model", "train_bpe_tokenizer"]
@@ -117,14 +118,9 @@ def _pretrained_config(cfg: ModelConfig) -> PretrainedConfig:
         raise ConfigError(f"model '{cfg.name_or_path}' could not be loaded: {str(err).splitlines()[0]}") from None
 
 
-def _looks_local(source: str) -> bool:
-    """A path rather than a hub name ('org/name')."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
 def _check_local(source: str, field: str) -> None:
     """A path-like source that does not exist is a missing file, not a hub name."""
-    if _looks_local(source) and not Path(source).expanduser().exists():
+    if looks_like_model_path(source) and not Path(source).expanduser().exists():
         raise ConfigError(f"field '{field}': path '{source}' not found")
 
 
@@ -141,7 +137,7 @@ def load_trained_model(checkpoint: str | Path, dtype: torch.dtype | str | None =
     if not is_adapter_checkpoint(checkpoint):
         return _load_full_model(checkpoint, dtype, device_map, auto_class)
     base = adapter_base(checkpoint)
-    if _looks_local(base) and not Path(base).expanduser().exists():
+    if looks_like_model_path(base) and not Path(base).expanduser().exists():
         raise CheckpointError(f"checkpoint '{checkpoint}': its base model '{base}' (base_model_name_or_path in "
                               f"adapter_config.json) not found")
     model = attach_adapter(_load_full_model(base, dtype, device_map, auto_class, adapter=checkpoint), checkpoint)
