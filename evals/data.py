@@ -20,17 +20,10 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from workbench.data import fact_world_options
+from workbench.data.arithmetic import OBJECTS, PEOPLE, ArithmeticConfig, arithmetic_problems
 from workbench.data.finetune import QA_PROMPT
 from workbench.data.loading import generator_options
-from workbench.data.synthetic import (
-    OBJECTS,
-    PEOPLE,
-    ArithmeticConfig,
-    FactWorld,
-    FactWorldConfig,
-    arithmetic_problems,
-    entity_pools,
-)
+from workbench.data.synthetic import FactWorld, FactWorldConfig, entity_pools
 from workbench.errors import ConfigError
 
 

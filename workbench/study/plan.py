@@ -53,12 +53,11 @@ from workbench.config import (
     REPO_ROOT,
     ExperimentConfig,
     load_config,
-    override_string,
-    parse_yaml,
     resolve_path,
     validate_model,
 )
 from workbench.errors import ConfigError, did_you_mean
+from workbench.yaml_text import override_string, parse_yaml
 
 DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
 # variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
