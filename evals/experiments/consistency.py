@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from evals.consistency import INSTRUCT_STYLE as REFERENCE_STYLE
 from evals.consistency import (
+    INSTRUCT_STYLE,
     consistency_rows,
     consistency_table,
     final_checkpoint_target,
@@ -149,7 +149,7 @@ def main() -> None:
     instructs = trained([instruct_job(base, recipe) for base in bases], args.parallel)
     cfg = load_config(CONFIG).eval
     base_scores = scores(bases, cfg, limit, args.parallel)
-    instruct_scores = scores(instructs, cfg, limit, args.parallel, styles=[REFERENCE_STYLE])
+    instruct_scores = scores(instructs, cfg, limit, args.parallel, styles=[INSTRUCT_STYLE])
     names = [mixture_name(fact, qa) for fact, qa in grid]
     rows = analyse(names, base_scores, instruct_scores, n_boot=200 if args.quick else 2000)
     out = args.runs_dir / "bose-consistency"
