@@ -78,10 +78,14 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
         if not runs:
             print(f"error: no run named '{args.only}' in study '{study.study}' (see --dry-run)", file=sys.stderr)
             return 2
+        if runs[0].same_as is not None:  # its training is another arm's (the study's `same_as`)
+            print(f"{args.only} is the same training as {runs[0].same_as}: running that")
+            runs = [r for r in plan(study) if r.name == runs[0].same_as]
     if args.dry_run:
         statuses = [run_status(run)["status"] for run in runs]
         for run, status in zip(runs, statuses, strict=True):
-            print(f"{run.name}\t{status}\t{run.run_dir}")
+            same = f" (the same training as {run.same_as})" if run.same_as else ""
+            print(f"{run.name}\t{status}{same}\t{run.run_dir}")
         counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
         pretrains = sum(r.stage == "pretrain" for r in runs)
         first = {0: "", 1: " (the pretrain run first, then the arms)"}.get(pretrains,

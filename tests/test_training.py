@@ -277,3 +277,27 @@ def test_final_evaluation_is_not_logged_twice_and_integers_stay_integers(tmp_pat
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r] == [4, 8]
     text = (run / "config.yaml").read_text()
     assert "\n  warmup_steps: 2\n" in text and "\n  eval_steps: 4\n" in text
+
+
+def test_final_evaluation_reuses_the_evaluation_the_trainer_ran_at_the_last_step():
+    from types import SimpleNamespace
+
+    from workbench.run import final_evaluation
+
+    class Trainer:
+        def __init__(self, history, step, best_at_end=False):
+            self.state = SimpleNamespace(log_history=history, global_step=step)
+            self.args = SimpleNamespace(load_best_model_at_end=best_at_end)
+            self.evaluated = 0
+
+        def evaluate(self):
+            self.evaluated += 1
+            return {"eval_loss": 9.0}
+
+    history = [{"loss": 3.0, "step": 8}, {"eval_loss": 2.5, "eval_runtime": 0.1, "epoch": 1.0, "step": 8},
+               {"eval_other_loss": 2.7, "step": 8}, {"train_runtime": 5.0, "step": 8}]
+    trainer = Trainer(history, 8)
+    assert final_evaluation(trainer) == {"eval_loss": 2.5, "eval_runtime": 0.1, "eval_other_loss": 2.7}
+    assert trainer.evaluated == 0
+    for stale in (Trainer(history, 10), Trainer(history, 8, best_at_end=True), Trainer([], 8)):
+        assert final_evaluation(stale) == {"eval_loss": 9.0} and stale.evaluated == 1

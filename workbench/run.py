@@ -282,6 +282,19 @@ def classification_pieces(cfg: ExperimentConfig, args: TrainingArguments) -> Dat
                       f"{cfg.data.block_size} tokens")
 
 
+def final_evaluation(trainer) -> dict[str, float]:
+    """The validation metrics of the trained model: those of the Trainer's own evaluation at the last step
+    when it ran one (the same weights and data give the same numbers, so evaluating again only costs time),
+    else a new `trainer.evaluate()`. With `load_best_model_at_end` the weights changed after that
+    evaluation, so it always evaluates again."""
+    state = trainer.state
+    at_end = [record for record in state.log_history
+              if record.get("step") == state.global_step and any(key.startswith("eval_") for key in record)]
+    if not at_end or trainer.args.load_best_model_at_end:
+        return trainer.evaluate()
+    return {key: value for record in at_end for key, value in record.items() if key.startswith("eval_")}
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
           callbacks: list | None = None) -> RunResult:
     """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`).
@@ -339,7 +352,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     report(f"[workbench] {cfg.name}: {parameter_summary(trainer.model)}, {pieces.description}"
            + (f", resuming from {checkpoint}" if checkpoint else ""))
     output = trainer.train(resume_from_checkpoint=checkpoint)
-    final = trainer.evaluate() if pieces.eval_dataset is not None else {}
+    final = final_evaluation(trainer) if pieces.eval_dataset is not None else {}
     eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
     kind = "classification" if classify else "finetune" if finetune else "pretrain"
     return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective,

@@ -7,6 +7,13 @@ run's own), forked from a `multiprocessing` forkserver that imported those modul
 single-threaded and has run no torch operation, so a fork from it is as safe as a new interpreter.
 
 Where the platform has no forkserver, or `WORKBENCH_COLD_START=1` is set, each run is a new interpreter.
+
+Both start with tcmalloc as the memory allocator where the machine has it (`libtcmalloc_minimal`, e.g. Debian's
+`libtcmalloc-minimal4`): PyTorch on CPU allocates and frees many small tensors per step, and glibc's malloc
+makes a tiny model's training step 7-13% slower on this project's CPU (`bench/allocator.py`; the same
+numbers to the last bit, only the allocator differs). This is what PyTorch's own CPU launcher does
+(`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`). `WORKBENCH_MALLOC=system` keeps glibc's; a
+`LD_PRELOAD` already set is left as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +32,18 @@ TRAIN_SCRIPT = REPO / "launch" / "train.py"
 PRELOAD = ["workbench.config", "workbench.run", "evals.on_save", "evals.runs"]
 
 
+def allocator_env() -> dict[str, str]:
+    """The environment that makes a new process allocate with tcmalloc (`LD_PRELOAD`), or {} where there is no
+    tcmalloc, `WORKBENCH_MALLOC=system` is set, or `LD_PRELOAD` is set already."""
+    import ctypes.util
+
+    if os.environ.get("WORKBENCH_MALLOC", "tcmalloc") == "system" or os.environ.get("LD_PRELOAD"):
+        return {}
+    library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    # a report line per allocation over 1 GiB is tcmalloc's default: keep stderr to real warnings
+    return {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)} if library else {}
+
+
 def cold_start() -> bool:
     """True when runs start as new interpreters (no forkserver here, or WORKBENCH_COLD_START=1)."""
     return (os.environ.get("WORKBENCH_COLD_START", "") not in ("", "0")
@@ -37,7 +56,7 @@ def train_process(args: list[str], log: Path, threads: int | None = None, env: d
     `threads` caps torch's intra-op threads (as OMP_NUM_THREADS does for a new interpreter); `env` is added to
     the run's environment."""
     if cold_start():
-        env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **allocator_env(), **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with log.open("a") as handle:
             return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=REPO, env=env,
                                   stdout=handle, stderr=subprocess.STDOUT).returncode
@@ -53,11 +72,29 @@ def warm_process(function: Callable[..., Any], args: tuple, log: Path, threads: 
     log.touch()  # there even when the child dies before it writes
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
+    _start_forkserver(allocator_env())
     process = context.Process(target=_child, args=(function, args, str(log), threads, env),
                               name=getattr(function, "__name__", "warm"))
     process.start()
     process.join()
     return process.exitcode if process.exitcode is not None else 1
+
+
+def _start_forkserver(extra_env: dict[str, str]) -> None:
+    """Start the forkserver (once per process) with `extra_env` in its environment, which its forks inherit;
+    this process's own environment is left as it was."""
+    from multiprocessing import forkserver
+
+    saved = {key: os.environ.get(key) for key in extra_env}
+    os.environ.update(extra_env)
+    try:
+        forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | None, env: dict[str, str]) -> None:

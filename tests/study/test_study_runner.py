@@ -263,3 +263,27 @@ def test_a_study_run_launched_by_deepspeed_on_two_ranks(tmp_path):
     # the Trainer saved one RNG state per rank: the run really had two
     assert sorted(p.name for p in (only.run_dir / "checkpoint-4").glob("rng_state_*.pth")) == [
         "rng_state_0.pth", "rng_state_1.pth"]
+
+
+def test_an_arm_that_repeats_another_arms_training_is_trained_once_and_collected_under_its_labels(tmp_path):
+    # `long` at 4 steps is the same training as `short` at 4 steps; the rule links it (and names the arm it reads)
+    axes = {"training.max_steps": [4, 2], "schedule": {"short": {}, "long": {}}}
+    rule = [{"where": {"training.max_steps": 4, "schedule": "long"}, "use": {"schedule": "short"}}]
+    path = write_study(tmp_path, axes=axes, seeds=[0], same_as=rule)
+    runs = {r.name: r for r in grid(load_study(path))}
+    repeat = runs["max_steps=4_schedule=long_seed=0"]
+    assert repeat.same_as == "max_steps=4_schedule=short_seed=0" and repeat.run_dir == runs[repeat.same_as].run_dir
+    assert [r.same_as for r in runs.values()].count(None) == 3  # the 2-step arms are trained as usual
+    dry = launch(str(path), "--dry-run")
+    assert "(the same training as max_steps=4_schedule=short_seed=0)" in dry.stdout
+    result = launch(str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the same training as max_steps=4_schedule=short_seed=0, done (not trained again)" in result.stdout
+    assert not (tmp_path / "runs/s/max_steps=4_schedule=long_seed=0").exists()
+    rows = {(r["training.max_steps"], r["schedule"]): r for r in csv.DictReader((tmp_path / "runs/s/results.csv").open())}
+    assert rows[("4", "long")]["loss_mean"] == rows[("4", "short")]["loss_mean"] != rows[("2", "long")]["loss_mean"]
+    # --only on the repeat trains the arm it repeats; a rule naming no axis is an error naming the field
+    assert "running that" in launch(str(path), "--only", repeat.name).stdout
+    bad = write_study(tmp_path, axes=axes, seeds=[0], same_as=[{"where": {"schedul": "long"}, "use": {}}])
+    with pytest.raises(ConfigError, match=r"same_as\[0\]\.where.*'schedul' is not an axis"):
+        load_study(bad)

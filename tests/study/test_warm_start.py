@@ -33,3 +33,45 @@ def test_a_warm_run_trains_like_a_new_interpreter_and_reports_bad_input(tmp_path
     errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training.learnig_rate" in errors[0]
     assert not (tmp_path / "runs" / "tiny").exists()  # nothing written for the bad run
+
+
+def _maps() -> None:
+    from pathlib import Path
+
+    print("tcmalloc loaded" if "tcmalloc" in Path("/proc/self/maps").read_text() else "glibc malloc")
+
+
+def test_runs_start_with_tcmalloc_where_the_machine_has_it_and_train_the_same(tmp_path, monkeypatch):
+    import ctypes.util
+
+    import pytest
+
+    from workbench.warm import allocator_env, warm_process
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("WORKBENCH_MALLOC", raising=False)
+    real = allocator_env()
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so.4")
+    assert allocator_env()["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    monkeypatch.setenv("WORKBENCH_MALLOC", "system")
+    assert allocator_env() == {}
+    monkeypatch.delenv("WORKBENCH_MALLOC")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # the user's own choice is kept
+    assert allocator_env() == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator_env() == {}
+    monkeypatch.undo()
+    if not real:
+        pytest.skip("no tcmalloc on this machine (apt install libtcmalloc-minimal4)")
+    log = tmp_path / "maps.log"
+    assert warm_process(_maps, (), log) == 0 and log.read_text().strip() == "tcmalloc loaded"
+    # a new interpreter with and without it: the same training, to the last bit
+    config = write_config(tmp_path, tiny_config(tmp_path, training={"max_steps": 4, "save_steps": 4,
+                                                                      "eval_strategy": "steps", "eval_steps": 2}))
+    monkeypatch.setenv("WORKBENCH_COLD_START", "1")
+    for malloc in ("tcmalloc", "system"):
+        monkeypatch.setenv("WORKBENCH_MALLOC", malloc)
+        assert train_process([str(config), "--set", f"name={malloc}"], tmp_path / f"{malloc}.log", threads=1) == 0
+    with_tcmalloc, with_glibc = (_without_timings(tmp_path / "runs" / m / "metrics.jsonl") for m in ("tcmalloc", "system"))
+    assert any("eval_loss" in row for row in with_glibc) and with_tcmalloc == with_glibc

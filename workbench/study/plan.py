@@ -20,6 +20,8 @@ A study YAML:
     # pretrain: {..., per: regulariser, set_per_value: {dropout-0.1: {...}}}  # one pretrain run per axis value
     # pretrain: {..., seeded: true}             # and one per seed (the seed varies the whole pipeline)
     profiles: {quick: {seeds: [0]}}              # smaller/larger grids: --quick, --scale, --profile NAME
+    same_as: [{where: {U: 1024, schedule: control}, use: {schedule: fixed}}]  # arms that repeat another's
+                                                 # training: trained once, collected under both labels
 
 Each run goes through `launch/train.py` (so `deepspeed` with several ranks works the same), with its axis
 values as `--set` overrides and `--resume`, so a killed run continues from its checkpoint. With `pretrain`,
@@ -42,7 +44,7 @@ import itertools
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +189,17 @@ class PretrainSpec(BaseModel):
         return value
 
 
+class SameRunSpec(BaseModel):
+    """Arms whose training is exactly another arm's (e.g. the single-epoch control at U = D is the fixed-budget
+    run at U = D): the arms with the axis labels `where` are not trained but read from the arm with the labels
+    `use` instead (their other labels and seed the same), so each is collected under its own labels. Where a
+    profile's grid lacks that arm, they are trained as usual."""
+
+    model_config = ConfigDict(extra="forbid")
+    where: dict[str, Any]
+    use: dict[str, Any]
+
+
 class StudyProfile(BaseModel):
     """A smaller or larger version of the study (`--quick`, `--scale`): its own seeds, axis values and
     overrides; its runs go to `<study>-<profile>` so they never mix with the default grid's."""
@@ -215,6 +228,7 @@ class StudyConfig(BaseModel):
     plots: list[PlotSpec] = Field(default_factory=list)
     compare: list[DeltaSpec | AgreementSpec] = Field(default_factory=list)
     pretrain: PretrainSpec | None = None
+    same_as: list[SameRunSpec] = Field(default_factory=list)
     profiles: dict[str, StudyProfile] = Field(default_factory=dict)
     profile: str | None = None  # the profile this config was made from (set by `with_profile`)
 
@@ -266,7 +280,8 @@ class RunSpec:
     """One run: its name, axis values (a variant axis gives its variant's name), seed (None: its config's
     own), folder, the config it starts from and every `--set` override it adds (the study's `set`, what its
     axis values stand for, and for an arm of a two-stage study the pretrain folder). `stage` is `arm` (a run
-    of the grid), `pretrain`, or `hand` (a run launched by hand, collected with `--collect`)."""
+    of the grid), `pretrain`, or `hand` (a run launched by hand, collected with `--collect`). An arm that
+    repeats another's training (the study's `same_as`) names that arm in `same_as` and has its folder."""
 
     name: str
     values: dict[str, Any]
@@ -275,6 +290,7 @@ class RunSpec:
     settings: dict[str, Any] = field(default_factory=dict)
     config: str = ""
     stage: Literal["arm", "pretrain", "hand"] = "arm"
+    same_as: str | None = None
 
     def overrides(self) -> list[str]:
         """The `--set` overrides `launch/train.py` gets: the settings, then seed, name and runs_dir."""
@@ -367,7 +383,23 @@ def grid(study: StudyConfig) -> list[RunSpec]:
             parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
             name = "_".join(parts)
             runs.append(RunSpec(name, labels, seed, study.folder / name, {**settings, **start}, study.base))
-    return runs
+    return _link_same_runs(study, runs)
+
+
+def _link_same_runs(study: StudyConfig, runs: list[RunSpec]) -> list[RunSpec]:
+    """`runs` with each arm that a `same_as` rule matches pointed at the arm it repeats (its folder, `same_as`)."""
+
+    def labelled(run: RunSpec, wanted: dict[str, Any]) -> bool:
+        return all(_slug(run.values.get(axis)) == _slug(value) for axis, value in wanted.items())
+
+    linked = []
+    for run in runs:
+        rule = next((r for r in study.same_as if labelled(run, r.where)), None)
+        wanted = {**run.values, **rule.use} if rule is not None else None
+        target = next((r for r in runs if wanted is not None and r.seed == run.seed and labelled(r, wanted)
+                       and not any(labelled(r, other.where) for other in study.same_as)), None)
+        linked.append(run if target is None else replace(run, run_dir=target.run_dir, same_as=target.name))
+    return linked
 
 
 def plan(study: StudyConfig) -> list[RunSpec]:
@@ -471,6 +503,13 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
                 column(f"{where}.cost", key, known)
     if study.primary is not None:
         column("primary", study.primary, known)
+    for i, rule in enumerate(study.same_as):
+        for part, labels in (("where", rule.where), ("use", rule.use)):
+            for name, value in labels.items():
+                axis(f"same_as[{i}].{part}", name)
+                if str(value) not in axis_values(study, name):
+                    on_warning(f"{path}: field 'same_as[{i}].{part}': no run has {name} = {value!r}: the rule "
+                               "links no runs")
     for i, plot in enumerate(study.plots):
         where = f"plots[{i}]"
         if plot.kind == "final":

@@ -25,7 +25,7 @@ from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
 from workbench.net import free_port
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
-from workbench.warm import train_process
+from workbench.warm import allocator_env, train_process
 
 STATUS = "study_status.json"
 
@@ -70,7 +70,7 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     log = run.run_dir / "train.log"
     start = time.time()
     if study.launcher.kind == "deepspeed":
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **allocator_env(), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with log.open("a") as handle:
             returncode = subprocess.run(train_command(study, run, port or free_port()), cwd=REPO_ROOT, env=env,
                                         stdout=handle, stderr=subprocess.STDOUT).returncode
@@ -93,7 +93,8 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
 
     Returns False when a pretrain run failed (after all of them ran), and then starts no arm. Raises a
     WorkbenchError when an arm is asked for without the pretrain run it starts from being done or among `runs`."""
-    arms = [r for r in runs if r.stage == "arm"]
+    repeats = [r for r in runs if r.same_as is not None]  # trained as the arm they repeat (`same_as`)
+    arms = [r for r in runs if r.stage == "arm" and r.same_as is None]
     first = [r for r in runs if r.stage == "pretrain"]
     for arm in arms:
         pretrain = pretrain_for(study, arm.values, arm.seed)
@@ -114,6 +115,10 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
             complete = complete and (run.stage != "pretrain" or status["status"] == "done")
         if not complete:
             return False
+    for run in repeats:
+        done += 1
+        progress(f"[{done}/{len(runs)}] {run.name}: the same training as {run.same_as}, "
+                 f"{run_status(run)['status']} (not trained again)")
     return True
 
 
