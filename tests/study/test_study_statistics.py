@@ -147,7 +147,7 @@ def test_the_primary_metric_leads_the_report_with_its_paired_differences():
 def test_an_unknown_primary_metric_is_a_one_line_error(tmp_path):
     from workbench.errors import ConfigError
     from workbench.study import StudyConfig
-    from workbench.study.plan import check_references
+    from workbench.study.checks import check_references
 
     study = StudyConfig(study="s", base="b.yaml", axes={"arm": ["a", "b"]}, collect=["eval_loss"], primary="acc")
     with pytest.raises(ConfigError, match="field 'primary': 'acc' is not a column"):

@@ -3,7 +3,8 @@ from), run resumably, collected into one table, report and plots. `launch/study.
 
 | module | what it is |
 |---|---|
-| `plan` | the study YAML (`StudyConfig`), its checks, the grid of runs (`grid`, `plan`, `RunSpec`) |
+| `plan` | the study YAML (`StudyConfig`), loading and checking it (`load_study`), the grid of runs (`grid`, `plan`, `RunSpec`) |
+| `checks` | the axes, values and columns that `compare`, `plots`, `primary` and `same_as` name, checked before any run |
 | `metrics` | which metric names a run logs, to check `collect` before any run starts |
 | `runner` | one run through `launch/train.py --resume` (`execute`), its status, the whole plan (`run_all`) |
 | `collect` | rows and the table over seeds; runs launched by hand as a study (`hand_study`) |
