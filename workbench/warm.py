@@ -10,7 +10,7 @@ Where the platform has no forkserver, or `WORKBENCH_COLD_START=1` is set, each r
 
 Both start with tcmalloc as the memory allocator where the machine has it (`libtcmalloc_minimal`, e.g. Debian's
 `libtcmalloc-minimal4`): PyTorch on CPU allocates and frees many small tensors per step, and glibc's malloc
-makes a tiny model's training step 7-13% slower on this project's CPU (`bench/allocator.py`; the same
+makes a tiny model's training step 8-14% slower on this project's CPU (`bench/allocator.py`; the same
 numbers to the last bit, only the allocator differs). This is what PyTorch's own CPU launcher does
 (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`). `WORKBENCH_MALLOC=system` keeps glibc's; a
 `LD_PRELOAD` already set is left as it is.
