@@ -22,12 +22,12 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from evals.runs import run_target  # noqa: E402
-from evals.scoring import BlankPplScorer  # noqa: E402
-from evals.specs import data_config, load_spec  # noqa: E402
-from evals.styles import StyleOptions, styles_for, task_config  # noqa: E402
-from evals.sweep import Evaluator, load_checkpoint_model, quiet  # noqa: E402
 from workbench.config import EvalConfig  # noqa: E402
+from workbench_eval.evaluator import Evaluator, load_checkpoint_model, quiet  # noqa: E402
+from workbench_eval.scoring import BlankPplScorer  # noqa: E402
+from workbench_eval.specs import data_config, load_spec  # noqa: E402
+from workbench_eval.styles import StyleOptions, styles_for, task_config  # noqa: E402
+from workbench_eval.sweep import run_target  # noqa: E402
 
 
 def tiny_run(out: Path, checkpoints: int) -> Path:

@@ -37,8 +37,8 @@ if [[ $which == issue || $which == all ]]; then
   study repetition-size-lr
   study repetition-regularisation
   study repetition-moe-proxy
-  step "evals/experiments/stability.py" "$PYTHON" evals/experiments/stability.py
-  step "evals/experiments/consistency.py" "$PYTHON" evals/experiments/consistency.py
+  step "workbench_eval/experiments/stability.py" "$PYTHON" workbench_eval/experiments/stability.py
+  step "workbench_eval/experiments/consistency.py" "$PYTHON" workbench_eval/experiments/consistency.py
 fi
 if [[ $which == supplementary || $which == all ]]; then
   for name in model-size dropout-size data-quality objective rs2; do study "repetition-$name"; done

@@ -77,9 +77,9 @@ def _config(args, own: EvalConfig | None) -> EvalConfig:
 
 
 def list_tasks(include_path: list[str]) -> str:
-    """The BOSE task specs (evals/tasks/ and `include_path`) with their kind, data and valid prompt styles."""
-    from evals.specs import TASKS_DIR, available_specs, load_spec
-    from evals.styles import valid_styles
+    """The BOSE task specs (workbench_eval/tasks/ and `include_path`) with their kind, data and valid prompt styles."""
+    from workbench_eval.specs import TASKS_DIR, available_specs, load_spec
+    from workbench_eval.styles import valid_styles
 
     rows = []
     for name in sorted(available_specs(tuple(include_path))):
@@ -102,7 +102,7 @@ def list_tasks(include_path: list[str]) -> str:
 
 def _run_targets(runs: list[Path], out: Path | None) -> list:
     """A target per run folder; results in OUT (one run) or OUT/<run name> (several), else <run>/eval."""
-    from evals.runs import run_target
+    from workbench_eval.sweep import run_target
 
     names = [run.resolve().name for run in runs]
     if out is not None and len(runs) > 1:
@@ -119,12 +119,12 @@ def _run(args) -> int:
         include = load_eval_config(args.config).include_path if args.config else []
         print(list_tasks(list(include)))
         return 0
-    from evals.report import write_report
-    from evals.results import read_results
-    from evals.runs import model_target, sweep
+    from workbench_eval.report import write_report
+    from workbench_eval.results import read_results
+    from workbench_eval.sweep import model_target, sweep
 
     if args.consistency:
-        from evals.consistency import evaluate_consistency, model_lists
+        from workbench_eval.consistency import evaluate_consistency, model_lists
 
         base, instruct = model_lists(args.consistency, args.instruct or [])
         out = args.out or Path("runs") / "consistency"

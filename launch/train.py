@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         rank0 = int(os.environ.get("RANK", "0")) == 0
         if rank0:
             print(*filter(None, [note, f"[workbench] run folder {cfg.run_dir}"]), sep="\n", flush=True)
-        from evals.on_save import eval_on_save_callbacks  # heavy imports after the config is known to be good
         from workbench.run import train
+        from workbench_eval.on_save import (
+            eval_on_save_callbacks,  # heavy imports after the config is known to be good
+        )
 
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, callbacks=eval_on_save_callbacks(cfg))
     except WorkbenchError as err:

@@ -142,7 +142,7 @@ class DataConfig(_Section):
 
 
 class EvalTask(_Section):
-    task: str = Field(description="a BOSE task spec name (evals/tasks/) or any lm-eval task name")
+    task: str = Field(description="a BOSE task spec name (workbench_eval/tasks/) or any lm-eval task name")
     styles: list[str] | None = Field(None, description="prompt styles; default: every style of the task's kind")
     dataset_kwargs: dict[str, Any] | None = Field(None, description="override the data files of a stock task")
     overrides: dict[str, Any] = Field(default_factory=dict, description="other lm-eval task config fields")
@@ -157,7 +157,7 @@ class EvalConfig(_Section):
     limit: int | None = Field(200, ge=1, description="items per task (the first N after a seeded shuffle)")
     batch_size: int = Field(32, ge=1)
     include_path: list[str] = Field(default_factory=list, description="more folders of task specs")
-    style_options: dict[str, Any] = Field(default_factory=dict, description="evals.styles.StyleOptions fields")
+    style_options: dict[str, Any] = Field(default_factory=dict, description="workbench_eval.styles.StyleOptions fields")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over items for tau intervals")
     early_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of checkpoints in the early window")
     on_save: bool = Field(False, description="evaluate each checkpoint as it is saved (rank 0)")

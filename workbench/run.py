@@ -177,7 +177,7 @@ def run_callbacks(cfg: ExperimentConfig) -> list:
     """metrics.jsonl always; the load of a model's own learned routers (Mixtral-shaped: `router_load_*`); the
     LoRA update's norm (`lora_delta_norm`) for LoRA runs; extra save steps when
     the config asks. (Evaluation on save is the evaluator's
-    callback, `evals.on_save`, which the entry point adds: the library does not import the evaluator.)"""
+    callback, `workbench_eval.on_save`, which the entry point adds: the library does not import the evaluator.)"""
     from workbench.models.moe_model import RouterLoadCallback
 
     callbacks = [RouterLoadCallback(), MetricsJsonlCallback(cfg.run_dir / METRICS)]  # load logged before written

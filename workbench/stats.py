@@ -9,7 +9,7 @@
 every reproduction reports (mean difference against the reference arm, its 95% interval, and whether the
 interval holds zero: "inside the seed spread").
 
-Nothing here imports ``evals`` (the library must not depend on the evaluator).
+Nothing here imports ``workbench_eval`` (the library must not depend on the evaluator).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 # What `launch/train.py` and the evaluator import (the forkserver imports them once).
-PRELOAD = ["workbench.config", "workbench.run", "evals.on_save", "evals.runs"]
+PRELOAD = ["workbench.config", "workbench.run", "workbench_eval.on_save", "workbench_eval.sweep"]
 
 
 def allocator_env() -> dict[str, str]:

@@ -144,7 +144,7 @@ def test_arithmetic_generator_is_qa_prompt_completion(tokenizer):
 
 
 def test_fact_qa_is_the_evaluators_instruction_pool(tokenizer):
-    from evals.data import factworld_qa, factworld_sft
+    from workbench_eval.data import factworld_qa, factworld_sft
 
     world = {"num_entities": 40, "seed": 1}
     splits = load_finetune_splits(DataConfig(source="synthetic:fact_qa", synthetic=world), tokenizer)

@@ -14,7 +14,11 @@ import torch
 import yaml
 from conftest import launch_main
 
-from evals.data import (
+from workbench.answers import parse_gsm8k_answer
+from workbench.config import EvalConfig, EvalTask
+from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
+from workbench.errors import ConfigError
+from workbench_eval.data import (
     ARITHMETIC_FEWSHOT,
     EVAL_SEED_OFFSET,
     arithmetic,
@@ -22,14 +26,10 @@ from evals.data import (
     arithmetic_longer,
     run_data_options,
 )
-from evals.results import read_results
-from evals.runs import run_target
-from evals.specs import spec_names
-from evals.sweep import build_tasks
-from workbench.answers import parse_gsm8k_answer
-from workbench.config import EvalConfig, EvalTask
-from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
-from workbench.errors import ConfigError
+from workbench_eval.evaluator import build_tasks
+from workbench_eval.results import read_results
+from workbench_eval.specs import spec_names
+from workbench_eval.sweep import run_target
 
 # Small problems, so that the evaluation seed stream meets problems of the training set and has to drop them.
 CROWDED = {"num_problems": 3000, "num_steps": 1, "max_value": 10, "seed": 5}
@@ -293,7 +293,7 @@ def test_a_wrong_final_number_scores_zero_on_that_item(tiny_run, tmp_path, monke
 def test_a_run_and_its_base_both_trained_on_arithmetic_are_never_asked_either_set(tmp_path):
     """A base pretrained on arithmetic text (seed 5) and an arm fine-tuned on other problems (seed 6): the
     evaluation sets avoid the questions of both, and are of the arm's kind."""
-    from evals.data import training_data_options
+    from workbench_eval.data import training_data_options
 
     base_data = {"source": "synthetic:arithmetic", "format": "text", "synthetic": CROWDED}
     (tmp_path / "base").mkdir()

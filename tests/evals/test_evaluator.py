@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import REPO, launch_main, tiny_config, train_main, write_config
 
-from evals.results import read_results
-from evals.runs import run_target, sweep
-from evals.sweep import Evaluator, build_tasks, load_checkpoint_model
 from workbench.config import EvalConfig, EvalTask
 from workbench.errors import ConfigError
+from workbench_eval.evaluator import Evaluator, build_tasks, load_checkpoint_model
+from workbench_eval.results import read_results
+from workbench_eval.sweep import run_target, sweep
 
 WORLD = {"num_entities": 40, "seed": 1}
 FIXTURES = REPO / "tests" / "fixtures" / "stock"
@@ -145,7 +145,7 @@ def test_sweep_writes_results_report_and_resumes(trained_run, monkeypatch, tmp_p
     cells = [(r["checkpoint"], r["task"], r["style"], r["metric"]) for r in records]
     assert len(cells) == len(set(cells)) == 3 * (2 + 2 + 2)  # acc+acc_norm, acc+gold_ppl, em+f1
     assert sweep(target, cfg, progress=False) == 0
-    from evals.report import write_report
+    from workbench_eval.report import write_report
 
     report = write_report(records, target.results.parent, "run", n_boot=50).read_text()
     assert "Kendall's tau-b" in report and "| factworld_mc | blank_ppl | acc |" in report
@@ -165,7 +165,7 @@ def test_corrupt_checkpoint_is_skipped_and_reported(trained_run, tmp_path, capsy
     assert sweep(target, cfg, progress=False) == 2
     skipped = [r for r in read_results(target.results) if r.get("status") == "skipped"]
     assert [r["checkpoint"] for r in skipped] == ["checkpoint-4"] and "corrupt" in skipped[0]["reason"]
-    from evals.report import write_report
+    from workbench_eval.report import write_report
 
     assert "`checkpoint-4`: " in write_report(read_results(target.results), target.results.parent, "run").read_text()
 
@@ -245,7 +245,7 @@ def test_eval_on_save_during_training_leaves_training_unchanged(tmp_path):
 
 
 def test_entity_pools_are_disjoint_and_sft_data_avoids_test_entities():
-    from evals.data import entity_pools, factworld_mc, factworld_qa, factworld_sft
+    from workbench_eval.data import entity_pools, factworld_mc, factworld_qa, factworld_sft
 
     test, sft, fewshot = entity_pools(40)
     assert not (set(test) & set(sft)) and not (set(test) | set(sft)) & set(fewshot)
@@ -411,9 +411,9 @@ def test_generation_matches_a_hand_written_greedy_loop(trained_run):
 
 
 def test_questions_never_ask_about_entities_held_out_from_training():
-    from evals.data import factworld_mc, untrained_entities
     from workbench.data.packing import split_documents
     from workbench.data.synthetic import FactWorld, FactWorldConfig
+    from workbench_eval.data import factworld_mc, untrained_entities
 
     world = FactWorld(FactWorldConfig(num_entities=60, seed=2))
     corpus = world.corpus()  # the documents a run splits, one per entity, in entity order
@@ -428,9 +428,9 @@ def test_questions_never_ask_about_entities_held_out_from_training():
 
 def test_held_out_entities_with_question_answer_and_other_world_documents_in_the_corpus():
     """Documents appended after the entity paragraphs change the split; the evaluator replays it."""
-    from evals.data import untrained_entities
     from workbench.data.loading import FactCorpusConfig, generator
     from workbench.data.packing import split_documents
+    from workbench_eval.data import untrained_entities
 
     corpus_options = {"num_entities": 60, "seed": 2, "sentences_per_fact": 4, "qa_share": 0.05, "other_share": 0.3}
     corpus = generator("synthetic:fact_world").build(FactCorpusConfig(**corpus_options))

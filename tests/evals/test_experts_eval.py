@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import launch_main, tiny_config, train_main, write_config
 
-from evals.results import experts_style, read_results, split_experts_style
 from workbench.io import read_jsonl
+from workbench_eval.results import experts_style, read_results, split_experts_style
 
 MODEL = {"overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}}
 

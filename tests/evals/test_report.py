@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from evals.report import MIN_CHECKPOINTS, MIN_ITEMS, plot_scores, series, task_figure, write_report
-from evals.results import METRICS, metric_info
-from evals.runs import chance_accuracy
+from workbench_eval.report import MIN_CHECKPOINTS, MIN_ITEMS, plot_scores, series, task_figure, write_report
+from workbench_eval.results import METRICS, metric_info
+from workbench_eval.sweep import chance_accuracy
 
 
 def _record(step: int, style: str, metric: str, items: list[float], task: str = "factworld_mc",

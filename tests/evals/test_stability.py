@@ -1,4 +1,4 @@
-"""Tests for evals.stability (BOSE-style stability / consistency with Kendall's tau-b)."""
+"""Tests for workbench_eval.stability (BOSE-style stability / consistency with Kendall's tau-b)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from evals.stability import (
+from workbench.stats import tau_b_rows, tau_b_undefined_reason
+from workbench_eval.stability import (
     NOTE_CONSTANT,
     NOTE_TOO_FEW,
     ConsistencyResult,
@@ -19,7 +20,6 @@ from evals.stability import (
     stability,
     tau_b_reference,
 )
-from workbench.stats import tau_b_rows, tau_b_undefined_reason
 
 
 def _noisy_increasing_items(t: int = 10, n_items: int = 400, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -87,13 +87,13 @@ def test_library_stats_module_does_not_import_the_evaluator():
     import subprocess
     import sys
 
-    code = "import sys, workbench.stats; print(any(m == 'evals' or m.startswith('evals.') for m in sys.modules))"
+    code = "import sys, workbench.stats; print(any(m == 'workbench_eval' or m.startswith('workbench_eval.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    import evals.stability
     import workbench.stats
+    import workbench_eval.stability
 
-    assert evals.stability.kendall_tau_b is workbench.stats.kendall_tau_b  # one implementation, re-exported
+    assert workbench_eval.stability.kendall_tau_b is workbench.stats.kendall_tau_b  # one implementation, re-exported
 
 
 # ------------------------------------------------------------------------------------ stability
@@ -247,7 +247,7 @@ def test_consistency_item_resampling():
 def test_paired_tau_difference_matches_a_scipy_loop_over_the_same_resamples():
     from scipy.stats import kendalltau
 
-    from evals.stability import paired_tau_difference
+    from workbench_eval.stability import paired_tau_difference
 
     rng = np.random.default_rng(5)
     z = rng.normal(size=9)
@@ -267,7 +267,7 @@ def test_paired_tau_difference_matches_a_scipy_loop_over_the_same_resamples():
 def test_consistency_rows_rank_each_style_against_instruct_zero_shot_with_a_paired_difference():
     from scipy.stats import kendalltau
 
-    from evals.consistency import consistency_rows, consistency_table
+    from workbench_eval.consistency import consistency_rows, consistency_table
 
     rng = np.random.default_rng(3)
     z = rng.normal(size=8)

@@ -138,8 +138,8 @@ def test_evaluator_task_and_completion_style(tmp_path):
 
 
 def test_every_fact_question_has_a_completion_prompt():
-    from evals.data import factworld_qa
-    from evals.specs import SpecReader, load_spec
+    from workbench_eval.data import factworld_qa
+    from workbench_eval.specs import SpecReader, load_spec
 
     read = SpecReader(load_spec("factworld_qa"))
     for doc in factworld_qa(num_entities=60, seed=3)["test"]:

@@ -264,7 +264,7 @@ def test_load_trained_model_reads_adapter_and_full_checkpoints(tmp_path, adapter
 
 
 def test_the_evaluator_loads_an_adapter_checkpoint_merged(adapter_run, tokenizer):
-    from evals.sweep import load_checkpoint_model
+    from workbench_eval.evaluator import load_checkpoint_model
 
     run, trained = adapter_run
     model = load_checkpoint_model(run / "checkpoint-4")

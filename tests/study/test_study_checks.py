@@ -112,7 +112,7 @@ def test_a_collected_metric_no_run_logged_is_a_visible_warning_at_collection(tmp
 
 
 def test_the_study_package_never_imports_the_evaluator():
-    """`workbench.study` is library code: it reads the evaluator's results files but never imports `evals`."""
+    """`workbench.study` is library code: it reads the evaluator's results files but never imports `workbench_eval`."""
     imported = set()
     for path in (REPO / "workbench" / "study").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -121,7 +121,7 @@ def test_the_study_package_never_imports_the_evaluator():
             elif isinstance(node, ast.ImportFrom):
                 imported.add((path.name, node.module or ""))
     assert ("analysis.py", "workbench.stats") in imported
-    assert [(f, m) for f, m in imported if m == "evals" or m.startswith("evals.")] == []
+    assert [(f, m) for f, m in imported if m == "workbench_eval" or m.startswith("workbench_eval.")] == []
     assert not list((REPO / "workbench").glob("study_*.py"))  # the old flat modules are gone
 
 

@@ -19,7 +19,7 @@ small set of models (resampling model pairs).  Resamples in which tau is undefin
 are dropped; the results report how many were used.
 
 Kendall's tau-b itself (:func:`kendall_tau_b`, the SciPy-free cross-check :func:`tau_b_reference`) lives in
-:mod:`workbench.stats`, which the library uses without importing ``evals``; it is re-exported here.
+:mod:`workbench.stats`, which the library uses without importing ``workbench_eval``; it is re-exported here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """BOSE consistency at tiny scale: does a base model's rank under each prompt style predict the rank of its
 instruction-tuned counterpart, across data-mixture ablations?
 
-    python evals/experiments/consistency.py            # 8 base models (4 fact shares x 2 QA shares)
-    python evals/experiments/consistency.py --quick    # 4 base models, short runs: a smoke test
+    python workbench_eval/experiments/consistency.py            # 8 base models (4 fact shares x 2 QA shares)
+    python workbench_eval/experiments/consistency.py --quick    # 4 base models, short runs: a smoke test
 
 The base models differ only in their pretraining data mixture, at one token budget (`configs/bose/
 consistency.yaml`): the share of text about the evaluated fact world (the rest is text about another world's
@@ -23,15 +23,6 @@ from pathlib import Path
 
 import yaml
 
-from evals.consistency import (
-    INSTRUCT_STYLE,
-    consistency_rows,
-    consistency_table,
-    final_checkpoint_target,
-    final_scores,
-)
-from evals.experiments.common import REPO, evaluate_all, train_all
-from evals.styles import style_colour
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import load_config
 from workbench.data.loading import FactCorpusConfig
@@ -39,6 +30,15 @@ from workbench.data.synthetic import FactWorldConfig
 from workbench.io import atomic_write_text
 from workbench.layout import RUN_CONFIG, checkpoint_dir
 from workbench.yaml_text import override_string
+from workbench_eval.consistency import (
+    INSTRUCT_STYLE,
+    consistency_rows,
+    consistency_table,
+    final_checkpoint_target,
+    final_scores,
+)
+from workbench_eval.experiments.common import REPO, evaluate_all, train_all
+from workbench_eval.styles import style_colour
 
 CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
 # (share of the text about the evaluated world, share of question-answer documents): 8 data mixtures

@@ -42,10 +42,10 @@ def train_all(jobs: list[tuple[Path, list[str], Path]], parallel: int = 2) -> No
 
 
 def evaluate_all(jobs: list[tuple], limit: int, parallel: int = 2) -> None:
-    """`evals.runs.sweep` each (target, eval config) of `jobs` (cached cells are skipped), `parallel` at a time in
+    """`workbench_eval.sweep.sweep` each (target, eval config) of `jobs` (cached cells are skipped), `parallel` at a time in
     processes forked from the warm server, the cores shared out; progress goes to `<results>.log` beside each
     target's results."""
-    from evals.runs import sweep
+    from workbench_eval.sweep import sweep
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
 
@@ -78,8 +78,8 @@ def prompt_lengths(run: Path, cfg, limit: int) -> dict[tuple[str, str], list[int
     as the run's tokenizer splits it: what must fit in the model's context."""
     from transformers import AutoTokenizer
 
-    from evals.runs import run_target
-    from evals.sweep import Evaluator
+    from workbench_eval.evaluator import Evaluator
+    from workbench_eval.sweep import run_target
 
     target = run_target(run)
     tokenizer = AutoTokenizer.from_pretrained(target.tokenizer)

@@ -10,13 +10,13 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from evals.data import training_data_options
-from evals.results import cell_records, done_cells, experts_style, read_results, skip_record
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
 from workbench.config import EvalConfig
 from workbench.errors import CheckpointError, ConfigError
 from workbench.io import append_jsonl
 from workbench.layout import EVAL_DIR, MANIFEST, RESULTS, RUN_CONFIG, TOKENIZER_DIR, checkpoint_step
+from workbench_eval.data import training_data_options
+from workbench_eval.results import cell_records, done_cells, experts_style, read_results, skip_record
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Target:
 
 def run_target(run_dir: Path, out_dir: Path | None = None) -> Target:
     """A training run: its checkpoints, tokenizer, training data's options (fact world, arithmetic problems;
-    `evals.data.run_data_options`) and `eval` section from its config.yaml.
+    `workbench_eval.data.run_data_options`) and `eval` section from its config.yaml.
 
     Results go to `out_dir`/results.jsonl, by default the run's own `eval/` folder."""
     config_path = run_dir / RUN_CONFIG
@@ -98,8 +98,8 @@ def expert_counts(checkpoint: Path, experts: list[int] | str | None) -> list[int
 def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
     """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results, for an SMoE model at each
     of `cfg.experts` active experts (cells (checkpoint, task, `style@k<K>`)); returns cells done."""
-    from evals.sweep import Evaluator, load_checkpoint_model
     from workbench.models.moe_model import set_active_experts
+    from workbench_eval.evaluator import Evaluator, load_checkpoint_model
 
     limit = limit if limit is not None else cfg.limit
     done = done_cells(read_results(target.results), limit)

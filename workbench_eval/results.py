@@ -98,7 +98,7 @@ def split_experts_style(style: str) -> tuple[str, int | None]:
 
 def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None,
                  chance: float | None = None, experts: int | None = None) -> list[dict[str, Any]]:
-    """The lines of one evaluated cell (`evals.sweep.CellResult`), one per metric, items included.
+    """The lines of one evaluated cell (`workbench_eval.evaluator.CellResult`), one per metric, items included.
 
     `chance`: a multiple-choice cell's chance accuracy, recorded on the metrics it applies to. `experts`: the
     number of active experts per token of an SMoE model (style `<style>@k<K>` and a field `experts`)."""

@@ -1,6 +1,6 @@
 """Early growth of the LoRA update, per arm of a study: mean ± std over seeds of a logged metric at given steps.
 
-    python evals/experiments/update_growth.py runs/allora --metric lora_delta_norm --steps 19 57 114
+    python workbench_eval/experiments/update_growth.py runs/allora --metric lora_delta_norm --steps 19 57 114
 
 Reads each run's `config.yaml` (for its axis values: the folder name `axis=value_..._seed=N`) and
 `metrics.jsonl`; prints a Markdown table, one row per combination of axis values, one column per step.

@@ -1,6 +1,6 @@
 """The evaluator during training: each checkpoint evaluated as it is saved (`eval.on_save: true`).
 
-Lives in `evals/` (the library `workbench/` never imports the evaluator); `launch/train.py` adds it:
+Lives in `workbench_eval/` (the library `workbench/` never imports the evaluator); `launch/train.py` adds it:
 
     callbacks = eval_on_save_callbacks(cfg)        # [] unless cfg.eval.on_save
     train(cfg, callbacks=callbacks)
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from evals.data import training_data_options
-from evals.runs import Target, sweep
-from evals.sweep import Evaluator
 from workbench.config import ExperimentConfig
 from workbench.layout import TOKENIZER_DIR, checkpoint_dir, results_path
+from workbench_eval.data import training_data_options
+from workbench_eval.evaluator import Evaluator
+from workbench_eval.sweep import Target, sweep
 
 __all__ = ["EvalOnSaveCallback", "eval_on_save_callbacks"]
 

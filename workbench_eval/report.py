@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from evals.results import metric_info, split_experts_style
-from evals.stability import EARLY_MIN, NOTE_CONSTANT, NOTE_TOO_FEW, StabilityResult, stability
-from evals.styles import style_colour
 from workbench.io import atomic_write_text
 from workbench.stats import kendall_tau_b
+from workbench_eval.results import metric_info, split_experts_style
+from workbench_eval.stability import EARLY_MIN, NOTE_CONSTANT, NOTE_TOO_FEW, StabilityResult, stability
+from workbench_eval.styles import style_colour
 
 # Below these, Kendall's tau says little (docs/evaluation.md, "Metrics"): with 4 checkpoints even a perfect
 # ordering has p = 0.083 (exact, two-sided), with 5 it is 0.017; with n items an accuracy's standard error

@@ -9,14 +9,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from evals.report import latest_by_cell
-from evals.results import metric_info, read_results
-from evals.runs import Target, run_target, sweep
-from evals.stability import consistency, paired_tau_difference
 from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import EvalConfig
 from workbench.errors import ConfigError
 from workbench.io import atomic_write_text
+from workbench_eval.report import latest_by_cell
+from workbench_eval.results import metric_info, read_results
+from workbench_eval.stability import consistency, paired_tau_difference
+from workbench_eval.sweep import Target, run_target, sweep
 
 INSTRUCT_STYLE = "zero_shot"
 

@@ -1,8 +1,8 @@
 """How closely EES tracks the exact EigenScore on real sampled answers: Pearson and Spearman correlation and the
 error over every (run, checkpoint, prompt) item that the evaluator's `eigenscore` task scored.
 
-    python evals/experiments/ees_agreement.py runs/send            # every run folder under a study folder
-    python evals/experiments/ees_agreement.py runs/a runs/b --style question
+    python workbench_eval/experiments/ees_agreement.py runs/send            # every run folder under a study folder
+    python workbench_eval/experiments/ees_agreement.py runs/a runs/b --style question
 
 Reads `<run>/eval/results.jsonl` (the `ees` and `eigenscore` lines of one cell carry their per-prompt items in the
 same order); prints n, r, ρ, the mean and largest absolute difference in nats.

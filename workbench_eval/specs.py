@@ -1,8 +1,8 @@
 """BOSE task specs: a YAML that says where a task's documents come from and how to read a question,
-its options and its answer out of one; `evals/styles.py` turns a spec into one lm-eval task per prompt style.
+its options and its answer out of one; `workbench_eval/styles.py` turns a spec into one lm-eval task per prompt style.
 
-Specs live in `evals/tasks/` (and any folder passed as `include_path`). A spec takes its data from
-a generator of `evals/data.py` (`dataset: {generator: factworld_mc}`), built from what the run trained on,
+Specs live in `workbench_eval/tasks/` (and any folder passed as `include_path`). A spec takes its data from
+a generator of `workbench_eval/data.py` (`dataset: {generator: factworld_mc}`), built from what the run trained on,
 or from a stock lm-eval task (`stock: arc/arc_easy.yaml`: the stock YAML's dataset, splits and
 `process_docs`, nothing else). Specs that share a `tag` are selected together by that name, as lm-eval's
 tags are (`arithmetic`: the three arithmetic sets).
@@ -88,7 +88,7 @@ class SpecReader:
 
 @cache
 def _catalogue(include_paths: tuple[str, ...]) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """(task name -> spec file, tag -> its task names), from evals/tasks/ and the include paths."""
+    """(task name -> spec file, tag -> its task names), from workbench_eval/tasks/ and the include paths."""
     files: dict[str, Path] = {}
     tags: dict[str, list[str]] = {}
     for folder in (TASKS_DIR, *map(Path, include_paths)):
@@ -102,7 +102,7 @@ def _catalogue(include_paths: tuple[str, ...]) -> tuple[dict[str, Path], dict[st
 
 
 def available_specs(include_paths: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Task name -> spec file, from evals/tasks/ and the include paths."""
+    """Task name -> spec file, from workbench_eval/tasks/ and the include paths."""
     return _catalogue(include_paths)[0]
 
 
@@ -135,9 +135,9 @@ def load_spec(name: str, include_paths: tuple[str, ...] = ()) -> TaskSpec:
 def data_config(spec: TaskSpec, world: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """The lm-eval data keys for `spec`: a generator's documents, or a stock task's data with `overrides`.
 
-    `world` is what the tasks may know of the run's training data (`evals.data.run_data_options`)."""
+    `world` is what the tasks may know of the run's training data (`workbench_eval.data.run_data_options`)."""
     if spec.dataset is not None:
-        from evals.data import GENERATORS
+        from workbench_eval.data import GENERATORS
 
         generator = spec.dataset.get("generator")
         if generator not in GENERATORS:

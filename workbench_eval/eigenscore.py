@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from evals.specs import SpecReader, data_config, load_spec
 from workbench.errors import ConfigError
+from workbench_eval.specs import SpecReader, data_config, load_spec
 
 TASK = "eigenscore"
 STYLES = ("completion", "question")
@@ -40,8 +40,8 @@ class EigenScoreCell:
         self.instances: list = []  # no lm-eval requests
 
     def evaluate(self, model, tokenizer):
-        from evals.sweep import CellResult
         from workbench.metrics.hallucination import eigenscore_report
+        from workbench_eval.evaluator import CellResult
 
         started = time.perf_counter()
         report = eigenscore_report(model, tokenizer, self.prompts, self.config)

@@ -22,13 +22,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 
-from evals.eigenscore import TASK as EIGENSCORE  # noqa: E402
-from evals.eigenscore import EigenScoreCell, eigenscore_cells  # noqa: E402
-from evals.scoring import BlankPplScorer  # noqa: E402
-from evals.specs import data_config, load_spec, spec_names  # noqa: E402
-from evals.styles import StyleOptions, styles_for, task_config  # noqa: E402
 from workbench.config import EvalConfig  # noqa: E402
 from workbench.errors import ConfigError  # noqa: E402
+from workbench_eval.eigenscore import TASK as EIGENSCORE  # noqa: E402
+from workbench_eval.eigenscore import EigenScoreCell, eigenscore_cells  # noqa: E402
+from workbench_eval.scoring import BlankPplScorer  # noqa: E402
+from workbench_eval.specs import data_config, load_spec, spec_names  # noqa: E402
+from workbench_eval.styles import StyleOptions, styles_for, task_config  # noqa: E402
 
 NATIVE = "native"
 
@@ -70,7 +70,7 @@ def style_options(options: dict[str, Any]) -> StyleOptions:
 def build_tasks(cfg: EvalConfig, world: dict[str, Any], limit: int | None) -> dict[tuple[str, str], Any]:
     """(task, style) -> an lm-eval task with its request instances built, for every selected cell.
 
-    `world`: what the tasks may know of the run's training data (`evals.data.run_data_options`)."""
+    `world`: what the tasks may know of the run's training data (`workbench_eval.data.run_data_options`)."""
     from lm_eval.api.task import ConfigurableTask
 
     opts = style_options(cfg.style_options)

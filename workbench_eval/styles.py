@@ -8,7 +8,7 @@ Multiple choice (`kind: multiple_choice`), every option scored by lm-eval's log-
               options scored as " The answer is {option}."
   letter      options listed as "A. ...", the letter scored
   blank_ppl   BOSE's Blank-ppl: the item as a sentence with a blank, each option scored by the mean NLL of
-              the span after the blank (evals.scoring.BlankPplScorer); the options are never listed
+              the span after the blank (workbench_eval.scoring.BlankPplScorer); the options are never listed
 Open-ended (`kind: open`), greedy generation, exact match and F1 after SQuAD normalisation:
   zero_shot, few_shot  "Question: {q}\\nAnswer:", the first generated line is the answer
   iclip                L + k examples "Question: q\\nAnswer: {worked answer} The answer is {x}." + the item;
@@ -23,7 +23,7 @@ Worked (`kind: worked`), greedy generation of a worked answer ending "#### N", a
               filter), exact_match against the gold number; stops at EOS, "\\n\\nQuestion:" or the budget
   few_shot    the same after k solved examples "Question: q\\nAnswer: {worked answer}"
   gold_nll    (not a default style) the NLL per token of the gold worked answer after the zero-shot prompt
-              (lm-eval log-likelihood request, evals.scoring.GoldNllScorer): a validation loss on problems
+              (lm-eval log-likelihood request, workbench_eval.scoring.GoldNllScorer): a validation loss on problems
               never trained on, comparable across checkpoints and across an SMoE's numbers of active experts
 Any lm-eval task can also run as itself with style `native`.
 
@@ -36,7 +36,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from evals.scoring import (
+from workbench_eval.scoring import (
     NUMBER_PATTERN,
     NUMBER_VARIANTS,
     BlankPplScorer,
@@ -45,7 +45,7 @@ from evals.scoring import (
     first_line_answer,
     token_f1,
 )
-from evals.specs import SpecReader, TaskSpec
+from workbench_eval.specs import SpecReader, TaskSpec
 
 MC_STYLES = ("zero_shot", "few_shot", "iclip", "letter", "blank_ppl")
 OPEN_STYLES = ("zero_shot", "few_shot", "iclip", "instruction_only")

@@ -1,7 +1,7 @@
 """BOSE stability at tiny scale: which prompt style gives the steadiest signal over checkpoints?
 
-    python evals/experiments/stability.py                 # 3 seeds x 2 arms, 12 log-spaced checkpoints
-    python evals/experiments/stability.py --quick         # 1 seed, 6 checkpoints, 40 items: a smoke test
+    python workbench_eval/experiments/stability.py                 # 3 seeds x 2 arms, 12 log-spaced checkpoints
+    python workbench_eval/experiments/stability.py --quick         # 1 seed, 6 checkpoints, 40 items: a smoke test
 
 Per seed, two pretraining runs of `configs/bose/stability.yaml` that differ only in the cloze template:
 `held_out` (the reference: no statement in pretraining uses the sentence Blank-ppl's cloze is built from) and
@@ -20,7 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.experiments.common import (
+from workbench.checkpoints import newest_complete_checkpoint
+from workbench.config import load_config
+from workbench.io import atomic_write_text
+from workbench.layout import results_path
+from workbench.stats import paired_difference
+from workbench_eval.experiments.common import (
     REPO,
     evaluate_all,
     fmt_ms,
@@ -29,15 +34,10 @@ from evals.experiments.common import (
     prompt_lengths,
     train_all,
 )
-from evals.report import series, stability_of, step_axis
-from evals.results import metric_info, read_results
-from evals.runs import run_target
-from evals.styles import style_colour
-from workbench.checkpoints import newest_complete_checkpoint
-from workbench.config import load_config
-from workbench.io import atomic_write_text
-from workbench.layout import results_path
-from workbench.stats import paired_difference
+from workbench_eval.report import series, stability_of, step_axis
+from workbench_eval.results import metric_info, read_results
+from workbench_eval.styles import style_colour
+from workbench_eval.sweep import run_target
 
 CONFIG = REPO / "configs" / "bose" / "stability.yaml"
 REFERENCE_STYLE = "zero_shot"  # the standard prompt every style is compared with
