@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config, train_main, write_config
 from transformers import EvalPrediction
 
-from workbench.classification import (
+from workbench.kinds.classification import (
     check_classification,
     classification_metrics,
     is_classification,

@@ -6,50 +6,22 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
+from workbench.base_run import resolve_base_run
 from workbench.callbacks import MetricsJsonlCallback, SaveAtStepsCallback
 from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
-from workbench.classification import (
-    build_classifier,
-    check_classification,
-    classification_collator,
-    classification_metrics,
-    classification_splits,
-    classification_tokenizer,
-    is_classification,
-    tokenize,
-)
 from workbench.config import ExperimentConfig, dump_config, resolve_path
-from workbench.data import prepare_data
-from workbench.data.finetune import check_packing
-from workbench.data.repetition import RepetitionConfig, repetition_stream, resolve_seed
-from workbench.data.span_corruption import (
-    VALIDATION_OFFSET,
-    SpanCorruptionCollator,
-    SpanCorruptionConfig,
-    add_sentinels,
-    counted_targets,
-)
 from workbench.errors import ConfigError
-from workbench.finetune import (
-    finetuning_splits,
-    finetuning_tokenizer,
-    is_finetuning,
-    resolve_base_run,
-    sft_fields,
-)
+from workbench.kinds import RunKind, kind_for
 from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
-from workbench.methods import Method, build_methods
-from workbench.metrics import token_metrics, token_predictions
-from workbench.models import build_model, is_encoder_decoder
+from workbench.methods import build_methods
+from workbench.methods.stack import MethodStack
 from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
-from workbench.trainer import WorkbenchTrainer, sft_trainer_class
 
 USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # a user's choice wins over run_dir/tensorboard
 TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "logging_steps": 10, "save_steps": 100}
@@ -63,7 +35,7 @@ class RunResult:
     eval_loss: float | None
     precision: str
     objective: str = "causal"
-    kind: str = "pretrain"  # or "finetune", "classification"
+    kind: str = "pretrain"  # the run kind's name (workbench.kinds): "pretrain", "finetune", "classification"
     eval_accuracy: float | None = None  # classification: accuracy on the held-out split
 
 
@@ -82,40 +54,17 @@ def resolve_precision(cfg: ExperimentConfig, resuming: bool) -> tuple[str, str]:
     return choose_precision(cfg.precision, _width(cfg))
 
 
-def resolve_objective(cfg: ExperimentConfig) -> str:
-    """`data.objective`, with `auto` decided by the model: span corruption for encoder-decoders, else causal."""
-    seq2seq = is_encoder_decoder(cfg.model)
-    objective = cfg.data.objective if cfg.data.objective != "auto" else ("span_corruption" if seq2seq else "causal")
-    if (objective == "span_corruption") != seq2seq:
-        kind = "an encoder-decoder" if seq2seq else "a decoder-only"
-        raise ConfigError(f"field 'data.objective': '{objective}' does not fit {kind} model "
-                          f"({'causal needs a decoder-only' if seq2seq else 'span_corruption needs an encoder-decoder'}"
-                          f" model, e.g. preset {'pythia-tiny' if seq2seq else 't5-tiny'})")
-    if seq2seq and cfg.eval.on_save:
-        raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this model is an "
-                          "encoder-decoder; set it to false (validation NLL and accuracy are still reported)")
-    return objective
-
-
-def training_arguments(cfg: ExperimentConfig, precision: str, objective: str = "causal",
-                       sft: dict[str, Any] | None = None) -> TrainingArguments:
-    """`TrainingArguments` from the `training` section plus what the workbench manages; with `sft` (the
-    fields `workbench.finetune.sft_fields` decides), TRL's `SFTConfig`."""
-    # SFTConfig's own defaults differ from TrainingArguments' (activation checkpointing on, lr 2e-5): one run
-    # kind does not silently train differently from the other
-    sft_defaults = {"gradient_checkpointing": False, "learning_rate": 5e-5} if sft is not None else {}
-    fields = {**TRAINING_DEFAULTS, **sft_defaults, **cfg.training, **(sft or {})}
-    if objective == "span_corruption" and fields.setdefault("remove_unused_columns", False):
-        raise ConfigError("field 'training.remove_unused_columns': span corruption needs false (it reads example_index)")
-    repeated = cfg.data.repetition is not None  # the stream is already in training order
-    if repeated and fields.setdefault("train_sampling_strategy", "sequential") != "sequential":
-        raise ConfigError("field 'training.train_sampling_strategy': a repetition stream needs 'sequential'")
+def training_arguments(cfg: ExperimentConfig, precision: str, kind: RunKind | None = None) -> TrainingArguments:
+    """`TrainingArguments` (or the kind's subclass of it, e.g. TRL's `SFTConfig`) from the `training` section
+    plus what the workbench manages and what the run's kind decides (`RunKind.argument_fields`)."""
+    fields = {**TRAINING_DEFAULTS, **cfg.training}
+    arguments_class = TrainingArguments
+    if kind is not None:
+        fields, arguments_class = kind.argument_fields(fields), kind.arguments_class()
     os.environ["TENSORBOARD_LOGGING_DIR"] = USER_TENSORBOARD_DIR or str(cfg.run_dir / TENSORBOARD_DIR)
     deepspeed = str(resolve_path(cfg.deepspeed)) if cfg.deepspeed else None
     try:
-        if sft is not None:
-            from trl import SFTConfig
-        return (TrainingArguments if sft is None else SFTConfig)(
+        return arguments_class(
             output_dir=str(cfg.run_dir),
             seed=cfg.seed,
             deepspeed=deepspeed,
@@ -174,56 +123,13 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Non
 
 
 def run_callbacks(cfg: ExperimentConfig) -> list:
-    """metrics.jsonl always; the load of a model's own learned routers (Mixtral-shaped: `router_load_*`); the
-    LoRA update's norm (`lora_delta_norm`) for LoRA runs; extra save steps when
-    the config asks. (Evaluation on save is the evaluator's
-    callback, `workbench_eval.on_save`, which the entry point adds: the library does not import the evaluator.)"""
-    from workbench.models.moe_model import RouterLoadCallback
-
-    callbacks = [RouterLoadCallback(), MetricsJsonlCallback(cfg.run_dir / METRICS)]  # load logged before written
-    if cfg.model.lora is not None:
-        from workbench.models.lora import LoraDeltaNormCallback
-
-        callbacks.append(LoraDeltaNormCallback())
+    """metrics.jsonl always; extra save steps when the config asks. (What the model logs of itself comes with
+    its methods, `workbench.models.features`; evaluation on save is the evaluator's callback, which the command
+    adds: the library does not import the evaluator.)"""
+    callbacks: list = [MetricsJsonlCallback(cfg.run_dir / METRICS)]
     if cfg.save_at_steps:
         callbacks.append(SaveAtStepsCallback(cfg.save_at_steps))
     return callbacks
-
-
-@dataclass
-class DataPieces:
-    """What a run trains on, in the form its trainer class reads."""
-
-    tokenizer: PreTrainedTokenizerBase
-    trainer_class: type
-    train_dataset: Any
-    eval_dataset: Any
-    trainer_kwargs: dict[str, Any]
-    description: str  # e.g. "110 training blocks of 32 tokens"
-
-
-def objective_pieces(cfg: ExperimentConfig, objective: str, tokenizer, train_blocks, validation):
-    """The collator and `compute_metrics` of the objective, and the datasets in the form it reads.
-
-    Span corruption adds sentinel tokens to the tokenizer (before the model is sized to it) and numbers
-    every example (`example_index`), from which its noise mask is drawn."""
-    if objective == "causal":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False), token_metrics(shift=True), train_blocks, validation
-    options = SpanCorruptionConfig(**(cfg.data.span_corruption or {}))
-    sentinels = add_sentinels(tokenizer, options)
-    train_blocks = train_blocks.add_column("example_index", list(range(len(train_blocks))))
-    if validation is not None:
-        validation = validation.add_column("example_index", [VALIDATION_OFFSET + i for i in range(len(validation))])
-    collator = SpanCorruptionCollator(options, sentinels, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    metrics = token_metrics(shift=False, counted=counted_targets(min(sentinels), tokenizer.eos_token_id))
-    return collator, metrics, train_blocks, validation
-
-
-def prepare_tokenizer(methods: list[Method], tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Every method's `prepare_tokenizer` hook, in config order, before the model is built or resized."""
-    for method in methods:
-        tokenizer = method.prepare_tokenizer(tokenizer)
-    return tokenizer
 
 
 def parameter_summary(model: torch.nn.Module) -> str:
@@ -235,51 +141,6 @@ def parameter_summary(model: torch.nn.Module) -> str:
         total += count
         trainable += count if param.requires_grad else 0
     return f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, {100 * trainable / max(total, 1):.1f}%)"
-
-
-def pretraining_pieces(cfg: ExperimentConfig, args: TrainingArguments, objective: str) -> DataPieces:
-    """Packed text blocks (repetition stream, span corruption) for `WorkbenchTrainer`."""
-    with args.main_process_first(desc="building tokenizer and data"):
-        tokenizer, blocks = prepare_data(cfg.data, cfg.model)
-    train_blocks = blocks["train"]
-    if cfg.data.repetition is not None:
-        try:
-            repetition = resolve_seed(RepetitionConfig(**cfg.data.repetition), cfg.seed)
-            train_blocks = repetition_stream(train_blocks, repetition, cfg.data.block_size)
-        except ValueError as err:
-            raise ConfigError(f"field 'data.repetition': {err}") from None
-    validation = blocks["validation"] if len(blocks["validation"]) else None
-    collator, metrics, train_blocks, validation = objective_pieces(cfg, objective, tokenizer, train_blocks, validation)
-    kwargs = {"data_collator": collator}
-    if validation is not None:
-        kwargs.update(compute_metrics=metrics, preprocess_logits_for_metrics=token_predictions(objective == "causal"))
-    return DataPieces(tokenizer, WorkbenchTrainer, train_blocks, validation, kwargs,
-                      f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens")
-
-
-def finetuning_pieces(cfg: ExperimentConfig, args: TrainingArguments, tokenizer, report) -> DataPieces:
-    """Prompt/completion or chat examples for `WorkbenchSFTTrainer` (TRL tokenises, masks and pads)."""
-    with args.main_process_first(desc="loading fine-tuning data"):
-        splits = finetuning_splits(cfg, tokenizer, report)
-    validation = splits["validation"] if len(splits["validation"]) else None
-    return DataPieces(tokenizer, sft_trainer_class(), splits["train"], validation, {},
-                      f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens")
-
-
-def classification_pieces(cfg: ExperimentConfig, args: TrainingArguments) -> DataPieces:
-    """Texts with labels, tokenised one example a row, for `WorkbenchTrainer` (`workbench.classification`);
-    the label names go to the model through `trainer_kwargs` (popped before the Trainer is built)."""
-    with args.main_process_first(desc="building tokenizer and data"):
-        splits, names = classification_splits(cfg.data)
-        tokenizer = classification_tokenizer(cfg, splits["train"]["text"])
-        splits = tokenize(splits, tokenizer, cfg.data.block_size)
-    validation = splits["validation"] if len(splits["validation"]) else None
-    kwargs: dict[str, Any] = {"data_collator": classification_collator(tokenizer), "label_names": names}
-    if validation is not None:
-        kwargs["compute_metrics"] = classification_metrics
-    return DataPieces(tokenizer, WorkbenchTrainer, splits["train"], validation, kwargs,
-                      f"{len(splits['train'])} training texts in {len(names)} classes, up to "
-                      f"{cfg.data.block_size} tokens")
 
 
 def final_evaluation(trainer) -> dict[str, float]:
@@ -299,42 +160,26 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
           callbacks: list | None = None) -> RunResult:
     """Train `cfg` end to end; every rank calls this (under `deepspeed` or plain `python`).
 
-    Pretraining (text packed into blocks, `WorkbenchTrainer`) or fine-tuning (prompt/completion or chat
-    examples, `WorkbenchSFTTrainer`) or sequence classification (texts with labels, `WorkbenchTrainer`),
-    decided by the data; `callbacks` are added to the run's own."""
+    What is trained and how (data, tokenizer, model, trainer class) is the run kind's (`workbench.kinds`):
+    pretraining on packed text, fine-tuning through TRL, sequence classification, or a kind of your own.
+    `callbacks` are added to the run's own."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     report = print if rank0 else (lambda *_: None)
-    cfg = resolve_base_run(cfg, report, resuming=resume or cfg.resume_from_checkpoint is not None)
-    classify = is_classification(cfg.data)
-    if classify:
-        check_classification(cfg)
-    finetune = not classify and is_finetuning(cfg.data)
-    tokenizer = finetuning_tokenizer(cfg) if finetune else None
-    sft = sft_fields(cfg, tokenizer) if finetune else None
+    resuming = resume or cfg.resume_from_checkpoint is not None
+    cfg = resolve_base_run(cfg, report, resuming=resuming)
+    kind = kind_for(cfg)(cfg, report)
     if rank0:
         prepare_run_dir(cfg, resume, overwrite)
-    precision, why = resolve_precision(cfg, resume or cfg.resume_from_checkpoint is not None)
+    precision, why = resolve_precision(cfg, resuming)
     report(f"[workbench] precision {precision} ({why})")
-    objective = "classification" if classify else "causal" if finetune else resolve_objective(cfg)
-    args = training_arguments(cfg, precision, objective, sft)
+    args = training_arguments(cfg, precision, kind)
     join_process_group(args)
-    methods = build_methods(cfg.methods)
-    if classify:
-        pieces = classification_pieces(cfg, args)
-    elif finetune:
-        pieces = finetuning_pieces(cfg, args, tokenizer, report)
-    else:
-        pieces = pretraining_pieces(cfg, args, objective)
-    label_names = pieces.trainer_kwargs.pop("label_names", None)
+    methods = MethodStack(build_methods(cfg.methods))
+    pieces = kind.data(args)
     vocabulary = len(pieces.tokenizer)
-    tokenizer = prepare_tokenizer(methods, pieces.tokenizer)
+    tokenizer = methods.prepare_tokenizer(pieces.tokenizer)
     set_seed(cfg.seed)
-    if classify:
-        model = build_classifier(cfg, tokenizer, label_names)
-    else:
-        model = build_model(cfg.model, tokenizer, added_tokens=len(tokenizer) - vocabulary)
-    if finetune and cfg.data.packing:
-        check_packing(model)
+    model = kind.model(tokenizer, pieces, added_tokens=len(tokenizer) - vocabulary)
     trainer = pieces.trainer_class(
         model=model,
         args=args,
@@ -354,6 +199,5 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     output = trainer.train(resume_from_checkpoint=checkpoint)
     final = final_evaluation(trainer) if pieces.eval_dataset is not None else {}
     eval_loss = final.get("eval_nll", final.get("eval_loss"))  # plain NLL even under label smoothing
-    kind = "classification" if classify else "finetune" if finetune else "pretrain"
-    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision, objective,
-                     kind, final.get("eval_accuracy"))
+    return RunResult(cfg.run_dir, trainer.state.global_step, output.training_loss, eval_loss, precision,
+                     kind.objective, kind.name, final.get("eval_accuracy"))

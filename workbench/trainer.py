@@ -20,38 +20,39 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from workbench.checkpoints import write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
 from workbench.methods import Method
-from workbench.models.flops import active_experts_key, active_parameters, training_flops
-from workbench.models.lora import loraplus_lr_ratio, loraplus_optimizer
+from workbench.methods.stack import MethodStack
+from workbench.models.features import model_methods
+from workbench.models.flops import FlopCounter
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
 
 
 class _AfterOptimizerStep(TrainerCallback):
-    """Calls each method's `after_optimizer_step` once the optimizer has updated the weights.
+    """Calls the stack's `after_optimizer_step` once the optimizer has updated the weights.
 
     `on_optimizer_step` fires after `optimizer.step()`; under DeepSpeed that call is a no-op and the engine
     steps inside `backward` at the accumulation boundary, which is earlier still, so in both cases the new
     weights are in place (in the master copy under ZeRO-1/2/3: read them with `workbench.distributed`)."""
 
-    def __init__(self, trainer: WorkbenchMixin, methods: list[Method]) -> None:
-        self.trainer, self.methods = trainer, methods
+    def __init__(self, trainer: WorkbenchMixin) -> None:
+        self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs: Any) -> None:
-        for method in self.methods:
-            method.after_optimizer_step(self.trainer.model, self.trainer)
+        self.trainer.methods.after_optimizer_step(self.trainer.model, self.trainer)
 
 
 class WorkbenchMixin:
     """Method hooks, method state, manifest and NaN stop, over any `transformers.Trainer` subclass.
 
-    Put it first in the bases (`class T(WorkbenchMixin, SFTTrainer)`); it takes `methods=` and passes every
-    other argument on (see `workbench.methods` for the hooks)."""
+    Put it first in the bases (`class T(WorkbenchMixin, SFTTrainer)`); it takes `methods=` (a list of methods or
+    a `MethodStack`) and passes every other argument on. The model's own features (`model_methods`: LoRA+,
+    the LoRA update's norm, router load) go first in the stack; every hook is called through the stack
+    (`workbench.methods.stack`, which says how the hooks of several methods combine)."""
 
-    def __init__(self, *args: Any, methods: list[Method] | None = None, **kwargs: Any) -> None:
-        self.methods = list(methods or [])
-        for method in self.methods:
-            kwargs["model"] = method.prepare_model(kwargs["model"])
-        method_callbacks = [cb for method in self.methods for cb in method.callbacks()]
+    def __init__(self, *args: Any, methods: MethodStack | list[Method] | None = None, **kwargs: Any) -> None:
+        self.methods = MethodStack.of(methods).extended(model_methods(kwargs["model"]), first=True)
+        kwargs["model"] = self.methods.prepare_model(kwargs["model"])
+        method_callbacks = self.methods.callbacks()
         given = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=method_callbacks + given, **kwargs)
         # method callbacks (and any with `adds_metrics = True`) first, so the metrics they add to the logs reach
@@ -60,20 +61,15 @@ class WorkbenchMixin:
         for callback in reversed(method_callbacks + [cb for cb in given if getattr(cb, "adds_metrics", False)]):
             self.callback_handler.callbacks.remove(callback)
             self.callback_handler.callbacks.insert(0, callback)
-        for method in self.methods:  # after __init__: TRL builds its own collator there
-            self.data_collator = method.wrap_collator(self.data_collator)
-        self._loss_methods = [m for m in self.methods if m.overrides("loss")]
-        self._group_methods = [m for m in self.methods if m.overrides("param_groups")]
-        stepped = [m for m in self.methods if m.overrides("after_optimizer_step")]
-        if stepped:
-            self.add_callback(_AfterOptimizerStep(self, stepped))
-        self._active_parameters: dict[tuple[int, ...], int] = {}  # per k of the MoE layers (models.flops)
-        for method in self.methods:
-            method.setup(self)
+        self.data_collator = self.methods.wrap_collator(self.data_collator)  # after __init__: TRL builds its own
+        if self.methods.implementing("after_optimizer_step"):
+            self.add_callback(_AfterOptimizerStep(self))
+        self._flops = FlopCounter()
+        self.methods.setup(self)
 
     # --- hooks -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's loss, then each method's `loss` hook with the forward pass's outputs (logits and graph).
+        """The model's loss, then the stack's `loss` with the forward pass's outputs (logits and graph).
 
         With loss methods the loss is `transformers.Trainer`'s own computation, one forward pass through the
         model's LM head: TRL's `SFTTrainer` would use its fused LM head, which returns per-token
@@ -81,7 +77,7 @@ class WorkbenchMixin:
         `num_items_in_batch` reaches the hooks as the model's loss's own denominator: the global token count
         over ranks and accumulation steps divided by the ranks, because the Trainer multiplies the loss by the
         ranks when it averages tokens across devices; `None` where the model's loss is a per-micro-batch mean."""
-        if not self._loss_methods:
+        if not self.methods.implementing("loss"):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if getattr(getattr(self.model, "config", None), "use_cache", False) and "use_cache" not in inputs:
             inputs = {**inputs, "use_cache": False}  # as SFTTrainer does: a cache is no use to a training step
@@ -89,20 +85,15 @@ class WorkbenchMixin:
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         if items is not None and self.args.average_tokens_across_devices:
             items = items / max(1, self.accelerator.num_processes // self.get_tp_size())
-        for method in self._loss_methods:
-            loss = method.loss(model, inputs, outputs, loss, items)
+        loss = self.methods.loss(model, inputs, outputs, loss, items)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
-        ratio = loraplus_lr_ratio(self.model)
-        if ratio is not None:  # LoRA+ (model.loraplus_lr_ratio); refused under an optimizer in DeepSpeed's JSON
-            self.optimizer = loraplus_optimizer(self.model if model is None else model, self.args, ratio, self.optimizer)
         optimizer = super().create_optimizer(model)
-        if self._group_methods and not getattr(optimizer, "_workbench_grouped", False):
+        if self.methods.implementing("param_groups") and not getattr(optimizer, "_workbench_grouped", False):
             # under DeepSpeed the Trainer calls create_optimizer twice on one optimizer: group it once
-            groups = [dict(group) for group in optimizer.param_groups]
-            for method in self._group_methods:
-                groups = method.param_groups(self.model if model is None else model, groups)
+            groups = self.methods.param_groups(self.model if model is None else model,
+                                               [dict(group) for group in optimizer.param_groups])
             optimizer.param_groups.clear()
             for group in groups:  # add_param_group fills in the optimizer's defaults for missing options
                 optimizer.add_param_group(group)
@@ -110,14 +101,11 @@ class WorkbenchMixin:
         return optimizer
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """`total_flos` with mixture-of-experts layers counted by the experts a token uses (`models.flops`)."""
+        """`total_flos` as 6 x the parameters a token passes through x tokens (`models.flops.FlopCounter`)."""
         model = self.accelerator.unwrap_model(self.model)
         if "input_ids" not in inputs or not hasattr(model, "num_parameters"):
             return super().floating_point_ops(inputs)
-        key = active_experts_key(model)  # a converted SMoE model's k follows a schedule
-        if key not in self._active_parameters:
-            self._active_parameters[key] = active_parameters(model)
-        return training_flops(self._active_parameters[key], inputs["input_ids"].numel())
+        return self._flops(model, inputs["input_ids"].numel())
 
     # --- a non-finite loss stops the run before anything is saved -------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -134,26 +122,24 @@ class WorkbenchMixin:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.methods:
-            states = {m.name: m.state_dict() for m in self.methods}
-            torch.save(states, checkpoint / METHOD_STATE.format(rank=self.args.process_index))
+            torch.save(self.methods.state_dict(), checkpoint / METHOD_STATE.format(rank=self.args.process_index))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             write_manifest(checkpoint, self.state.global_step)
 
     def load_method_state(self, checkpoint: str | Path) -> None:
         """Restore every method's state from `checkpoint` (this rank's file, else rank 0's)."""
-        if not self.methods:
+        if not self.methods.implementing("state_dict"):  # nothing to restore
             return
         path = Path(checkpoint) / METHOD_STATE.format(rank=self.args.process_index)
         if not path.is_file():
             path = Path(checkpoint) / METHOD_STATE.format(rank=0)
         if not path.is_file():
             raise CheckpointError(f"checkpoint '{checkpoint}' has no method state ({path.name}) to resume from")
-        states = torch.load(path, weights_only=True)
-        for method in self.methods:
-            if method.name not in states:
-                raise CheckpointError(f"checkpoint '{checkpoint}' has no state for method '{method.name}'")
-            method.load_state_dict(states[method.name])
+        try:
+            self.methods.load_state_dict(torch.load(path, weights_only=True), f"checkpoint '{checkpoint}'")
+        except KeyError as err:
+            raise CheckpointError(err.args[0]) from None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Work around transformers 5.24 loading a checkpoint's raw keys without the model's renamings

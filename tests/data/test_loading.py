@@ -151,7 +151,7 @@ def test_question_answer_generators_as_pretraining_text():
     """`synthetic:arithmetic` with `format: text`: each problem and its worked answer as one document, in
     the fine-tuning prompt format, so a base can pretrain on the kind of text its arms fine-tune on."""
     from workbench.data.loading import QA_PROMPT
-    from workbench.finetune import is_finetuning
+    from workbench.kinds.finetuning import is_finetuning
 
     synthetic = {"num_problems": 20, "num_steps": 1, "max_value": 10}
     cfg = DataConfig(source="synthetic:arithmetic", format="text", synthetic=synthetic)

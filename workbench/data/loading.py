@@ -147,7 +147,7 @@ def _fact_value(options: FactWorldConfig) -> Dataset:
 class Generator:
     """A built-in source: its options dataclass (`data.synthetic`), its rows, and the kind of data they are
     (`text`: pre-training documents in column text; `qa`: columns question and answer; `classification`: columns
-    text and label, a sequence-classification run, `workbench.classification`)."""
+    text and label, a sequence-classification run, `workbench.kinds.classification`)."""
 
     options: type
     build: Callable[[Any], Dataset]

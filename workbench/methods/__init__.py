@@ -66,6 +66,8 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     needs_full_finetuning: ClassVar[bool] = False
+    needs_lora: ClassVar[bool] = False  # trains LoRA adapters (refuses a run without model.lora)
+    replaces: ClassVar[tuple[str, ...]] = ()  # parts of the model it swaps for its own modules, e.g. ("mlp",)
     logged_metrics: ClassVar[tuple[str, ...] | None] = None  # what it adds to the logs (None: not declared)
 
     def __init__(self, config: Any | None = None) -> None:
@@ -146,7 +148,9 @@ def method_class(name: str) -> type[Method]:
 
 def _import_method(path: str) -> type[Method]:
     """`package.module:ClassName` -> that Method subclass (registered under `path` if it has no name), from
-    the Python path or, as `python -m` would, the current directory (`launch/train.py` puts `launch/` first)."""
+    the Python path or, as `python -m` would, the current directory (`launch/train.py` puts `launch/` first and
+    the `workbench` command its bin folder; `python -m workbench_cli.train`, as `deepspeed --module` starts it,
+    has the current directory already)."""
     module_name, _, class_name = path.partition(":")
     if os.getcwd() not in sys.path and importlib.util.find_spec(module_name.partition(".")[0]) is None:
         sys.path.append(os.getcwd())

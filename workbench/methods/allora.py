@@ -231,6 +231,7 @@ class Allora(Method):
     update variant and log c; both are plain PEFT / `transformers` objects, usable in any `Trainer`."""
 
     Config = AlloraConfig
+    needs_lora = True
     logged_metrics = ("allora_c_min", "allora_c_median", "allora_c_max", "allora_ba_norm")
 
     def __init__(self, config: AlloraConfig | None = None) -> None:

@@ -98,8 +98,8 @@ def load_teacher(source: str, dtype: str | None = None, like: torch.nn.Module | 
     """The frozen teacher: `source` as a workbench run (its newest complete checkpoint), a folder or a hub name,
     through `workbench.models.load_trained_model` (adapters merged), in eval mode with requires_grad False.
     A sequence-classification student (`like`) gets a sequence-classification teacher."""
+    from workbench.base_run import is_run_folder
     from workbench.checkpoints import newest_complete_checkpoint
-    from workbench.finetune import is_run_folder
     from workbench.models import load_trained_model
 
     path: str | Path = source
@@ -196,7 +196,7 @@ class Sinkd(Method):
     def check_tokenizer(self, tokenizer: Any) -> None:
         """A teacher run's tokenizer must be the student's: the teacher reads the student's input_ids (a
         classifier's labels can agree while its inputs are tokenised differently)."""
-        from workbench.finetune import is_run_folder
+        from workbench.base_run import is_run_folder
         from workbench.layout import TOKENIZER_DIR
 
         folder = Path(self.config.teacher).expanduser() / TOKENIZER_DIR

@@ -198,6 +198,7 @@ class SMoEDropout(Method):
 
     Config = SMoEDropoutConfig
     needs_full_finetuning = True  # the experts replace the MLP weights LoRA would adapt
+    replaces = ("mlp",)
     logged_metrics = ("smoe_k", "smoe_load_min", "smoe_load_max", "smoe_load_cv", "smoe_balance_loss")
 
     def __init__(self, config: SMoEDropoutConfig | None = None) -> None:

@@ -65,3 +65,17 @@ def active_experts_key(model: nn.Module) -> tuple[int, ...]:
 def training_flops(active: int, tokens: int) -> int:
     """FLOPs of one forward and backward pass of `tokens` tokens through `active` active parameters (6N)."""
     return 6 * active * tokens
+
+
+class FlopCounter:
+    """FLOPs of a training step through any model: `training_flops` of its `active_parameters`, computed once
+    per `active_experts_key` (a dense model has one key; a converted SMoE model one per k of its schedule)."""
+
+    def __init__(self) -> None:
+        self._active: dict[tuple[int, ...], int] = {}
+
+    def __call__(self, model: PreTrainedModel, tokens: int) -> int:
+        key = active_experts_key(model)
+        if key not in self._active:
+            self._active[key] = active_parameters(model)
+        return training_flops(self._active[key], tokens)

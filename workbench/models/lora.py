@@ -23,7 +23,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from workbench.config import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER
+from workbench.config import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -152,7 +152,7 @@ def apply_lora(model: PreTrainedModel, options: dict[str, Any]) -> PeftModel:
 
 
 def set_loraplus_lr_ratio(model: PeftModel, ratio: float | None) -> None:
-    """Mark `model` for the LoRA+ optimizer (read by `WorkbenchTrainer.create_optimizer`)."""
+    """Mark `model` for LoRA+ (`workbench.models.features.LoraPlus` reads it)."""
     setattr(model, LORAPLUS_ATTRIBUTE, ratio)
 
 
@@ -161,30 +161,73 @@ def loraplus_lr_ratio(model: torch.nn.Module) -> float | None:
     return getattr(model, LORAPLUS_ATTRIBUTE, None)
 
 
-def loraplus_optimizer(model: PeftModel, args: TrainingArguments, lr_ratio: float,
-                       existing: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
-    """LoRA+ (`peft.optimizers.create_loraplus_optimizer`) with the optimizer class, learning rate, weight decay
-    and optimizer options `args` give the Trainer: `lora_B` and 1-D parameters train at `lr_ratio` x the rate.
+def is_lora_model(model: torch.nn.Module) -> bool:
+    """Whether `model` carries LoRA adapters (a PEFT model with LoRA layers)."""
+    from peft.tuners.lora import LoraLayer
 
-    `existing` is the Trainer's optimizer so far: one built before is kept; DeepSpeed's placeholder for an
-    optimizer its JSON config defines (which would train every parameter at one rate) is a ConfigError."""
-    from accelerate.utils import DummyOptim
+    return isinstance(model, PeftModel) and any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+class _GroupsOnly:
+    """Stands in for an optimizer class: keeps the parameter groups it is given (see `loraplus_param_groups`)."""
+
+    def __init__(self, params: list[dict[str, Any]], **options: Any) -> None:
+        self.param_groups = params
+
+
+def loraplus_param_groups(model: torch.nn.Module, lr: float, lr_ratio: float,
+                          weight_decay: float) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups exactly as `peft.optimizers.create_loraplus_optimizer` builds them: `lora_B`
+    and 1-D parameters at `lr_ratio` x `lr`, LoRA embeddings at peft's embedding rate, the rest at `lr`."""
     from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, _GroupsOnly, lr=lr, loraplus_lr_ratio=lr_ratio,
+                                     loraplus_weight_decay=weight_decay).param_groups
+
+
+def loraplus_groups(model: torch.nn.Module, groups: list[dict[str, Any]], lr_ratio: float,
+                    args: TrainingArguments) -> list[dict[str, Any]]:
+    """The `param_groups` hook of LoRA+: the Trainer's groups regrouped by `loraplus_param_groups` (every
+    parameter the Trainer optimises, at LoRA+'s rate and `args.weight_decay`)."""
+    optimised = {id(p) for group in groups for p in group["params"]}
+    regrouped = loraplus_param_groups(model, args.learning_rate, lr_ratio, args.weight_decay)
+    regrouped = [{**group, "params": [p for p in group["params"] if id(p) in optimised]} for group in regrouped]
+    if sum(len(group["params"]) for group in regrouped) != len(optimised):
+        raise ValueError("LoRA+: the optimizer trains parameters the model does not list as trainable")
+    return regrouped
+
+
+def check_loraplus_optimizer(args: TrainingArguments, existing: torch.optim.Optimizer | None = None) -> None:
+    """ConfigError where LoRA+ cannot set its rates: DeepSpeed's placeholder for an optimizer its JSON config
+    defines (which would train every parameter at one rate), or an optimizer that builds its own groups."""
+    from accelerate.utils import DummyOptim
     from transformers import Trainer
     from transformers.trainer_optimizer import is_optimizer_factory
 
-    if isinstance(existing, DummyOptim):
+    config = args.deepspeed
+    defines = "optimizer" in config if isinstance(config, dict) else bool(config) and deepspeed_defines_optimizer(config)
+    if isinstance(existing, DummyOptim) or defines:
         raise ConfigError(LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER)
-    if existing is not None:
-        return existing
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
         raise ConfigError(f"field 'model.loraplus_lr_ratio': LoRA+ needs an optimizer over parameter groups, "
                           f"and 'training.optim' {args.optim!r} builds its own; use e.g. 'adamw_torch'")
+
+
+def loraplus_optimizer(model: PeftModel, args: TrainingArguments, lr_ratio: float,
+                       existing: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """A LoRA+ optimizer for anyone's `Trainer` (`optimizers=(loraplus_optimizer(...), None)`): the optimizer
+    class and options `args` give the Trainer over `loraplus_param_groups`. `existing`: an optimizer built
+    before is kept; DeepSpeed's placeholder is a ConfigError (`check_loraplus_optimizer`)."""
+    from transformers import Trainer
+
+    check_loraplus_optimizer(args, existing)
+    if existing is not None:
+        return existing
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     kwargs = dict(kwargs)
     lr = kwargs.pop("lr")
-    return create_loraplus_optimizer(model, optimizer_cls, lr=lr, loraplus_lr_ratio=lr_ratio,
-                                     loraplus_weight_decay=args.weight_decay, **kwargs)
+    return optimizer_cls(loraplus_param_groups(model, lr, lr_ratio, args.weight_decay), lr=lr, **kwargs)
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:

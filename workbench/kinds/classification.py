@@ -2,7 +2,7 @@
 
 A run classifies when its data have labels: `data.label_column` is set (any source with that column and
 `data.text_column`), or the source is a generator of labelled rows (`synthetic:fact_tf`, `synthetic:fact_value`, column `label`).
-It is decided from the config alone, like `workbench.finetune.is_finetuning`, and checked first.
+It is decided from the config alone, like `workbench.kinds.finetuning.is_finetuning`, and tried first.
 
     data: {source: synthetic:fact_tf, synthetic: {num_entities: 60}, block_size: 32}
     model: {preset: pythia-tiny}            # or name_or_path: a hub model, a folder, or runs/<name>
@@ -34,10 +34,13 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TrainingArguments,
 )
 
 from workbench.config import DataConfig, ExperimentConfig
 from workbench.errors import ConfigError
+from workbench.kinds import DataPieces, RunKind, register_kind
+from workbench.trainer import WorkbenchTrainer
 
 KIND = "classification"
 DEFAULT_LABEL_COLUMN = "label"
@@ -215,3 +218,35 @@ def build_classifier(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, 
 
 def _has_classifier(config: Any) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or [])
+
+
+@register_kind()
+class Classification(RunKind):
+    """Texts with labels, tokenised one example a row, for `WorkbenchTrainer`; the label names size the head."""
+
+    name = KIND
+
+    @classmethod
+    def matches(cls, cfg: ExperimentConfig) -> bool:
+        return is_classification(cfg.data)
+
+    def check(self) -> None:
+        check_classification(self.cfg)
+        self.objective = KIND
+
+    def data(self, args: TrainingArguments) -> DataPieces:
+        cfg = self.cfg
+        with args.main_process_first(desc="building tokenizer and data"):
+            splits, names = classification_splits(cfg.data)
+            tokenizer = classification_tokenizer(cfg, splits["train"]["text"])
+            splits = tokenize(splits, tokenizer, cfg.data.block_size)
+        validation = splits["validation"] if len(splits["validation"]) else None
+        kwargs: dict[str, Any] = {"data_collator": classification_collator(tokenizer)}
+        if validation is not None:
+            kwargs["compute_metrics"] = classification_metrics
+        return DataPieces(tokenizer, WorkbenchTrainer, splits["train"], validation, kwargs,
+                          f"{len(splits['train'])} training texts in {len(names)} classes, up to "
+                          f"{cfg.data.block_size} tokens", model_options={"label_names": names})
+
+    def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
+        return build_classifier(self.cfg, tokenizer, pieces.model_options["label_names"])

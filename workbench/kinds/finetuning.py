@@ -1,4 +1,4 @@
-"""The fine-tuning side of a run: prompt/completion or chat data trained with TRL's `SFTTrainer`.
+"""Fine-tuning: prompt/completion or chat examples trained with TRL's `SFTTrainer`.
 
 A run fine-tunes when its data are fine-tuning examples (`data.format` resolves to `prompt_completion` or
 `messages`, e.g. `synthetic:arithmetic` or a JSONL file with `prompt`/`completion` columns). TRL then does
@@ -7,24 +7,28 @@ keeps examples apart), and truncation; the workbench adds its trainer additions 
 `workbench.trainer.WorkbenchMixin` and reports how many examples were truncated.
 
 The model is a pretrained one: a hub name, a local folder, or a run of this workbench
-(`model.name_or_path: runs/<name>`, its newest complete checkpoint and its tokenizer; `resolve_base_run`).
+(`model.name_or_path: runs/<name>`, its newest complete checkpoint and its tokenizer; `workbench.base_run`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import yaml
 from datasets import DatasetDict
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from workbench.checkpoints import newest_complete_checkpoint
 from workbench.config import DataConfig, ExperimentConfig
-from workbench.data.finetune import load_finetune_splits, resolve_format, sft_config_fields, truncation_report
+from workbench.data.finetune import (
+    check_packing,
+    load_finetune_splits,
+    resolve_format,
+    sft_config_fields,
+    truncation_report,
+)
 from workbench.errors import ConfigError
-from workbench.layout import RUN_CONFIG, TOKENIZER_DIR
-from workbench.models import load_tokenizer
+from workbench.kinds import DataPieces, RunKind, register_kind
+from workbench.models import build_model, load_tokenizer
+from workbench.trainer import sft_trainer_class
 
 FINETUNING_FORMATS = ("prompt_completion", "messages")
 
@@ -36,48 +40,6 @@ def is_finetuning(data: DataConfig) -> bool:
     if data.format == "text" or data.source.startswith("synthetic:fact_world"):
         return False
     return resolve_format(data) in FINETUNING_FORMATS
-
-
-def is_run_folder(path: str | Path) -> bool:
-    """A folder written by `launch/train.py` (it holds the run's `config.yaml`)."""
-    return (Path(path).expanduser() / RUN_CONFIG).is_file()
-
-
-def resolve_base_run(cfg: ExperimentConfig, report=print, resuming: bool = False) -> ExperimentConfig:
-    """`model.name_or_path: runs/<name>` -> that run's newest complete checkpoint, and (unless
-    `model.tokenizer` is set) its tokenizer; the config is returned with both paths filled in, so the run's
-    `config.yaml` records exactly what it started from. Any other `name_or_path` is returned unchanged.
-
-    When `resuming`, the checkpoint the run started from (its own `config.yaml`) is kept, even if the base run
-    has trained on since: adapters and optimizer state belong to that base."""
-    source = cfg.model.name_or_path
-    if source is None or not is_run_folder(source):
-        return cfg
-    started = base_run_of(cfg.run_dir) if resuming else None
-    if started is not None and Path(started).parent == Path(source).expanduser().absolute():
-        report(f"[workbench] resuming on the base it started from: {started}")
-        tokenizer = cfg.model.tokenizer or str(Path(started).parent / TOKENIZER_DIR)
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": started,
-                                                                             "tokenizer": tokenizer})})
-    run = Path(source).expanduser().absolute()  # adapters record their base path: it must work from anywhere
-    checkpoint = newest_complete_checkpoint(run, report=report)
-    if checkpoint is None:
-        raise ConfigError(f"field 'model.name_or_path': run '{source}' has no complete checkpoint to start from "
-                          "(train it first, or name a checkpoint folder)")
-    tokenizer = cfg.model.tokenizer or str(run / TOKENIZER_DIR)
-    if not Path(tokenizer).is_dir():
-        raise ConfigError(f"field 'model.name_or_path': run '{source}' has no {TOKENIZER_DIR}/ folder")
-    report(f"[workbench] starting from run '{source}': {checkpoint.name}")
-    model = cfg.model.model_copy(update={"name_or_path": str(checkpoint), "tokenizer": tokenizer})
-    return cfg.model_copy(update={"model": model})
-
-
-def base_run_of(run_dir: Path) -> str | None:
-    """The checkpoint a fine-tuning run started from, as its `config.yaml` records it (None for a preset)."""
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        return None
-    return (yaml.safe_load(path.read_text()).get("model") or {}).get("name_or_path")
 
 
 def finetuning_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
@@ -120,3 +82,43 @@ def finetuning_splits(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
                           f"{truncation.max_length} tokens before their completion starts; raise data.block_size")
     report(f"[workbench] {truncation}")
     return splits
+
+
+@register_kind()
+class Finetuning(RunKind):
+    """Prompt/completion or chat examples for `WorkbenchSFTTrainer` (TRL tokenises, masks and pads)."""
+
+    name = "finetune"
+    # SFTConfig's own defaults differ from TrainingArguments' (activation checkpointing on, lr 2e-5): one run
+    # kind does not silently train differently from the other
+    SFT_DEFAULTS: dict[str, Any] = {"gradient_checkpointing": False, "learning_rate": 5e-5}
+
+    @classmethod
+    def matches(cls, cfg: ExperimentConfig) -> bool:
+        return is_finetuning(cfg.data)
+
+    def check(self) -> None:
+        self.tokenizer = finetuning_tokenizer(self.cfg)
+        self.sft_fields = sft_fields(self.cfg, self.tokenizer)
+
+    def arguments_class(self) -> type[TrainingArguments]:
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def argument_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {**self.SFT_DEFAULTS, **fields, **self.sft_fields}
+
+    def data(self, args: TrainingArguments) -> DataPieces:
+        cfg = self.cfg
+        with args.main_process_first(desc="loading fine-tuning data"):
+            splits = finetuning_splits(cfg, self.tokenizer, self.report)
+        validation = splits["validation"] if len(splits["validation"]) else None
+        return DataPieces(self.tokenizer, sft_trainer_class(), splits["train"], validation, {},
+                          f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens")
+
+    def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
+        model = build_model(self.cfg.model, tokenizer, added_tokens=added_tokens)
+        if self.cfg.data.packing:
+            check_packing(model)
+        return model

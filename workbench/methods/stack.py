@@ -1,0 +1,135 @@
+"""`MethodStack`: the enabled methods of a run, and the one place each of their hooks is called.
+
+The stack holds the model's own features (`workbench.models.features`: LoRA+'s learning rates, the LoRA update's
+norm, the load of learned routers) followed by the config's methods in YAML order, and defines how hooks of
+several methods combine:
+
+    prepare_tokenizer, prepare_model   chained in order: each method gets what the one before returned
+    wrap_collator                       nested in order: the first method wraps the Trainer's collator, the
+                                        second wraps that, ... (a batch passes the first method's wrapper first)
+    callbacks                           all of them, in order, ahead of the run's own callbacks
+    setup, after_optimizer_step         each method once, in order
+    param_groups                        chained in order over the optimizer's groups
+    loss                                independent of order: every method gets the model's own loss L0 (never
+                                        another method's result) and returns the loss it alone would train on,
+                                        L_m; the step trains on L0 + sum_m (L_m - L0). A method that adds a term
+                                        (SMoE's balance loss) and one that mixes L0 with another (SinKD's
+                                        (1-a) L0 + a KD + b S) then add up to (1-a) L0 + a KD + b S + l B in
+                                        either order. With one loss method the step trains on L_m itself.
+    state_dict                          one entry per method, by name
+
+Two methods that cannot share a run are a config error naming both (`check_compatible`, called as the config is
+validated): one that trains every weight beside one that needs LoRA adapters, and two that replace the same
+part of the model (`Method.replaces`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from workbench.methods import Method, method_class
+
+
+class MethodStack:
+    """The methods of a run, in order; every hook of every method is called through it."""
+
+    def __init__(self, methods: Iterable[Method] = ()) -> None:
+        self.methods: list[Method] = list(methods)
+        names = [method.name for method in self.methods]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"method '{repeated[0]}' is in the stack twice")
+
+    @classmethod
+    def of(cls, methods: MethodStack | Sequence[Method] | None) -> MethodStack:
+        return methods if isinstance(methods, MethodStack) else cls(methods or ())
+
+    def __iter__(self):
+        return iter(self.methods)
+
+    def __len__(self) -> int:
+        return len(self.methods)
+
+    def __bool__(self) -> bool:
+        return bool(self.methods)
+
+    def extended(self, methods: Iterable[Method], first: bool = False) -> MethodStack:
+        """A stack with `methods` added at the end (or at the start, `first`)."""
+        added = list(methods)
+        return MethodStack(added + self.methods if first else self.methods + added)
+
+    def implementing(self, hook: str) -> list[Method]:
+        return [method for method in self.methods if method.overrides(hook)]
+
+    # --- hooks, in the order a run calls them ----------------------------------------------------------------
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+        for method in self.methods:
+            tokenizer = method.prepare_tokenizer(tokenizer)
+        return tokenizer
+
+    def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
+        for method in self.methods:
+            model = method.prepare_model(model)
+        return model
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [callback for method in self.methods for callback in method.callbacks()]
+
+    def wrap_collator(self, collator: Any) -> Any:
+        for method in self.methods:
+            collator = method.wrap_collator(collator)
+        return collator
+
+    def setup(self, trainer: Trainer) -> None:
+        for method in self.methods:
+            method.setup(trainer)
+
+    def loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any, loss: torch.Tensor,
+             num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """L0 + sum_m (L_m - L0) over the methods with a `loss` hook (see the module docstring)."""
+        total = None
+        for method in self.implementing("loss"):
+            own = method.loss(model, inputs, outputs, loss, num_items_in_batch)
+            total = own if total is None else total + (own - loss)
+        return loss if total is None else total
+
+    def param_groups(self, model: torch.nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for method in self.implementing("param_groups"):
+            groups = method.param_groups(model, groups)
+        return groups
+
+    def after_optimizer_step(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        for method in self.implementing("after_optimizer_step"):
+            method.after_optimizer_step(model, trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {method.name: method.state_dict() for method in self.methods}
+
+    def load_state_dict(self, states: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Every method's state from `states`; a method that keeps state (implements `state_dict`) and has no
+        entry is a KeyError naming it; a method without state needs none."""
+        for method in self.methods:
+            if method.name in states:
+                method.load_state_dict(states[method.name])
+            elif method.overrides("state_dict"):
+                raise KeyError(f"{source} has no state for method '{method.name}'")
+
+
+def check_compatible(names: Sequence[str], lora: dict[str, Any] | None) -> None:
+    """Raise ValueError('[a+b] ...') when two of the configured methods cannot share a run: one trains every
+    weight and the other needs LoRA adapters, or both replace the same part of the model."""
+    classes = [method_class(name) for name in names]
+    for i, first in enumerate(classes):
+        for second in classes[i + 1:]:
+            pair = f"[{first.name}+{second.name}] methods '{first.name}' and '{second.name}' cannot run together"
+            for full, adapted in ((first, second), (second, first)):
+                if full.needs_full_finetuning and adapted.needs_lora:
+                    raise ValueError(f"{pair}: '{full.name}' trains every weight and '{adapted.name}' trains "
+                                     "LoRA adapters; remove one of them")
+            shared = sorted(set(first.replaces) & set(second.replaces))
+            if shared:
+                raise ValueError(f"{pair}: both replace the model's {', '.join(shared)}; remove one of them")
