@@ -1,7 +1,7 @@
 """Entropic optimal transport between two sets of probability vectors: the batch-wise Sinkhorn distance of SinKD.
 
 Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING 2024; official code
-2018cx/SinKD, `loss.py` class `Sinkhorn`); the sections cited are the project's spec `methods/sinkd.md`, whose
+2018cx/SinKD, `loss.py` class `Sinkhorn`); the sections cited are the project's spec `docs/specs/sinkd.md`, whose
 Corrections win where they differ. The N student and M teacher distributions of a batch are two point clouds
 with uniform weights (a_i = 1/N, b_j = 1/M), and the ground cost between two *samples* is the L1 distance of
 their class (or vocabulary) distributions:

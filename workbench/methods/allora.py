@@ -2,7 +2,7 @@
 
 "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws" (Huang & Balestriero, arXiv 2410.09692). The paper's
 own equation numbers were not retrieved, so the equations are numbered here, as in docs/methods/allora.md; the
-sections cited are the project's ALLoRA spec (§1.2, and its Corrections, which win where they differ).
+sections cited are the project's ALLoRA spec `docs/specs/allora.md` (§1.2, and its Corrections, which win where they differ).
 PyTorch/PEFT notation: W₀ ∈ R^{out×in}, A ∈ R^{r×in}, B ∈ R^{out×r} (B starts at 0), ΔW = BA, and δ = ∂L/∂y the
 error at the output of the LoRA branch y = B(Ax).
 

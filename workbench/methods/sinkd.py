@@ -1,7 +1,7 @@
 """SinKD: knowledge distillation with a batch-wise Sinkhorn distance, from a frozen teacher.
 
 Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (LREC-COLING 2024); official code
-2018cx/SinKD. The sections cited are the project's spec `methods/sinkd.md`, whose Corrections win where they
+2018cx/SinKD. The sections cited are the project's spec `docs/specs/sinkd.md`, whose Corrections win where they
 differ. With the student's logits z^s, the teacher's z^t (same inputs, no gradient) and the model's own CE:
 
     (1) s = softmax(z^s/τ), t = softmax(z^t/τ)                          KD temperature τ (`temperature`)

@@ -4,7 +4,7 @@
 VITA-Group/Random-MoE-as-Dropout). Each chosen dense MLP becomes E experts of width d_ff/E (eqs. (1)-(7) in
 `workbench/models/moe.py`); a frozen, randomly initialised router sends each token to its top k experts, and k
 grows over training. At test time any k from 1 to E may be used ("self-slimmable"); k = E is the code's
-score-based dense inference. Numbering continues `models/moe.py`; § are the project's spec (its Corrections win):
+score-based dense inference. Numbering continues `models/moe.py`; § are the project's spec `docs/specs/smoe_dropout.md` (its Corrections win):
 
     (8)  k(t) = clip(round((k_max − k_min)·t/T) + k_min, k_min, k_max)             `linear_increase` (§2.3)
     (9)  other modes (the code's `calculate_gate_number`; Python's round, half to even):

@@ -1,7 +1,7 @@
 """Mixture-of-experts MLPs cut from a dense MLP (SMoE-Dropout, Chen et al., ICLR 2023): the model side.
 
 A dense MLP of width d_ff becomes E experts of width H = d_ff/E with, together, the dense MLP's parameters. The
-project's SMoE-Dropout spec (`shared/methods/smoe_dropout.md`, its Corrections win) and the official code
+project's SMoE-Dropout spec (`docs/specs/smoe_dropout.md`, its Corrections win) and the official code
 (VITA-Group/Random-MoE-as-Dropout) define, per token x ∈ R^d (numbering ours):
 
     (1) expert e:     E_e(x) = W2_e · act(W1_e x + b1_e) + b2_e          (GPT-NeoX, BERT: ReLU/GELU MLPs)
