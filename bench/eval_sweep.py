@@ -1,7 +1,7 @@
 """Checkpoint sweeps: the workbench evaluator against `lm_eval.simple_evaluate` called afresh per checkpoint.
 
     python bench/eval_sweep.py                     # trains a tiny run with 16 checkpoints, then N = 4 and 16
-    python bench/eval_sweep.py --run runs/bose-stability-s0 --limit 100
+    python bench/eval_sweep.py --run 'runs/bose-stability/arm=held-out_seed=0' --limit 100   # a stability run
 
 Both paths get the same lm-eval task configs (every prompt style of factworld_mc and factworld_qa), the
 same checkpoints (loaded the same way) and the same `HFLM` batch size, in one process, one after the other
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from workbench.config import EvalConfig  # noqa: E402
+from workbench_eval.config import EvalConfig  # noqa: E402
 from workbench_eval.evaluator import Evaluator, load_checkpoint_model, quiet  # noqa: E402
 from workbench_eval.scoring import BlankPplScorer  # noqa: E402
 from workbench_eval.specs import data_config, load_spec  # noqa: E402
@@ -35,7 +35,7 @@ def tiny_run(out: Path, checkpoints: int) -> Path:
     import subprocess
 
     steps = 8 * checkpoints
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "configs" / "quickstart.yaml"),
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "workbench" / "configs" / "quickstart.yaml"),
            "--overwrite", "--set", "name=eval-bench", "--set", f"runs_dir={out}", "--set", "deepspeed=null",
            "--set", "precision=fp32", "--set", f"training.max_steps={steps}", "--set", "training.save_steps=8",
            "--set", "training.save_total_limit=null", "--set", "training.eval_strategy=no",

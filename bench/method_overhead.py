@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import cpu_name, set_threads, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-FINETUNE = REPO / "configs" / "finetune" / "arithmetic-lora.yaml"
+FINETUNE = REPO / "workbench" / "configs" / "finetune" / "arithmetic-lora.yaml"
 TARGET_RATIO = 1.05
 LORA = ["model.lora.lora_dropout=0.0"]
 FULL = ["model.lora=null"]
@@ -95,7 +95,7 @@ def _quiet_train(cfg, callbacks):
 
 def pretrain_base(folder: Path, precision: str) -> Path:
     """A small pretrained run (the quickstart model, 40 steps on the fact world) to fine-tune from."""
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+    cfg = load_config(REPO / "workbench" / "configs" / "quickstart.yaml", [
         "name=base", f"runs_dir={folder}", "deepspeed=null", f"precision={precision}", "training.max_steps=40",
         "training.eval_strategy=no", "training.save_steps=40", "training.report_to=[]", "training.disable_tqdm=true",
         f"data.cache_dir={folder / 'cache'}"])

@@ -1,102 +1,20 @@
-"""Merge a LoRA run's adapter into its base model: a plain transformers model folder (safetensors + tokenizer).
+"""Merge a LoRA run's adapter into its base model: `workbench merge` as a script of the checkout (its code: workbench_cli/merge.py).
 
-    python launch/merge.py runs/lora-run --out merged/lora-run              # the newest complete checkpoint
-    python launch/merge.py runs/lora-run/checkpoint-200 --out merged/step200
-
-The adapter is loaded on the base model its adapter_config.json names, merged in fp32 (`merge_and_unload`) and
-saved in the base model's dtype, with the run's tokenizer (runs/<name>/tokenizer, else the checkpoint's own).
-The result loads with `AutoModelForCausalLM.from_pretrained(out)` and no PEFT. Nothing is written on an error.
+    python launch/merge.py runs/lora-run --out merged/   # see --help
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-from workbench.errors import CheckpointError, ConfigError, WorkbenchError
-from workbench.layout import TOKENIZER_DIR
+try:
+    from workbench_cli.merge import main, run
+except ModuleNotFoundError as err:  # installed before workbench_cli existed (`pip install -e .` again), or not at all
+    if err.name != "workbench_cli":
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from workbench_cli.merge import main, run
 
-
-def find_adapter_checkpoint(path: Path) -> Path:
-    """`path` itself when it is an adapter checkpoint (verified when it has a manifest), else the newest
-    complete checkpoint of the run at `path`; CheckpointError when there is none or it holds a full model."""
-    from workbench.checkpoints import (
-        MANIFEST,
-        list_checkpoints,
-        newest_complete_checkpoint,
-        verify_checkpoint,
-    )
-    from workbench.models.lora import is_adapter_checkpoint
-
-    if not path.is_dir():
-        raise ConfigError(f"'{path}' not found: give a run folder (runs/<name>) or one of its checkpoints")
-    if list_checkpoints(path):
-        checkpoint = newest_complete_checkpoint(path, report=lambda line: print(line, file=sys.stderr))
-        if checkpoint is None:
-            raise CheckpointError(f"run '{path}' has no complete checkpoint")
-    else:
-        checkpoint = path
-        if (checkpoint / MANIFEST).is_file():
-            verify_checkpoint(checkpoint)
-    if not is_adapter_checkpoint(checkpoint):
-        raise CheckpointError(f"checkpoint '{checkpoint}' holds no LoRA adapter (no adapter_config.json): "
-                              f"its model.safetensors is already a full model")
-    return checkpoint
-
-
-def tokenizer_source(checkpoint: Path) -> Path | None:
-    """The run's tokenizer folder (runs/<name>/tokenizer), else the checkpoint when the Trainer saved one there."""
-    for folder in (checkpoint.parent / TOKENIZER_DIR, checkpoint):
-        if (folder / "tokenizer_config.json").is_file():
-            return folder
-    return None
-
-
-def merge(checkpoint: Path, out: Path) -> Path | None:
-    """Write the merged model of adapter `checkpoint` (and its tokenizer) to `out`, atomically; returns the
-    tokenizer folder used, or None when there was none to copy."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
-    from workbench.io import publish_folder
-    from workbench.models import load_trained_model
-    from workbench.models.lora import adapter_base
-
-    model = load_trained_model(checkpoint, dtype=torch.float32, merge=True)
-    saved_dtype = getattr(AutoConfig.from_pretrained(adapter_base(checkpoint)), "dtype", None)
-    if isinstance(saved_dtype, torch.dtype):
-        model = model.to(saved_dtype)
-    source = tokenizer_source(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(str(source)) if source else None
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(str(folder), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(folder))
-
-    if not publish_folder(out, write):
-        raise ConfigError(f"--out '{out}' already exists and is not empty")
-    return source
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", type=Path, help="a run folder (runs/<name>) or one of its checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the merged model (must not exist)")
-    args = parser.parse_args(argv)
-    try:
-        if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
-            raise ConfigError(f"--out '{args.out}' already exists and is not empty")
-        checkpoint = find_adapter_checkpoint(args.path)
-        tokenizer = merge(checkpoint, args.out)
-    except WorkbenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"merged {checkpoint} into {args.out}" + (f" (tokenizer from {tokenizer})" if tokenizer else
-                                                   " (no tokenizer found: copy one next to it)"))
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -102,7 +102,8 @@ def tiny(tmp_path: Path):
 
 
 def launch_main(script: str, argv: list[str]) -> int:
-    """Call launch/<script>.py's `main` in this process (entry points are scripts, not package modules)."""
+    """Call launch/<script>.py's `main` in this process, loaded as the script is (a thin script over
+    `workbench_cli.<script>`, the `workbench <script>` command)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"{script}_entry", REPO / "launch" / f"{script}.py")
@@ -113,6 +114,18 @@ def launch_main(script: str, argv: list[str]) -> int:
 
 def train_main(argv: list[str]) -> int:
     return launch_main("train", argv)
+
+
+INTEGRATION = REPO / "tests" / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration/ (DeepSpeed ranks, an installed wheel) is in the `integration` tier
+    unless it is `slow`: the three tiers (plain `pytest`, `-m integration`, `-m slow`) never overlap."""
+    for item in items:
+        if INTEGRATION in item.path.parents and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
 
 
 def kill_when_step_reached(cmd: list[str], metrics: Path, kill_step: int, timeout: float = 300) -> None:

@@ -10,16 +10,16 @@ import pytest
 from conftest import tiny_config, train_main, write_config
 from transformers import EvalPrediction
 
+from workbench.config import DataConfig, ExperimentConfig
+from workbench.data.loading import FactTrueFalseConfig, _fact_true_false
+from workbench.errors import ConfigError
+from workbench.io import read_jsonl
 from workbench.kinds.classification import (
     check_classification,
     classification_metrics,
     is_classification,
     labelled_rows,
 )
-from workbench.config import DataConfig, ExperimentConfig
-from workbench.data.loading import FactTrueFalseConfig, _fact_true_false
-from workbench.errors import ConfigError
-from workbench.io import read_jsonl
 
 FACT_TF = {"source": "synthetic:fact_tf", "synthetic": {"num_entities": 30, "seed": 1, "statements_per_fact": 2},
            "block_size": 24, "validation_fraction": 0.2}
@@ -86,7 +86,7 @@ def test_which_runs_classify():
     ({"format": "prompt_completion"}, {}, {}, "field 'data.format'"),
     ({"objective": "span_corruption"}, {}, {}, "field 'data.objective'"),
     ({}, {"name_or_path": "gpt2", "preset": None, "lora": {}}, {}, "field 'model.lora'"),
-    ({}, {}, {"eval": {"on_save": True}}, "field 'eval.on_save'"),
+    # eval.on_save is the evaluator's to refuse: tests/evals/test_eval_config.py
 ])
 def test_options_of_other_run_kinds_are_config_errors(data, model, extra, message):
     cfg = ExperimentConfig.model_validate({"data": {"source": "synthetic:fact_tf", **data}, "model": model, **extra})

@@ -95,7 +95,7 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 
 def test_quickstart_config_is_valid():
-    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    cfg = load_config(REPO / "workbench" / "configs" / "quickstart.yaml")
     assert cfg.model.preset == "pythia-tiny" and cfg.deepspeed.endswith("zero2.json")
 
 
@@ -256,10 +256,10 @@ def test_hub_source_unreachable_fails_fast(tmp_path, monkeypatch):
 def test_integers_stay_integers(tmp_path):
     from workbench.config import config_yaml
 
-    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    cfg = load_config(REPO / "workbench" / "configs" / "quickstart.yaml")
     assert type(cfg.training["warmup_steps"]) is int and cfg.training["warmup_steps"] == 30  # typed float
     assert type(cfg.training["learning_rate"]) is float
     text = config_yaml(cfg)
     assert "\n  warmup_steps: 30\n" in text and "\n  learning_rate: 0.001\n" in text
-    assert load_config(REPO / "configs" / "quickstart.yaml", ["training.warmup_steps=0.1"]).training[
+    assert load_config(REPO / "workbench" / "configs" / "quickstart.yaml", ["training.warmup_steps=0.1"]).training[
         "warmup_steps"] == 0.1

@@ -1,6 +1,6 @@
 """The README and docs describe only what exists: their links resolve inside the repository, they never
 point outside it, every YAML example parses and names only methods that exist, and every study config in
-configs/studies/ passes the study checks."""
+workbench/configs/studies/ passes the study checks."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_yaml_examples_parse_and_name_existing_methods(doc):
             assert name in BUILTIN or name in defined_here or ":" in name, f"{doc.name} shows method '{name}', which does not exist"
 
 
-@pytest.mark.parametrize("study", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("study", sorted((REPO / "workbench" / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_study_config_passes_the_study_checks(study, monkeypatch):
     from workbench.study import load_study, plan
 

@@ -152,6 +152,7 @@ def test_finetuning_bad_input_is_one_line_and_writes_nothing(tmp_path, base_run,
     assert not (tmp_path / "runs" / "ft").exists()
 
 
+@pytest.mark.integration
 def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
     """Adapters under ZeRO-3 with 2 ranks, with the hook probe (every method hook, on TRL's SFTTrainer): trains,
     saves adapter-only checkpoints, and the evaluator's loader rebuilds base + adapter from them."""
@@ -178,6 +179,7 @@ def test_lora_finetune_under_zero3_on_two_ranks(tmp_path, base_run):
     assert probes[0]["param_sha256"] == probes[1]["param_sha256"]
 
 
+@pytest.mark.integration
 def test_lora_finetune_killed_and_resumed_on_two_ranks_is_bit_equal(tmp_path, base_run):
     """kill -9 at step 7 of 12 (ZeRO-2, 2 ranks, SFTTrainer, LoRA with dropout): the resumed adapters equal
     an uninterrupted run's, and metrics.jsonl logs every step once."""

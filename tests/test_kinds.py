@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling
 
-from conftest import tiny_config
 from workbench import kinds
 from workbench.config import ExperimentConfig
 from workbench.kinds import DataPieces, RunKind, kind_for, register_kind

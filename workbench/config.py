@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -19,13 +18,14 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from workbench.bundled import builtin_config
+from workbench.deepspeed_json import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
 from workbench.errors import ConfigError, did_you_mean
 from workbench.options import dataclass_options
 from workbench.sources import hub_problem, looks_like_model_path, looks_local
 from workbench.yaml_text import apply_override, parse_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = "configs/quickstart.yaml"
+DEFAULT_CONFIG = "configs/quickstart.yaml"  # a built-in config (workbench/configs/, see workbench.bundled)
 
 # TrainingArguments fields the workbench sets itself from other sections.
 MANAGED_TRAINING_FIELDS = {
@@ -105,7 +105,7 @@ class DataConfig(_Section):
     messages_column: str = Field("messages", description="fine-tuning: the column read as TRL's 'messages'")
     label_column: str | None = Field(
         None, description="sequence classification: the column of labels (with text_column); setting it, or the "
-        "generator synthetic:fact_tf or synthetic:fact_value (column label), makes the run a classifier (workbench.classification)"
+        "generator synthetic:fact_tf or synthetic:fact_value (column label), makes the run a classifier (workbench.kinds.classification)"
     )
     packing: bool = Field(
         False, description="fine-tuning: pack examples into block_size rows, each attending only to itself"
@@ -141,41 +141,6 @@ class DataConfig(_Section):
         return None if value is None else dataclass_options(info.field_name, config_class, value)
 
 
-class EvalTask(_Section):
-    task: str = Field(description="a BOSE task spec name (workbench_eval/tasks/) or any lm-eval task name")
-    styles: list[str] | None = Field(None, description="prompt styles; default: every style of the task's kind")
-    dataset_kwargs: dict[str, Any] | None = Field(None, description="override the data files of a stock task")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="other lm-eval task config fields")
-
-
-class EvalConfig(_Section):
-    """The BOSE evaluator: which tasks and prompt styles, how many items, and the styles' options."""
-
-    tasks: list[EvalTask] = Field(
-        default_factory=lambda: [EvalTask(task="factworld_mc"), EvalTask(task="factworld_qa")]
-    )
-    limit: int | None = Field(200, ge=1, description="items per task (the first N after a seeded shuffle)")
-    batch_size: int = Field(32, ge=1)
-    include_path: list[str] = Field(default_factory=list, description="more folders of task specs")
-    style_options: dict[str, Any] = Field(default_factory=dict, description="workbench_eval.styles.StyleOptions fields")
-    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over items for tau intervals")
-    early_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of checkpoints in the early window")
-    on_save: bool = Field(False, description="evaluate each checkpoint as it is saved (rank 0)")
-    on_save_limit: int = Field(50, ge=1, description="items per task when evaluating during training")
-    experts: list[int] | Literal["all"] | None = Field(
-        None, description="SMoE checkpoints only (models.moe): evaluate each cell at each of these numbers of "
-        "active experts per token (`all`: 1, 2, 4, ..., E), recorded as style `<style>@k<K>`")
-
-    @pydantic.field_validator("experts")
-    @classmethod
-    def _check_experts(cls, value: list[int] | str | None) -> list[int] | str | None:
-        if isinstance(value, list):
-            if not value or any(isinstance(k, bool) or k < 1 for k in value):
-                raise ValueError(f"experts must be `all` or a non-empty list of integers >= 1, got {value}")
-            return sorted(set(value))
-        return value
-
-
 class ExperimentConfig(_Section):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9_.=\-/]+$", description="the run's folder under runs_dir")
     runs_dir: str = "runs"
@@ -189,7 +154,10 @@ class ExperimentConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: dict[str, Any] = Field(default_factory=dict, description="transformers.TrainingArguments fields")
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method name -> its config")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="the BOSE evaluator (launch/eval.py)")
+    eval: dict[str, Any] = Field(
+        default_factory=dict, description="the BOSE evaluator's section (launch/eval.py): the library keeps it as "
+        "given and writes it to the run's config.yaml; the evaluator validates it (workbench_eval.config)"
+    )
     save_at_steps: list[int] = Field(default_factory=list, description="extra checkpoint steps beyond save_steps")
 
     @property
@@ -212,7 +180,9 @@ class ExperimentConfig(_Section):
     @pydantic.model_validator(mode="after")
     def _check_methods_fit_the_model(self) -> ExperimentConfig:
         from workbench.methods import method_class
+        from workbench.methods.stack import check_compatible
 
+        check_compatible(self.methods)  # two methods that cannot share a run: "[methods] methods 'a' and 'b' ..."
         for name, options in self.methods.items():
             method = method_class(name)
             method.check_lora(method.Config(**options), self.model.lora)
@@ -286,15 +256,16 @@ def _check_report_to(value: str | list[str] | None) -> None:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A path as given if it exists, else relative to the repository (for the bundled configs)."""
+    """A path as given if it exists, else the built-in config that `configs/<rest>` names (`workbench.bundled`),
+    else the path as given."""
     candidate = Path(path).expanduser()
     if candidate.exists() or candidate.is_absolute():
         return candidate
-    bundled = REPO_ROOT / candidate
-    return bundled if bundled.exists() else candidate
+    return builtin_config(candidate) or candidate
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; a ConfigError naming the file (and line) where it has none."""
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     try:
@@ -311,8 +282,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _format_error(err: pydantic.ValidationError) -> tuple[str, str]:
-    """The first error of `err` as (dotted field, one-line message naming that field)."""
+def validation_message(err: pydantic.ValidationError, model: type[BaseModel] | None = None,
+                       prefix: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The first error of `err`, raised validating `model` (default `ExperimentConfig`) as the section at
+    `prefix` of an experiment config (e.g. ("eval",)), as (dotted field, one-line message naming that field)."""
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     msg = first["msg"].removeprefix("Value error, ")
@@ -320,9 +293,9 @@ def _format_error(err: pydantic.ValidationError) -> tuple[str, str]:
         inner, _, msg = msg[1:].partition("] ")
         parts = inner.split(".")
         loc = (loc[:-1] if loc and parts[0] == loc[-1] else loc) + parts  # "[noise.seed]" under data.noise
-    field = ".".join(loc)
+    field = ".".join([*prefix, *loc])
     if first["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
+        valid = _valid_keys(model or ExperimentConfig, loc[:-1])
         return field, f"unknown field '{field}'{did_you_mean(loc[-1], valid)}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
@@ -331,8 +304,7 @@ def _format_error(err: pydantic.ValidationError) -> tuple[str, str]:
     return field, f"field '{field}': {msg}{shown}"
 
 
-def _valid_keys(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
     for part in loc:
         annotation = model.model_fields[part].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -351,29 +323,13 @@ def value_origin(config_path: str | Path, overrides: list[str], *fields: str) ->
     return str(config_path)
 
 
-LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER = (
-    "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section, so DeepSpeed would build "
-    "one optimizer at one learning rate; remove that section (the Trainer's optimizer then comes from "
-    "'training': optim, learning_rate, weight_decay)"
-)
-
-
-def deepspeed_defines_optimizer(deepspeed_json: str | Path) -> bool:
-    """Whether a DeepSpeed JSON config has its own 'optimizer' section, which LoRA+ cannot use (the Trainer
-    hands DeepSpeed its optimizer only when there is none); False for a file that does not parse."""
-    try:
-        return "optimizer" in json.loads(Path(deepspeed_json).read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load, override and validate an experiment config; raises ConfigError with a one-line message that
     names the field and where its value came from (the file or the `--set` that gave it).
 
     Nothing here measures, downloads or writes: it runs before any work, on every rank."""
     config_path = resolve_path(path or DEFAULT_CONFIG)
-    data = _read_yaml(config_path)
+    data = read_yaml(config_path)
     overrides = list(overrides or [])
     for override in overrides:
         apply_override(data, override)
@@ -384,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = ExperimentConfig.model_validate(data)
     except pydantic.ValidationError as err:
-        field, message = _format_error(err)
+        field, message = validation_message(err)
         raise fail(message, field) from None
     if cfg.deepspeed is not None and not resolve_path(cfg.deepspeed).is_file():
         raise fail(f"field 'deepspeed': file '{cfg.deepspeed}' not found", "deepspeed")
@@ -449,13 +405,6 @@ def validate_model(model: type[BaseModel], data: Any, source: str | Path, prefix
         first = err.errors()[0]
         field = ".".join([*prefix, *map(str, first["loc"])])
         raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
-
-
-def load_eval_config(path: str | Path) -> EvalConfig:
-    """The `eval:` section of a YAML file (an experiment config or a file holding only that section)."""
-    config_path = resolve_path(path)
-    data = _read_yaml(config_path)
-    return validate_model(EvalConfig, data.get("eval", data), config_path, ("eval",))
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:

@@ -9,8 +9,9 @@ import math
 import re
 from pathlib import Path
 
+from workbench.bundled import builtin_name, configs_dir
 from workbench.checkpoints import list_checkpoints
-from workbench.config import REPO_ROOT, ExperimentConfig, config_yaml
+from workbench.config import ExperimentConfig, config_yaml
 from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
 
 LIST_KINDS = ("presets", "methods", "deepspeed")
@@ -104,7 +105,7 @@ def _list_methods() -> str:
 
 
 def _list_deepspeed() -> str:
-    folder = REPO_ROOT / "configs" / "deepspeed"
+    folder = configs_dir() / "deepspeed"  # the built-in ones, named configs/deepspeed/<file>
     lines = ["DeepSpeed configs (deepspeed: <file>; null runs without DeepSpeed):"]
     for path in sorted(folder.glob("*.json")):
         try:
@@ -115,5 +116,5 @@ def _list_deepspeed() -> str:
                             if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none")
         except (OSError, ValueError, AttributeError) as err:
             what = f"unreadable: {err}"
-        lines.append(f"  {path.relative_to(REPO_ROOT)}  {what}")
+        lines.append(f"  {builtin_name(path)}  {what}")
     return "\n".join(lines)

@@ -1,13 +1,16 @@
-"""Pure rank statistics the library and the evaluator share: Kendall's tau-b (NumPy/SciPy only).
+"""The statistics the library, the evaluator and the reproductions share (NumPy/SciPy only): Kendall's tau-b,
+intervals of a mean, paired differences, mean ± sd, correlations.
 
 :func:`kendall_tau_b` is the statistic (SciPy's ``kendalltau(variant="b")`` plus its p-value),
 :func:`tau_b_reference` an independent SciPy-free O(n^2) implementation to cross-check it,
 :func:`tau_b_rows` the same formula vectorised over many rows (bootstrap resamples), and
 :func:`tau_b_undefined_reason` says in words why tau-b is NaN for an input, and
 :func:`bootstrap_mean_interval` is a percentile bootstrap interval of a mean (SciPy's ``bootstrap``),
-:func:`t_interval` the half-width of a Student-t interval, and :func:`paired_difference` the paired comparison
+:func:`t_interval` the half-width of a Student-t interval, :func:`paired_difference` the paired comparison
 every reproduction reports (mean difference against the reference arm, its 95% interval, and whether the
-interval holds zero: "inside the seed spread").
+interval holds zero: "inside the seed spread"), :func:`mean_sd` the mean ± sample standard deviation over seeds
+the reproductions' tables print, and :func:`pearson_r` / :func:`spearman_rho` the two correlations of paired
+values (SciPy's).
 
 Nothing here imports ``workbench_eval`` (the library must not depend on the evaluator).
 """
@@ -22,8 +25,9 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 __all__ = [
-    "CHUNK_ELEMENTS", "PairedDifference", "bootstrap_mean_interval", "kendall_tau_b", "paired_difference",
-    "t_interval", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason",
+    "CHUNK_ELEMENTS", "MeanSD", "PairedDifference", "bootstrap_mean_interval", "kendall_tau_b", "mean_sd",
+    "paired_difference", "pearson_r", "spearman_rho", "t_interval", "tau_b_reference", "tau_b_rows",
+    "tau_b_undefined_reason",
 ]  # fmt: skip
 
 # Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
@@ -189,3 +193,40 @@ def paired_difference(arm: ArrayLike, reference: ArrayLike, confidence: float = 
     mean = float(diff.mean())
     half = t_interval(diff, confidence)
     return PairedDifference(mean, mean - half, mean + half, int(diff.size))
+
+
+@dataclass(frozen=True)
+class MeanSD:
+    """The mean and sample standard deviation (n - 1 in the denominator) of `n` values: the "mean ± sd over
+    seeds" of a table cell. NaN mean and sd where there were no values; sd 0 for one value."""
+
+    mean: float
+    sd: float
+    n: int
+
+    def text(self, digits: int = 2, sign: bool = True) -> str:
+        """'+0.55 ± 0.20' (`sign`: the mean with its sign), '–' where there were no values."""
+        if math.isnan(self.mean):
+            return "–"
+        return f"{self.mean:{'+' if sign else ''}.{digits}f} ± {self.sd:.{digits}f}"
+
+
+def mean_sd(values: ArrayLike) -> MeanSD:
+    """Mean and sample standard deviation of `values` with the NaNs left out (NumPy's `mean` and `std(ddof=1)`)."""
+    data = np.asarray(values, dtype=np.float64).ravel()
+    data = data[~np.isnan(data)]
+    if data.size == 0:
+        return MeanSD(math.nan, math.nan, 0)
+    return MeanSD(float(np.mean(data)), float(np.std(data, ddof=1)) if data.size > 1 else 0.0, int(data.size))
+
+
+def pearson_r(x: ArrayLike, y: ArrayLike) -> float:
+    """Pearson's correlation coefficient of paired values (`scipy.stats.pearsonr`)."""
+    xa, ya = _paired_1d(x, y)
+    return float(stats.pearsonr(xa, ya).statistic)
+
+
+def spearman_rho(x: ArrayLike, y: ArrayLike) -> float:
+    """Spearman's rank correlation of paired values (`scipy.stats.spearmanr`)."""
+    xa, ya = _paired_1d(x, y)
+    return float(stats.spearmanr(xa, ya).statistic)

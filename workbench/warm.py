@@ -1,4 +1,5 @@
-"""Training runs forked from a warm process: `launch/train.py` without paying its imports once per run.
+"""Training runs forked from a warm process: the train command (`workbench train`, `launch/train.py`) without
+paying its imports once per run.
 
 A study of many short runs spent a large share of its time importing: torch, transformers and the workbench
 take about 6 s of one core per process, against 15-30 s of training for a repetition-study run on this
@@ -6,7 +7,9 @@ project's CPU. Each run here is a fresh process (nothing leaks from one run to t
 run's own), forked from a `multiprocessing` forkserver that imported those modules once. The forkserver is
 single-threaded and has run no torch operation, so a fork from it is as safe as a new interpreter.
 
-Where the platform has no forkserver, or `WORKBENCH_COLD_START=1` is set, each run is a new interpreter.
+Where the platform has no forkserver, or `WORKBENCH_COLD_START=1` is set, each run is a new interpreter
+(`python -m workbench_cli.train`). Either way a run works in the current directory of the process that starts
+it, where its relative paths (`runs_dir`, `data.cache_dir`) are.
 
 Both start with tcmalloc as the memory allocator where the machine has it (`libtcmalloc_minimal`, e.g. Debian's
 `libtcmalloc-minimal4`): PyTorch on CPU allocates and frees many small tensors per step, and glibc's malloc
@@ -26,10 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "launch" / "train.py"
-# What `launch/train.py` and the evaluator import (the forkserver imports them once).
-PRELOAD = ["workbench.config", "workbench.run", "workbench_eval.on_save", "workbench_eval.sweep"]
+# The train command's module, run as `python -m` runs it: by name, as the library never imports the command layer.
+TRAIN_MODULE = "workbench_cli.train"
+# What the forkserver imports once, before any fork: the library and the train command (which imports what it
+# needs of the evaluator); the layers above add their own with `preload` before the first warm process.
+PRELOAD = ["workbench.config", "workbench.run", TRAIN_MODULE]
+
+
+def preload(*modules: str) -> None:
+    """Have the warm server import `modules` once (e.g. the evaluator's sweep, whose forks then start without
+    importing lm-eval); effective when called before the first `warm_process` or `train_process` of a process."""
+    PRELOAD.extend(module for module in modules if module not in PRELOAD)
 
 
 def allocator_env() -> dict[str, str]:
@@ -51,14 +61,15 @@ def cold_start() -> bool:
 
 
 def train_process(args: list[str], log: Path, threads: int | None = None, env: dict[str, str] | None = None) -> int:
-    """Run `python launch/train.py *args` with stdout and stderr appended to `log`; its exit code.
+    """Run `python -m workbench_cli.train *args` (what `launch/train.py` runs) in the current directory, with
+    stdout and stderr appended to `log`; its exit code.
 
     `threads` caps torch's intra-op threads (as OMP_NUM_THREADS does for a new interpreter); `env` is added to
     the run's environment."""
     if cold_start():
         env = {**os.environ, **allocator_env(), **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with log.open("a") as handle:
-            return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=REPO, env=env,
+            return subprocess.run([sys.executable, "-m", TRAIN_MODULE, *args], env=env,
                                   stdout=handle, stderr=subprocess.STDOUT).returncode
     return warm_process(_train_script, (args,), log, threads, env)
 
@@ -66,14 +77,15 @@ def train_process(args: list[str], log: Path, threads: int | None = None, env: d
 def warm_process(function: Callable[..., Any], args: tuple, log: Path, threads: int | None = None,
                  env: dict[str, str] | None = None) -> int:
     """`function(*args)` in a process forked from the warm server, its output appended to `log`, torch capped at
-    `threads` intra-op threads; the exit code (0 when it returns, 1 on an exception, whose traceback goes to
-    `log`; a `SystemExit` gives its own code). `function` must be importable by name (it is pickled)."""
+    `threads` intra-op threads, in this process's current directory; the exit code (0 when it returns, 1 on an
+    exception, whose traceback goes to `log`; a `SystemExit` gives its own code). `function` must be importable
+    by name (it is pickled)."""
     env = {**(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     log.touch()  # there even when the child dies before it writes
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     _start_forkserver(allocator_env())
-    process = context.Process(target=_child, args=(function, args, str(log), threads, env),
+    process = context.Process(target=_child, args=(function, args, str(log), threads, env, os.getcwd()),
                               name=getattr(function, "__name__", "warm"))
     process.start()
     process.join()
@@ -97,10 +109,12 @@ def _start_forkserver(extra_env: dict[str, str]) -> None:
                 os.environ[key] = value
 
 
-def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | None, env: dict[str, str]) -> None:
-    """The forked child: output to `log`, the environment and thread cap, then `function(*args)`."""
+def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | None, env: dict[str, str],
+           cwd: str) -> None:
+    """The forked child: the starting process's directory `cwd` (the forkserver's may be another), output to
+    `log`, the environment and thread cap, then `function(*args)`."""
     os.environ.update(env)
-    os.chdir(REPO)
+    os.chdir(cwd)
     sys.stdout.flush()
     sys.stderr.flush()
     handle = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -117,11 +131,10 @@ def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | N
 
 
 def _train_script(args: list[str]) -> None:
-    """`launch/train.py`'s main on `args`, leaving as the script does (exit code through SystemExit)."""
-    import importlib.util
+    """`python -m workbench_cli.train *args` in this process: the command's `run`, leaving as it does (exit code
+    through SystemExit)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("launch_train", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.argv = [str(TRAIN_SCRIPT), *args]
-    module.exit_distributed(module.main(args))
+    command = importlib.import_module(TRAIN_MODULE)
+    sys.argv = [command.__file__, *args]  # as `python -m` has it
+    command.run(args)

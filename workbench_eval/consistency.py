@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from workbench.checkpoints import newest_complete_checkpoint
-from workbench.config import EvalConfig
 from workbench.errors import ConfigError
 from workbench.io import atomic_write_text
+from workbench_eval.config import EvalConfig
 from workbench_eval.report import latest_by_cell
 from workbench_eval.results import metric_info, read_results
 from workbench_eval.stability import consistency, paired_tau_difference

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from workbench.errors import ConfigError
+from workbench_eval.results import CellResult
 from workbench_eval.specs import SpecReader, data_config, load_spec
 
 TASK = "eigenscore"
@@ -41,7 +42,6 @@ class EigenScoreCell:
 
     def evaluate(self, model, tokenizer):
         from workbench.metrics.hallucination import eigenscore_report
-        from workbench_eval.evaluator import CellResult
 
         started = time.perf_counter()
         report = eigenscore_report(model, tokenizer, self.prompts, self.config)

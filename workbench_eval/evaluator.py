@@ -7,30 +7,49 @@ across checkpoints). This is what `lm_eval.evaluator.evaluate` does per call, mi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import transformers
 
-import datasets  # noqa: E402
-import transformers  # noqa: E402
-
-from workbench.config import EvalConfig  # noqa: E402
-from workbench.errors import ConfigError  # noqa: E402
-from workbench_eval.eigenscore import TASK as EIGENSCORE  # noqa: E402
-from workbench_eval.eigenscore import EigenScoreCell, eigenscore_cells  # noqa: E402
-from workbench_eval.scoring import BlankPplScorer  # noqa: E402
-from workbench_eval.specs import data_config, load_spec, spec_names  # noqa: E402
-from workbench_eval.styles import StyleOptions, styles_for, task_config  # noqa: E402
+from workbench.errors import ConfigError
+from workbench_eval.config import EvalConfig
+from workbench_eval.eigenscore import TASK as EIGENSCORE
+from workbench_eval.eigenscore import EigenScoreCell, eigenscore_cells
+from workbench_eval.results import CellResult
+from workbench_eval.scoring import BlankPplScorer
+from workbench_eval.specs import data_config, load_spec, spec_names
+from workbench_eval.styles import StyleOptions, styles_for, task_config
 
 NATIVE = "native"
+# The evaluator reads local data and checkpoints only: hub access is off while it builds tasks, loads a
+# checkpoint and runs it, unless the environment already says otherwise (`hub_offline`).
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """`OFFLINE` in the environment for the duration (a variable already set is left as it is), restored after.
+
+    Libraries that read these variables as they are first imported (datasets, lm-eval, evaluate) and are imported
+    inside it keep hub access off for the rest of the process, as they would with the variables set outside."""
+    added = {key: value for key, value in OFFLINE.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key, value in added.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
 
 
 def quiet() -> None:
@@ -38,21 +57,6 @@ def quiet() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-@dataclass
-class CellResult:
-    """One (task, style) on one model: aggregate metrics and per-item scores."""
-
-    task: str
-    style: str
-    metrics: dict[str, float]
-    items: dict[str, list[float]]
-    seconds: float
-    n: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.n = max((len(v) for v in self.items.values()), default=0)
 
 
 def style_options(options: dict[str, Any]) -> StyleOptions:
@@ -123,7 +127,8 @@ class Evaluator:
                  limit: int | None = None) -> None:
         quiet()
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.tasks = build_tasks(cfg, world or {}, limit if limit is not None else cfg.limit)
+        with hub_offline():
+            self.tasks = build_tasks(cfg, world or {}, limit if limit is not None else cfg.limit)
         self._lm = None
 
     def _language_model(self, model):
@@ -137,6 +142,7 @@ class Evaluator:
             self._lm.pretrained = model
         return self._lm
 
+    @hub_offline()
     def evaluate(self, model, cells: set[tuple[str, str]] | None = None) -> list[CellResult]:
         """Evaluate `model` (eval mode) on `cells` (default: all) and return one result per cell."""
         model.eval()
@@ -186,6 +192,7 @@ def load_checkpoint_model(path: str | Path):
 
     from workbench.models import load_trained_model
 
-    if torch.cuda.is_available():
-        return load_trained_model(path, device_map="cuda", merge=True, auto_class=AutoModelForCausalLM)
-    return load_trained_model(path, dtype=torch.float32, merge=True, auto_class=AutoModelForCausalLM)
+    with hub_offline():
+        if torch.cuda.is_available():
+            return load_trained_model(path, device_map="cuda", merge=True, auto_class=AutoModelForCausalLM)
+        return load_trained_model(path, dtype=torch.float32, merge=True, auto_class=AutoModelForCausalLM)

@@ -2,7 +2,7 @@
 
 Lives in `workbench_eval/` (the library `workbench/` never imports the evaluator); `launch/train.py` adds it:
 
-    callbacks = eval_on_save_callbacks(cfg)        # [] unless cfg.eval.on_save
+    callbacks = eval_on_save_callbacks(cfg)        # [] unless eval.on_save; a ConfigError for a run it cannot score
     train(cfg, callbacks=callbacks)
 """
 
@@ -19,12 +19,14 @@ import torch
 from transformers import TrainerCallback
 
 from workbench.config import ExperimentConfig
+from workbench.errors import ConfigError
 from workbench.layout import TOKENIZER_DIR, checkpoint_dir, results_path
+from workbench_eval.config import eval_config
 from workbench_eval.data import training_data_options
 from workbench_eval.evaluator import Evaluator
 from workbench_eval.sweep import Target, sweep
 
-__all__ = ["EvalOnSaveCallback", "eval_on_save_callbacks"]
+__all__ = ["EvalOnSaveCallback", "check_on_save", "eval_on_save_callbacks"]
 
 
 @contextlib.contextmanager
@@ -44,12 +46,33 @@ def _outside_zero3() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def check_on_save(cfg: ExperimentConfig) -> None:
+    """A ConfigError naming `eval.on_save` when it is set for a run whose checkpoints the evaluator cannot score
+    (it scores causal LMs): a sequence-classification run, or a pretraining run of an encoder-decoder model."""
+    if not eval_config(cfg).on_save:
+        return
+    from workbench.kinds import kind_for
+
+    kind = kind_for(cfg).name
+    if kind == "classification":
+        raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this run classifies "
+                          "texts; set it to false (eval_accuracy is reported on the held-out split)")
+    from workbench.models import is_encoder_decoder
+
+    if kind == "pretrain" and is_encoder_decoder(cfg.model):
+        raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this model is an "
+                          "encoder-decoder; set it to false (validation NLL and accuracy are still reported)")
+
+
 def eval_on_save_callbacks(cfg: ExperimentConfig) -> list[TrainerCallback]:
-    """`[EvalOnSaveCallback]` for a config with `eval.on_save: true`, else `[]`."""
-    if not cfg.eval.on_save:
+    """`[EvalOnSaveCallback]` for a config with `eval.on_save: true`, else `[]`; a ConfigError (`check_on_save`)
+    for a run the evaluator cannot score, before the run starts."""
+    evaluation = eval_config(cfg)
+    if not evaluation.on_save:
         return []
+    check_on_save(cfg)
     world = training_data_options(cfg.model_dump(mode="json"))
-    return [EvalOnSaveCallback(cfg.eval, cfg.run_dir, cfg.run_dir / TOKENIZER_DIR, world, cfg.eval.on_save_limit)]
+    return [EvalOnSaveCallback(evaluation, cfg.run_dir, cfg.run_dir / TOKENIZER_DIR, world, evaluation.on_save_limit)]
 
 
 class EvalOnSaveCallback(TrainerCallback):

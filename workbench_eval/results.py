@@ -7,7 +7,7 @@ in progress, and a re-run evaluates only the cells that are missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,25 @@ def split_experts_style(style: str) -> tuple[str, int | None]:
     return (base, int(k)) if mark and base and k.isdigit() else (style, None)
 
 
-def cell_records(run: str, checkpoint: str, step: int | None, result, limit: int | None,
+@dataclass
+class CellResult:
+    """One (task, style) on one model: aggregate metrics and per-item scores (what `Evaluator.evaluate` and the
+    `eigenscore` task return for a cell)."""
+
+    task: str
+    style: str
+    metrics: dict[str, float]
+    items: dict[str, list[float]]
+    seconds: float
+    n: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n = max((len(v) for v in self.items.values()), default=0)
+
+
+def cell_records(run: str, checkpoint: str, step: int | None, result: CellResult, limit: int | None,
                  chance: float | None = None, experts: int | None = None) -> list[dict[str, Any]]:
-    """The lines of one evaluated cell (`workbench_eval.evaluator.CellResult`), one per metric, items included.
+    """The lines of one evaluated cell (a `CellResult`), one per metric, items included.
 
     `chance`: a multiple-choice cell's chance accuracy, recorded on the metrics it applies to. `experts`: the
     number of active experts per token of an SMoE model (style `<style>@k<K>` and a field `experts`)."""

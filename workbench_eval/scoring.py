@@ -15,7 +15,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from workbench.answers import GSM8K_ANSWER  # the answer pattern of parse_gsm8k_answer
+from workbench.gsm8k import GSM8K_ANSWER  # the answer pattern of parse_gsm8k_answer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from workbench.config import validate_model
 from workbench.errors import ConfigError, did_you_mean
 from workbench.yaml_text import parse_yaml
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = Path(str(resources.files("workbench_eval").joinpath("tasks")))  # package data, shipped in the wheel
 _DATA_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs", "training_split", "validation_split",
               "test_split", "fewshot_split", "process_docs")
 

@@ -1,5 +1,5 @@
 """Sweeping a run's checkpoints (or one model) with the evaluator, resumably, into `eval/results.jsonl`
-(or another folder's `results.jsonl`)."""
+(or another folder's `results.jsonl`); `sweep_all` sweeps several targets at a time, each in a warm-forked process."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from workbench.checkpoints import list_checkpoints, verify_checkpoint
-from workbench.config import EvalConfig
 from workbench.errors import CheckpointError, ConfigError
 from workbench.io import append_jsonl
 from workbench.layout import EVAL_DIR, MANIFEST, RESULTS, RUN_CONFIG, TOKENIZER_DIR, checkpoint_step
+from workbench_eval.config import EvalConfig
 from workbench_eval.data import training_data_options
 from workbench_eval.results import cell_records, done_cells, experts_style, read_results, skip_record
 
@@ -79,16 +79,15 @@ def expert_counts(checkpoint: Path, experts: list[int] | str | None) -> list[int
     not an SMoE checkpoint (config.json records no `smoe` conversion) or a k outside [1, E]."""
     if not experts:
         return [None]
-    from workbench.methods.smoe_dropout import inference_levels
-    from workbench.models.moe_model import moe_config
+    from workbench.models.moe_model import expert_levels, runnable_expert_counts
 
-    smoe = moe_config(checkpoint)
-    if not smoe:
+    runnable = runnable_expert_counts(checkpoint)
+    if not runnable:
         raise ConfigError(f"eval.experts (--experts): '{checkpoint}' is a dense model, not an SMoE checkpoint "
                           "(its config.json records no `smoe` conversion); evaluate it without --experts")
-    total = int(smoe["num_experts"])
-    counts = inference_levels(total) if experts == "all" else list(experts)
-    bad = [k for k in counts if not 1 <= k <= total]
+    total = max(runnable)
+    counts = expert_levels(total) if experts == "all" else list(experts)
+    bad = [k for k in counts if k not in runnable]
     if bad:
         raise ConfigError(f"eval.experts (--experts): {bad[0]} is not a number of experts of '{checkpoint}' "
                           f"(it has {total} per layer: give 1 to {total}, or `all`)")
@@ -137,3 +136,25 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
                 finished += 1
                 bar.update(1)
     return finished
+
+
+def sweep_all(jobs: list[tuple[Target, EvalConfig]], limit: int | None = None, parallel: int = 1) -> None:
+    """`sweep` each (target, eval config) of `jobs` (cells already in its results are skipped), `parallel` at a time
+    (`workbench.study.runner.in_parallel`, the cores shared out), each in a process forked from the warm server
+    (`workbench.warm`) with its progress in `<results>.log` beside the target's results; raises with the log's tail
+    for a sweep that failed."""
+    from workbench.study.runner import in_parallel
+    from workbench.warm import preload, warm_process
+
+    preload(__name__)
+
+    def one(job: tuple[Target, EvalConfig], threads: int) -> None:
+        target, cfg = job
+        log = target.results.with_suffix(".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if warm_process(sweep, (target, cfg, limit), log, threads) != 0:
+            tail = "\n".join(log.read_text().splitlines()[-15:])
+            raise RuntimeError(f"evaluating {target.name} failed, see {log}:\n{tail}")
+
+    for _ in in_parallel(one, jobs, parallel):
+        pass

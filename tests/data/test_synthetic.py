@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from workbench.answers import parse_gsm8k_answer
 from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
 from workbench.data.synthetic import ATTRIBUTES, FactWorld, FactWorldConfig
+from workbench.gsm8k import parse_gsm8k_answer
 
 EQUATION = re.compile(r"(\d+) ([+\-*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}

@@ -14,10 +14,10 @@ import torch
 import yaml
 from conftest import launch_main
 
-from workbench.answers import parse_gsm8k_answer
-from workbench.config import EvalConfig, EvalTask
 from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
 from workbench.errors import ConfigError
+from workbench.gsm8k import parse_gsm8k_answer
+from workbench_eval.config import EvalConfig, EvalTask
 from workbench_eval.data import (
     ARITHMETIC_FEWSHOT,
     EVAL_SEED_OFFSET,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO, launch_main, tiny_config, train_main, write_config
 
-from workbench.config import EvalConfig, EvalTask
 from workbench.errors import ConfigError
+from workbench_eval.config import EvalConfig, EvalTask
 from workbench_eval.evaluator import Evaluator, build_tasks, load_checkpoint_model
 from workbench_eval.results import read_results
 from workbench_eval.sweep import run_target, sweep
@@ -346,7 +346,7 @@ def test_list_prints_the_task_specs_without_loading_a_model():
                          check=True).stdout
     assert out.splitlines()[-1] == "heavy: []"
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    for path in (REPO / "evals" / "tasks").glob("*.yaml"):
+    for path in (REPO / "workbench_eval" / "tasks").glob("*.yaml"):
         spec = yaml.safe_load(path.read_text())
         assert rows[spec["task"]].split()[1] == spec["kind"], path
     assert rows["factworld_mc"].endswith("zero_shot, few_shot, iclip, letter, blank_ppl")
@@ -357,7 +357,7 @@ def test_list_prints_the_task_specs_without_loading_a_model():
 def test_list_includes_the_specs_of_an_include_path(tmp_path, capsys):
     specs = tmp_path / "specs"
     specs.mkdir()
-    (specs / "mine.yaml").write_text((REPO / "evals" / "tasks" / "factworld_qa.yaml").read_text()
+    (specs / "mine.yaml").write_text((REPO / "workbench_eval" / "tasks" / "factworld_qa.yaml").read_text()
                                      .replace("task: factworld_qa", "task: my_qa"))
     config = tmp_path / "eval.yaml"
     config.write_text(f"include_path: [{specs}]\n")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from workbench.config import load_config
-from workbench.net import exit_distributed
+from workbench.distributed_launch import exit_distributed
 from workbench.run import train
 
 if __name__ == "__main__":

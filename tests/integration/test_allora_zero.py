@@ -71,7 +71,7 @@ def references(base_run, tmp_path_factory) -> dict[str, Path]:
 
 
 def _deepspeed_json(tmp_path: Path, stage: int) -> str:
-    settings = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    settings = json.loads((REPO / "workbench" / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
     if stage == 3:
         settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     path = tmp_path / f"zero{stage}.json"

@@ -19,11 +19,11 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from workbench.collators import MaskedThoughtCollator, MaskSchedule, add_mask_token, init_mask_embedding
 from workbench.config import ModelConfig, load_config
+from workbench.distributed_launch import free_port
 from workbench.errors import ConfigError
 from workbench.io import read_jsonl
 from workbench.methods.masked_thought import MaskedThought, MaskedThoughtConfig
 from workbench.models import build_model, train_bpe_tokenizer
-from workbench.net import free_port
 
 EOS, PAD, MASK, VOCAB = 0, 1, 99, 100
 PROBE = "tests.methods.masked_thought_probe:MaskProbe"
@@ -446,6 +446,7 @@ def test_dataloader_workers_in_a_run_mask_with_the_step_of_their_batch(tmp_path,
     assert positions == [(s, m) for s in range(8) for m in range(2) if not (s in (3, 7) and m == 1)]
 
 
+@pytest.mark.integration
 def test_two_ranks_draw_different_masks(tmp_path, base_run):
     """Both ranks see the same examples (one repeated row); their masks differ, each the draw of its own rank.
     Under ZeRO-3, so the <mask> rows are set to the mean of the others on partitioned embeddings."""

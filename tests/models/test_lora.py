@@ -118,7 +118,7 @@ def test_loraplus_with_an_optimizer_in_the_deepspeed_json_fails_at_load_config(t
         load_config(write_config(tmp_path, cfg))
     assert "field 'model.loraplus_lr_ratio': the DeepSpeed config has an 'optimizer' section" in str(err.value)
     assert "\n" not in str(err.value)
-    cfg["deepspeed"] = str(REPO / "configs" / "deepspeed" / "zero2.json")  # no optimizer section: fine
+    cfg["deepspeed"] = str(REPO / "workbench" / "configs" / "deepspeed" / "zero2.json")  # no optimizer section: fine
     assert load_config(write_config(tmp_path, cfg)).model.loraplus_lr_ratio == 16
 
 
@@ -186,7 +186,7 @@ def test_loraplus_refuses_an_optimizer_from_the_deepspeed_config(base_dir, token
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(ConfigError, match="the DeepSpeed config has an 'optimizer' section"):
         loraplus_optimizer(model, args, 16, existing=DummyOptim(list(model.parameters())))
-    bundled = REPO / "configs" / "deepspeed"
+    bundled = REPO / "workbench" / "configs" / "deepspeed"
     assert not any(deepspeed_defines_optimizer(path) for path in bundled.glob("*.json"))
     (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     assert deepspeed_defines_optimizer(tmp_path / "ds.json")

@@ -124,6 +124,7 @@ def test_a_failed_per_value_pretrain_run_starts_no_arm(tmp_path):
     assert "## Pretrain runs" in report and "- `pretrain_arm=a`" in report and "**the arms were not started**" in report
 
 
+@pytest.mark.integration
 def test_a_per_value_two_stage_study_end_to_end(tmp_path):
     """Pretrain runs of 2 (a) and 4 (b) steps, one at a time with --only, then the arms (2 steps each)."""
     path = per_arm(tmp_path, seeds=[0], set={"training.max_steps": 2})

@@ -12,12 +12,13 @@ from study_files import launch, write_study
 
 from workbench.errors import ConfigError
 from workbench.study import STATUS, PlotSpec, grid, load_study, write_results
+from workbench_eval.config import STUDY_CHECKS
 
 
 def _load(tmp_path, **fields):
-    """load_study of a written study, with its planning warnings."""
+    """load_study of a written study, with its planning warnings (and the evaluator's checks, as the command)."""
     warnings: list[str] = []
-    return load_study(write_study(tmp_path, **fields), on_warning=warnings.append), warnings
+    return load_study(write_study(tmp_path, **fields), on_warning=warnings.append, evaluator=STUDY_CHECKS), warnings
 
 
 def test_a_compare_reference_that_is_not_an_axis_value_stops_the_study(tmp_path):
@@ -80,6 +81,16 @@ def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_w
     path = write_study(tmp_path, collect=["loss", "train_mem_cpu_alloc_delta"])
     result = launch(str(path), "--dry-run")
     assert result.returncode == 0 and "warning:" in result.stderr and "train_mem_cpu_alloc_delta" in result.stderr
+
+
+def test_a_bad_eval_field_stops_the_study_before_any_run(tmp_path):
+    """The evaluator's `eval:` section of every run's config is checked at planning, by the evaluator (the
+    library keeps it opaque): through `load_study(..., evaluator=STUDY_CHECKS)` and the command line."""
+    with pytest.raises(ConfigError, match=r"study.yaml: run '.*': --set eval.limit=0: field 'eval.limit'"):
+        _load(tmp_path, set={"eval.limit": 0})
+    result = launch(str(write_study(tmp_path, set={"eval.on_sav": True})), "--dry-run")
+    assert result.returncode == 2 and "unknown field 'eval.on_sav' (did you mean 'on_save'?)" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_collected_metric_no_run_logged_is_a_visible_warning_at_collection(tmp_path):

@@ -25,6 +25,7 @@ def test_grid_names_and_zip(tmp_path):
         load_study(write_study(tmp_path, set={"training.learnig_rate": 1}))
 
 
+@pytest.mark.integration
 def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     # the second variant passes config validation but fails in the run: more unique tokens than the corpus has
     too_much = {"data.repetition.budget_tokens": 2**22, "data.repetition.unique_tokens": 2**22}
@@ -104,6 +105,7 @@ def test_aggregation_against_hand_made_metrics(tmp_path):
     assert {r["training.learning_rate"] for r in rows} == {"0.001", "0.002"} and "t.s.acc_mean" in rows[1]
 
 
+@pytest.mark.integration
 def test_submitit_local_executor(tmp_path):
     path = write_study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]})
     result = launch(str(path), "--executor", "submitit-local")
@@ -242,7 +244,7 @@ def test_agreement_on_a_higher_is_better_evaluator_column_takes_its_maximum():
     assert compare(study, rows)[0]["groups"]["a"]["best_x"] == 0.1  # auto: a loss-like column, lowest
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((REPO / "workbench" / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_studies_and_their_profiles_load(path):
     study = load_study(path)
     assert grid(study)
@@ -253,6 +255,7 @@ def test_shipped_studies_and_their_profiles_load(path):
         assert len(grid(load_study(path, "quick"))) < len(grid(study))
 
 
+@pytest.mark.integration
 def test_a_study_run_launched_by_deepspeed_on_two_ranks(tmp_path):
     path = write_study(tmp_path, seeds=[0], axes={"training.learning_rate": [1e-3]},
                   launcher={"kind": "deepspeed", "num_gpus": 2})
@@ -265,6 +268,7 @@ def test_a_study_run_launched_by_deepspeed_on_two_ranks(tmp_path):
         "rng_state_0.pth", "rng_state_1.pth"]
 
 
+@pytest.mark.integration
 def test_an_arm_that_repeats_another_arms_training_is_trained_once_and_collected_under_its_labels(tmp_path):
     # `long` at 4 steps is the same training as `short` at 4 steps; the rule links it (and names the arm it reads)
     axes = {"training.max_steps": [4, 2], "schedule": {"short": {}, "long": {}}}

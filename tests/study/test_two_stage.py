@@ -66,6 +66,7 @@ def test_a_failed_pretrain_run_starts_no_arm(tmp_path):
     assert [r["status"] for r in csv.DictReader((tmp_path / "runs" / "s" / "runs.csv").open())] == ["pending"] * 2
 
 
+@pytest.mark.integration
 def test_a_two_stage_study_end_to_end(tmp_path):
     """A tiny pretrain run (6 steps), then two arms (two learning rates, 2 steps) that start from it."""
     path = write_study(tmp_path, seeds=[0], set={"training.max_steps": 2},

@@ -8,16 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from workbench.config import DataConfig, ModelConfig
 from workbench.data.loading import load_documents
 from workbench.data.noise import NoiseConfig, corrupt_documents
 from workbench.data.packing import split_documents, tokenize_and_pack
 from workbench.io import publish_folder
 from workbench.models import load_or_train_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # annotations only: workbench.config imports this package (to check data options), not the reverse
+    from workbench.config import DataConfig, ModelConfig
 
 __all__ = ["documents", "fact_world_options", "load_documents", "prepare_data", "split_documents", "tokenize_and_pack"]
 

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, Value
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workbench.config import DataConfig
 from workbench.data.loading import QA_PROMPT, generator, generator_options, load_rows, missing_column
 from workbench.data.packing import split_documents
 from workbench.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: workbench.config imports this package (to check data options), not the reverse
+    from workbench.config import DataConfig
 
 __all__ = [
     "FORMATS", "QA_PROMPT", "TruncationReport", "assistant_masks_supported", "check_packing",

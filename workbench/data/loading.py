@@ -12,18 +12,20 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
-from workbench.config import DataConfig
 from workbench.data.arithmetic import ArithmeticConfig, arithmetic_problems
 from workbench.data.synthetic import FactWorld, FactWorldConfig, entity_pools
 from workbench.errors import ConfigError
 from workbench.options import dataclass_options
 from workbench.sources import LOCAL_FORMATS, looks_local
+
+if TYPE_CHECKING:  # annotations only: workbench.config imports this package (to check data options), not the reverse
+    from workbench.config import DataConfig
 
 TABLE_FORMATS = {suffix: builder for suffix, builder in LOCAL_FORMATS.items() if suffix != ".txt"}
 

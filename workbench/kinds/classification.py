@@ -83,9 +83,7 @@ def check_classification(cfg: ExperimentConfig) -> None:
     if cfg.model.lora is not None:
         raise ConfigError("field 'model.lora': LoRA is not supported for classification runs (the new head "
                           "would not train); remove it")
-    if cfg.eval.on_save:
-        raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this run classifies "
-                          "texts; set it to false (eval_accuracy is reported on the held-out split)")
+    # eval.on_save on a classification run: refused by the evaluator (workbench_eval.on_save.check_on_save)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The method interface and registry: a YAML name under `methods:` maps to a `Method` subclass.
 
 A method is built from its config dataclass and may implement any of the hooks below; the trainer calls
-each hook of every enabled method in the order the YAML lists them, at these points of a run:
+each hook of every enabled method in the order the YAML lists them (but `prepare_model`: methods that replace
+parts of the model first, see below), at these points of a run:
 
     prepare_tokenizer(tokenizer) -> tok    before the model is built or resized (Masked Thought's <mask>)
     prepare_model(model) -> model          after the model (and LoRA) is built, before the Trainer
@@ -22,6 +23,20 @@ each hook of every enabled method in the order the YAML lists them, at these poi
 
 `needs_full_finetuning = True` makes a method refuse `model.lora` (a config error naming both); a method with other
 needs of `model.lora` (ALLoRA: no dropout, no DoRA) says so in the class method `check_lora`, run with the config.
+
+What a method declares so that several can share a run (`workbench.methods.stack` says how their hooks combine;
+`check_compatible` turns a pair that cannot into a one-line config error naming both, before any work):
+
+    needs_full_finetuning                  trains every weight: refuses `model.lora` and any `needs_lora` method
+    needs_lora                             trains LoRA adapters (ALLoRA)
+    replaces / replaced_parts(config)      parts of the model it swaps for modules of its own, by the attribute
+                                           name in each decoder layer ("mlp": SMoE's experts); such methods
+                                           prepare the model before all others, so that a hook another method
+                                           puts on that part lands on the new module. Two methods that replace
+                                           one part cannot share a run
+    read_parts(config)                     parts whose own modules or weights it uses all run long, each with
+                                           why (SeND's `site: weights` zeroes the dense MLP's rows): a method
+                                           that replaces one of them cannot share its run
 
 Built-in methods are listed in `BUILTIN` and imported only when a config names them, so validating a
 config imports nothing it does not use. Your own method, outside this package: `@register("name")` in a
@@ -80,6 +95,17 @@ class Method:
         if lora is not None and cls.needs_full_finetuning:
             raise ValueError(f"[model.lora] method '{cls.name}' trains every weight and cannot run on LoRA "
                              "adapters: remove 'model.lora' or the method")
+
+    @classmethod
+    def replaced_parts(cls, config: Any) -> tuple[str, ...]:
+        """The parts of the model this method replaces with options `config` (default: `replaces`)."""
+        return cls.replaces
+
+    @classmethod
+    def read_parts(cls, config: Any) -> dict[str, str]:
+        """The parts whose own modules or weights this method uses all run long with options `config`, each with
+        why, in a clause for the config error (default: none)."""
+        return {}
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         return tokenizer

@@ -27,7 +27,8 @@ that step before the checkpoint is written, so a checkpoint holds the state that
 code's weight zeroing (rows i and i+d of GPT-NeoX's `dense_h_to_4h`, columns of `dense_4h_to_h`; Llama's
 `gate_proj`/`up_proj` rows and `down_proj` columns), repeated at each tracking point of the drop: it zeroes MLP
 *intermediate* units that merely share the residual indices' numbers, so it does not act on the tracked indices
-(kept to reproduce the code, not the paper), and the weights regrow between points.
+(kept to reproduce the code, not the paper), and the weights regrow between points. It needs the dense MLP all run
+long and trainable weights: beside SMoE-Dropout's experts, or under `model.lora`, it is a config error.
 
 The paper's loop stops when the loss falls below ε or EES below δ (`while Loss > ε and EES > δ`); here
 `stop_loss`/`stop_ees` do that, and by default the run keeps its fixed budget while `loss` and (with `ees_prompts`)
@@ -209,6 +210,21 @@ class SeND(Method):
         self._block: nn.Module | None = None
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the padded tracking texts
         self._hooked: nn.Module | None = None
+
+    # --- what it needs of the model -------------------------------------------------------------------
+    @classmethod
+    def check_lora(cls, config: SeNDConfig, lora: dict[str, Any] | None) -> None:
+        if lora is not None and config.site == "weights":
+            raise ValueError("[methods.send.site] 'weights' zeroes MLP weights between updates, and under "
+                             "model.lora those are frozen (they would never regrow, and the adapters still write "
+                             "those units): use site 'block' or 'mlp' with LoRA")
+
+    @classmethod
+    def read_parts(cls, config: SeNDConfig) -> dict[str, str]:
+        if config.site != "weights":
+            return {}
+        return {"mlp": "site 'weights' zeroes rows of the tracked block's dense MLP at every tracking point "
+                       "(site 'block' or 'mlp' works beside it)"}
 
     # --- lifecycle hooks ---------------------------------------------------------------------------------
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:

@@ -57,13 +57,14 @@ from workbench.models.moe_model import (
     add_chunk_dropout,
     broadcast_frozen_routers,
     convert_to_moe,
+    expert_levels,
     expert_load,
     load_summary,
     moe_layers,
     set_active_experts,
 )
 
-__all__ = ["SCHEDULES", "SMoEDropout", "SMoEDropoutConfig", "inference_levels", "scheduled_k", "set_active_experts"]
+__all__ = ["SCHEDULES", "SMoEDropout", "SMoEDropoutConfig", "scheduled_k", "set_active_experts"]
 
 Schedule = Literal["linear_increase", "linear_decrease", "cosine_increase", "cosine_decrease", "exp_increase",
                    "multi_step_increase", "multi_step_decrease", "constant"]
@@ -155,13 +156,6 @@ class SMoEDropoutConfig:
         return self.fixed_k if self.router == "learned" else None
 
 
-def inference_levels(num_experts: int) -> list[int]:
-    """1, 2, 4, ... up to E (E appended when it is not a power of two): the code's [1, 2, 4, 8, 16] for E = 16,
-    the multi-step schedules' levels and the self-slimmable evaluation's k (`eval.experts: all`)."""
-    levels = [2**i for i in range(num_experts.bit_length()) if 2**i <= num_experts]
-    return levels if levels[-1] == num_experts else [*levels, num_experts]
-
-
 def scheduled_k(step: int, total_steps: int, mode: str, k_min: int, k_max: int, num_experts: int,
                 k: int | None = None) -> int:
     """Eqs. (8)-(9): the k for optimizer step `step` (0-based) of a schedule over `total_steps` steps; steps past
@@ -183,7 +177,7 @@ def scheduled_k(step: int, total_steps: int, mode: str, k_min: int, k_max: int, 
     elif mode == "exp_increase":
         value = round((k_min - k_max) * 0.99 ** (t // max(1, total // 300))) + k_max
     else:
-        levels = inference_levels(num_experts)
+        levels = expert_levels(num_experts)  # the levels a self-slimmable evaluation runs too
         if mode == "multi_step_decrease":
             levels = levels[::-1]
         value = levels[min(len(levels) - 1, int(len(levels) * t / total))]
@@ -210,6 +204,11 @@ class SMoEDropout(Method):
         if not self.balances:
             # the loss hook would add nothing: let the trainer keep its own loss path (TRL's fused LM head)
             self.overrides = lambda hook: hook != "loss" and SMoEDropout.overrides(hook)  # type: ignore[method-assign]
+
+    @classmethod
+    def replaced_parts(cls, config: SMoEDropoutConfig) -> tuple[str, ...]:
+        """The MLPs, unless `structured_dropout` keeps the model dense (a hook on each down projection)."""
+        return () if config.structured_dropout > 0 else cls.replaces
 
     @property
     def balances(self) -> bool:

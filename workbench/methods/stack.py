@@ -4,7 +4,12 @@ The stack holds the model's own features (`workbench.models.features`: LoRA+'s l
 norm, the load of learned routers) followed by the config's methods in YAML order, and defines how hooks of
 several methods combine:
 
-    prepare_tokenizer, prepare_model   chained in order: each method gets what the one before returned
+    prepare_tokenizer                   chained in order: each method gets what the one before returned
+    prepare_model                       chained: first the methods that replace parts of the model
+                                        (`Method.replaced_parts`: SMoE's MLPs), then the others, each group in
+                                        order; so a hook another method puts on a part (drop_path's branches,
+                                        dropout_schedule's residual dropout, SeND's `site: mlp`) lands on the
+                                        module that runs, the replacement, whatever the YAML order
     wrap_collator                       nested in order: the first method wraps the Trainer's collator, the
                                         second wraps that, ... (a batch passes the first method's wrapper first)
     callbacks                           all of them, in order, ahead of the run's own callbacks
@@ -19,13 +24,14 @@ several methods combine:
     state_dict                          one entry per method, by name
 
 Two methods that cannot share a run are a config error naming both (`check_compatible`, called as the config is
-validated): one that trains every weight beside one that needs LoRA adapters, and two that replace the same
-part of the model (`Method.replaces`).
+validated, before any work): one that trains every weight beside one that needs LoRA adapters, two that replace
+the same part of the model (`Method.replaced_parts`), and one that replaces a part whose own weights the other
+uses all run long (`Method.read_parts`: SeND's `site: weights` beside SMoE's experts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,9 +78,14 @@ class MethodStack:
         return tokenizer
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
-        for method in self.methods:
+        for method in self.preparation_order():
             model = method.prepare_model(model)
         return model
+
+    def preparation_order(self) -> list[Method]:
+        """The methods in the order `prepare_model` runs them: those that replace parts of the model first."""
+        replacing = [method for method in self.methods if type(method).replaced_parts(method.config)]
+        return replacing + [method for method in self.methods if method not in replacing]
 
     def callbacks(self) -> list[TrainerCallback]:
         return [callback for method in self.methods for callback in method.callbacks()]
@@ -119,17 +130,32 @@ class MethodStack:
                 raise KeyError(f"{source} has no state for method '{method.name}'")
 
 
-def check_compatible(names: Sequence[str], lora: dict[str, Any] | None) -> None:
-    """Raise ValueError('[a+b] ...') when two of the configured methods cannot share a run: one trains every
-    weight and the other needs LoRA adapters, or both replace the same part of the model."""
-    classes = [method_class(name) for name in names]
-    for i, first in enumerate(classes):
-        for second in classes[i + 1:]:
-            pair = f"[{first.name}+{second.name}] methods '{first.name}' and '{second.name}' cannot run together"
-            for full, adapted in ((first, second), (second, first)):
-                if full.needs_full_finetuning and adapted.needs_lora:
-                    raise ValueError(f"{pair}: '{full.name}' trains every weight and '{adapted.name}' trains "
-                                     "LoRA adapters; remove one of them")
-            shared = sorted(set(first.replaces) & set(second.replaces))
-            if shared:
-                raise ValueError(f"{pair}: both replace the model's {', '.join(shared)}; remove one of them")
+def check_compatible(methods: Mapping[str, Any]) -> None:
+    """Raise ValueError('[methods] ...', one line naming both) when two of the configured methods cannot share a
+    run: one trains every weight and the other needs LoRA adapters, both replace the same part of the model, or
+    one replaces a part whose own weights the other uses. `methods`: name -> its Config (or its options)."""
+    entries = []
+    for name, config in methods.items():
+        cls = method_class(name)
+        entries.append((name, cls, cls.Config(**config) if isinstance(config, Mapping) else config))
+    for i, first in enumerate(entries):
+        for second in entries[i + 1:]:
+            problem = _conflict(first, second)
+            if problem:
+                raise ValueError(f"[methods] methods '{first[0]}' and '{second[0]}' cannot run together: {problem}; "
+                                 "remove one of them")
+
+
+def _conflict(a: tuple[str, type[Method], Any], b: tuple[str, type[Method], Any]) -> str | None:
+    """Why methods a and b, each (name, class, config), cannot share a run; None if they can."""
+    for (full, full_cls, _), (adapted, adapted_cls, _) in ((a, b), (b, a)):
+        if full_cls.needs_full_finetuning and adapted_cls.needs_lora:
+            return f"'{full}' trains every weight and '{adapted}' trains LoRA adapters"
+    shared = sorted(set(a[1].replaced_parts(a[2])) & set(b[1].replaced_parts(b[2])))
+    if shared:
+        return f"both replace the model's {', '.join(shared)}"
+    for (reader, reader_cls, reader_config), (replacer, replacer_cls, replacer_config) in ((a, b), (b, a)):
+        uses = reader_cls.read_parts(reader_config)
+        for part in sorted(set(uses) & set(replacer_cls.replaced_parts(replacer_config))):
+            return f"'{replacer}' replaces the model's {part} and '{reader}' uses its own weights: {uses[part]}"
+    return None

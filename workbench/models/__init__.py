@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -16,7 +17,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from workbench.config import ModelConfig
 from workbench.errors import CheckpointError, ConfigError
 from workbench.models.lora import (
     adapter_base,
@@ -29,6 +29,9 @@ from workbench.models.moe_model import moe_model_class
 from workbench.models.presets import PRESETS, preset_config
 from workbench.models.tokenizer import load_or_train_tokenizer, train_bpe_tokenizer
 from workbench.sources import looks_like_model_path
+
+if TYPE_CHECKING:  # annotations only: workbench.config imports this package (LoRA options, presets), not the reverse
+    from workbench.config import ModelConfig
 
 __all__ = ["PRESETS", "build_model", "is_encoder_decoder", "model_class", "load_tokenizer", "load_or_train_tokenizer",
            "load_trained_model", "train_bpe_tokenizer"]

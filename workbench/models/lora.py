@@ -23,7 +23,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
-from workbench.config import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
+from workbench.deepspeed_json import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
 
 LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}

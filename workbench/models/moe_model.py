@@ -29,8 +29,8 @@ from workbench.distributed import gathered_parameters
 from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice
 
 __all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "load_summary", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
-           "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config", "moe_layers",
-           "moe_model_class", "restore_moe_layers", "set_active_experts"]
+           "expert_levels", "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config",
+           "moe_layers", "moe_model_class", "restore_moe_layers", "runnable_expert_counts", "set_active_experts"]
 
 
 # --- finding and replacing dense MLPs ---------------------------------------------------------------------
@@ -254,6 +254,24 @@ def broadcast_frozen_routers(model: nn.Module) -> int:
             if value is not buffer:
                 buffer.copy_(value)
     return len(layers)
+
+
+def expert_levels(num_experts: int) -> list[int]:
+    """1, 2, 4, ... up to E (E appended when it is not a power of two): the k of a self-slimmable evaluation
+    (`eval.experts: all`; the code's [1, 2, 4, 8, 16] for E = 16), and the levels of SMoE-Dropout's multi-step
+    k schedules."""
+    levels = [2**i for i in range(num_experts.bit_length()) if 2**i <= num_experts]
+    return levels if levels[-1] == num_experts else [*levels, num_experts]
+
+
+def runnable_expert_counts(model_or_checkpoint: nn.Module | str | Path) -> list[int]:
+    """The numbers of active experts per token a converted SMoE model can run at (`set_active_experts`): 1 to E;
+    [] for a dense model. Given a model folder, read from its config.json (`moe_config`), loading no weights."""
+    if isinstance(model_or_checkpoint, nn.Module):
+        smoe = _smoe(model_or_checkpoint)
+    else:
+        smoe = moe_config(model_or_checkpoint)
+    return list(range(1, int(smoe["num_experts"]) + 1)) if smoe else []
 
 
 def set_active_experts(model: nn.Module, k: int | None, *, training: bool = True, evaluation: bool = True) -> int:

@@ -3,7 +3,8 @@ from), run resumably, collected into one table, report and plots. `launch/study.
 
 | module | what it is |
 |---|---|
-| `plan` | the study YAML (`StudyConfig`), loading and checking it (`load_study`), the grid of runs (`grid`, `plan`, `RunSpec`) |
+| `plan` | the study YAML (`StudyConfig`) and the grid of runs (`grid`, `plan`, `RunSpec`) |
+| `load` | reading a study YAML and checking everything it refers to before any run (`load_study`) |
 | `checks` | the axes, values and columns that `compare`, `plots`, `primary` and `same_as` name, checked before any run |
 | `metrics` | which metric names a run logs, to check `collect` before any run starts |
 | `runner` | one run through `launch/train.py --resume` (`execute`), its status, the whole plan (`run_all`) |
@@ -14,6 +15,7 @@ from), run resumably, collected into one table, report and plots. `launch/study.
 """
 
 from workbench.study.collect import aggregate, collect_run, final_eval_scores, hand_study
+from workbench.study.load import load_study
 from workbench.study.plan import (
     AgreementSpec,
     DeltaSpec,
@@ -23,7 +25,6 @@ from workbench.study.plan import (
     StudyConfig,
     collected,
     grid,
-    load_study,
     plan,
     pretrain_for,
     pretrain_runs,

@@ -9,9 +9,13 @@ documents (`eval_loss`, `eval_nll`, `eval_token_accuracy` or, for a classifier, 
 
 Some names cannot be known in advance: the Trainer adds more `train_*`/`eval_*` keys depending on its
 arguments (memory and token-speed metrics; a name close to a known one is taken for a typo), evaluator
-metric names come from its task specs (the library does not import the evaluator), and a method logs what
-it logs unless its class declares `logged_metrics`. Such a name is a warning at planning time; a name that
-no run can log is an error.
+metric names come from its task specs, and a method logs what it logs unless its class declares
+`logged_metrics`. Such a name is a warning at planning time; a name that no run can log is an error.
+
+The evaluator owns the configs' `eval:` section, which the library keeps opaque and never reads (nor imports the
+evaluator): whether a run writes an evaluator column as it trains is the evaluator's answer, given through
+`EvaluatorChecks` (the study command passes `workbench_eval.config.STUDY_CHECKS`); without one, an evaluator
+column is a warning.
 """
 
 from __future__ import annotations
@@ -19,14 +23,23 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from workbench.config import ExperimentConfig
 from workbench.errors import ConfigError, did_you_mean
 from workbench.models.moe_model import ROUTER_LOAD_METRICS
+from workbench.study.plan import StudyConfig, collected
 
-if TYPE_CHECKING:
-    from workbench.study.plan import StudyConfig
+
+class EvaluatorChecks(Protocol):
+    """What a study's planning checks ask the evaluator about the `eval:` section it owns in every run's config."""
+
+    def check_config(self, cfg: ExperimentConfig, path: str | Path, overrides: list[str]) -> None:
+        """Check the `eval:` section of `cfg` (loaded by `load_config(path, overrides)`): a ConfigError naming
+        the field and where its value came from."""
+
+    def logs_column(self, cfg: ExperimentConfig, key: str) -> bool:
+        """Whether a run of `cfg` writes the evaluator column `key` (`task.style.metric`) as it trains."""
 
 # A run is trained by the workbench's Trainer (packed text) or, for fine-tuning data, by TRL's SFTTrainer,
 # which logs entropy, mean_token_accuracy and num_tokens instead of eval_nll and eval_token_accuracy. Which one
@@ -52,9 +65,9 @@ def _routed_experts(cfg: ExperimentConfig) -> int:
     return int({**preset, **cfg.model.overrides}.get("num_local_experts", 1))
 
 
-def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
+def run_logs(cfg: ExperimentConfig, key: str, evaluator: EvaluatorChecks | None = None) -> bool | str:
     """Whether a run of `cfg` logs `key`: True, False, or (when that cannot be known in advance) the reason
-    it may."""
+    it may. An evaluator column (`task.style.metric`) is True when `evaluator` says the run writes it."""
     validates = cfg.data.validation_fraction > 0
     if key in TRAINER_METRICS or (key in EVAL_METRICS and validates):
         return True
@@ -63,8 +76,7 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
     if key in ROUTER_LOAD_METRICS and _routed_experts(cfg) > 1:
         return True
     if len(key.split(".")) == 3:  # an evaluator column
-        task, style, _ = key.split(".")
-        if cfg.eval.on_save and any(t.task == task and (t.styles is None or style in t.styles) for t in cfg.eval.tasks):
+        if evaluator is not None and evaluator.logs_column(cfg, key):
             return True
         return "an evaluator column only if the runs' checkpoints are evaluated (eval.on_save or launch/eval.py)"
     maybe = []
@@ -86,18 +98,16 @@ def run_logs(cfg: ExperimentConfig, key: str) -> bool | str:
 
 
 def check_metrics(study: StudyConfig, configs: Iterable[ExperimentConfig], path: Path | str,
-                  on_warning: Callable[[str], None]) -> None:
+                  on_warning: Callable[[str], None], evaluator: EvaluatorChecks | None = None) -> None:
     """Every `collect` key and `curve` plot's y is logged by some run of `configs` (the arms' distinct
     configs); raise a ConfigError naming the field for one that none can log, warn for one that may not be."""
-    from workbench.study.plan import collected
-
     configs = list(configs)
     fields = [("collect", key) for key in collected(study.collect)]
     fields += [(f"plots[{i}].y", p.y) for i, p in enumerate(study.plots) if p.kind == "curve"]
     validates = any(cfg.data.validation_fraction > 0 for cfg in configs)
     known = sorted(TRAINER_METRICS | (EVAL_METRICS if validates else set()))
     for field_name, key in fields:
-        answers = [run_logs(cfg, key) for cfg in configs]
+        answers = [run_logs(cfg, key, evaluator) for cfg in configs]
         if not configs or any(answer is True for answer in answers):
             continue
         reasons = list(dict.fromkeys(a for a in answers if isinstance(a, str)))

@@ -1,4 +1,4 @@
-"""A study's YAML, its checks, and its plan: the grid of runs (the arms) and the optional pretrain run.
+"""A study's YAML (`StudyConfig`) and its plan: the grid of runs (the arms) and the optional pretrain run.
 
 A study YAML:
 
@@ -33,9 +33,9 @@ With `pretrain.per: <axis>` there is one pretrain run per value of that axis, `p
 With `pretrain.seeded: true` there is also one pretrain run per seed (`..._seed=<s>`, trained with that seed), and
 each arm starts from the one of its own seed, so the seed spread covers both stages.
 
-Everything a study refers to is checked here, before any run starts: every run's config, the collected
-metrics (against what a run logs, `workbench.study.metrics`), and the axes and reference values that
-`compare` and `plots` name.
+Everything a study refers to is checked before any run starts, by `workbench.study.load.load_study`: every
+run's config, the collected metrics (against what a run logs, `workbench.study.metrics`), and the axes and
+reference values that `compare` and `plots` name (`workbench.study.checks`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import itertools
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -51,15 +50,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from workbench.config import (
-    REPO_ROOT,
-    ExperimentConfig,
-    load_config,
-    resolve_path,
-    validate_model,
-)
 from workbench.errors import ConfigError, did_you_mean
-from workbench.yaml_text import override_string, parse_yaml
+from workbench.yaml_text import override_string
 
 DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
 # variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
@@ -373,11 +365,11 @@ def grid(study: StudyConfig) -> list[RunSpec]:
         labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}
         settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}}
         for seed in study.seeds:
-            # an arm loads its pretrain run (launch/train.py runs in the repository, so a relative runs_dir is
-            # there), as its model or under the key `pretrain.as` names
+            # an arm loads its pretrain run (every run trains in the current directory, so a relative runs_dir
+            # is there), as its model or under the key `pretrain.as` names
             pretrain, start = pretrain_for(study, labels, seed), {}
             if pretrain is not None:
-                folder = str(REPO_ROOT / pretrain.run_dir)
+                folder = str(Path.cwd() / pretrain.run_dir)
                 key = study.pretrain.as_key
                 start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
             parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
@@ -405,42 +397,6 @@ def _link_same_runs(study: StudyConfig, runs: list[RunSpec]) -> list[RunSpec]:
 def plan(study: StudyConfig) -> list[RunSpec]:
     """Every run in the order they train: the pretrain runs (if any) first, then the arms."""
     return pretrain_runs(study) + grid(study)
-
-
-def load_study(path: str | Path, profile: str | None = None,
-               on_warning: Callable[[str], None] = warn) -> StudyConfig:
-    """Read and check a study YAML (as profile `profile`, if given). Every run's config is validated here,
-    so a bad base config, override or variant fails before any run starts; so do a collected metric that no
-    run can log and a `compare` or `plots` entry that names no axis, axis value or column. A collected name
-    that only some runtime or method may log is passed to `on_warning`."""
-    from workbench.study.checks import check_references
-    from workbench.study.metrics import check_metrics
-
-    path = resolve_path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file '{path}' not found")
-    study = validate_model(StudyConfig, parse_yaml(path.read_text()) or {}, path)
-    check_pretrain(study, path)
-    if profile is not None:
-        study = study.with_profile(profile)
-        check_pretrain(study, path)
-    if study.combine == "zip" and len({len(v) for v in study.axes.values()}) > 1:
-        raise ConfigError(f"{path}: field 'axes': zipped axes need the same number of values")
-    configs: dict[str, ExperimentConfig] = {}
-    arms: dict[str, ExperimentConfig] = {}  # the distinct configs of the arms (the runs that are collected)
-    for run in plan(study):
-        overrides = [override_string(k, v) for k, v in run.settings.items() if k not in MANAGED]
-        key = str([run.config, overrides])
-        if key not in configs:
-            try:
-                configs[key] = load_config(run.config, overrides)
-            except ConfigError as err:
-                raise ConfigError(f"{path}: run '{run.name}': {err}") from None
-        if run.stage == "arm":
-            arms[key] = configs[key]
-    check_metrics(study, list(arms.values()), path, on_warning)
-    check_references(study, path, on_warning)
-    return study
 
 
 def axis_values(study: StudyConfig, axis: str, axes: dict[str, Any] | None = None) -> list[str]:

@@ -3,7 +3,8 @@
 
 A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
 line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
-one per value of that axis) trains first; if one fails, no arm is started.
+one per value of that axis) trains first; if one fails, no arm is started. `in_parallel` is how runs (and the
+reproductions' evaluation sweeps, `workbench_eval.sweep.sweep_all`) go several at a time with the cores shared out.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 
 import yaml
 
-from workbench.config import REPO_ROOT, resolve_path
+from workbench.config import resolve_path
+from workbench.distributed_launch import free_port
 from workbench.errors import WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
-from workbench.net import free_port
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
+from workbench.study.submitit import submit
 from workbench.warm import allocator_env, train_process
 
 STATUS = "study_status.json"
@@ -49,13 +51,14 @@ def train_arguments(run: RunSpec) -> list[str]:
 
 
 def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[str]:
-    """The `launch/train.py` command line of one run, under the study's launcher, with `--resume`."""
-    script = str(REPO_ROOT / "launch" / "train.py")
+    """The `launch/train.py` command line of one run, under the study's launcher, with `--resume`: the train
+    command's module (`workbench_cli.train`), run in the current directory as `python -m` runs it."""
+    module = ["--module", "workbench_cli.train"]  # by name: the library does not import the command layer
     if study.launcher.kind == "deepspeed":
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), script]
+        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), *module]
     else:
-        head = [sys.executable, script]
+        head = [sys.executable, "-m", module[1]]
     return head + train_arguments(run)
 
 
@@ -72,8 +75,8 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     if study.launcher.kind == "deepspeed":
         env = {**os.environ, **allocator_env(), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with log.open("a") as handle:
-            returncode = subprocess.run(train_command(study, run, port or free_port()), cwd=REPO_ROOT, env=env,
-                                        stdout=handle, stderr=subprocess.STDOUT).returncode
+            returncode = subprocess.run(train_command(study, run, port or free_port()), env=env,
+                                        stdout=handle, stderr=subprocess.STDOUT).returncode  # in this directory
     else:  # one process: forked from a warm server (workbench.warm), not a new interpreter
         returncode = train_process(train_arguments(run), log, threads)
     status = {"status": "done" if returncode == 0 else "failed",
@@ -122,16 +125,38 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
     return True
 
 
+def run_all_or_raise(study: StudyConfig, runs: list[RunSpec], parallel: int = 1,
+                     progress: Callable[[str], None] = print) -> None:
+    """`run_all`, for a script that cannot go on without every run trained (the reproductions,
+    `workbench_eval/experiments/`): afterwards a RuntimeError naming each run of `runs` that is not done, with its
+    error line and the tail of its `train.log`."""
+    run_all(study, runs, parallel, progress=progress)
+    failed = [(run, run_status(run)) for run in runs if run_status(run)["status"] != "done"]
+    if failed:
+        lines = []
+        for run, status in failed:
+            log = run.run_dir / "train.log"
+            tail = log.read_text().splitlines()[-15:] if log.is_file() else []
+            lines += [f"{run.name}: {status.get('error', status['status'])} (see {log})", *tail]
+        raise RuntimeError(f"study {study.study}: {len(failed)} of {len(runs)} runs did not finish:\n" + "\n".join(lines))
+
+
 def _statuses(study: StudyConfig, runs: list[RunSpec], parallel: int, executor: str,
               partition: str | None) -> Iterator[dict[str, Any]]:
     """Each run's status, in order, as soon as it and the runs before it are finished."""
     if executor != "local":
-        from workbench.study.submitit import submit
-
-        yield from submit(study, runs, executor, partition)
+        yield from submit(study, runs, execute, executor, partition)
         return
+    yield from in_parallel(lambda run, threads: execute(study, run, threads), runs, parallel)
+
+
+def in_parallel(function: Callable[[Any, int], Any], items: list[Any], parallel: int = 1) -> Iterator[Any]:
+    """`function(item, threads)` for each of `items`, `parallel` at a time (threads of this process, each starting
+    its own process: a run, an evaluation), the machine's cores shared out (`threads` = cores // parallel, at
+    least 1); the results in order, each as soon as it and those before it are done (an exception is raised
+    when its item's turn comes)."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(execute, study, run, threads) for run in runs]
+        futures = [pool.submit(function, item, threads) for item in items]
         for future in futures:
             yield future.result()

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from workbench.study.plan import RunSpec, StudyConfig
-from workbench.study.runner import execute
 
 
-def submit(study: StudyConfig, runs: list[RunSpec], executor: str, partition: str | None = None,
-           timeout_min: int = 240) -> list[dict]:
-    """One array task per run; waits for all and returns their statuses."""
+def submit(study: StudyConfig, runs: list[RunSpec], execute: Callable[[StudyConfig, RunSpec], dict],
+           executor: str, partition: str | None = None, timeout_min: int = 240) -> list[dict]:
+    """One array task per run, each `execute(study, run)` (the runner's `workbench.study.runner.execute`, which
+    calls this: it is given, not imported); waits for all and returns their statuses."""
     import submitit
 
     folder = Path(study.runs_dir) / study.study / "submitit"

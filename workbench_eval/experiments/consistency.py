@@ -12,6 +12,12 @@ SFTTrainer, loss on the answer) on QA pairs about entities evaluation never asks
 Base models are scored in every style; instruct models with plain zero-shot prompts. Per style: Kendall's
 tau-b between the base and the instruct scores over the models, and its paired bootstrap difference (over
 models) from the zero-shot style's tau; a base-vs-instruct scatter per style.
+
+The runs are one two-stage study (`workbench.study`, in `<runs-dir>/bose-consistency/` or `bose-consistency-quick/`):
+a pretrain run per data mixture (the base models, `pretrain_mixture=<mixture>/`), then one arm per mixture that
+fine-tunes it (the instruct models, `mixture=<mixture>_seed=0/`), trained resumably by the study runner (a
+finished run skipped); the sweeps go through `workbench_eval.sweep.sweep_all`. The tables go to
+`consistency.md` and `consistency.json` there.
 """
 
 from __future__ import annotations
@@ -19,17 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from workbench.checkpoints import newest_complete_checkpoint
+from workbench.bundled import configs_dir
 from workbench.config import load_config
 from workbench.data.loading import FactCorpusConfig
 from workbench.data.synthetic import FactWorldConfig
 from workbench.io import atomic_write_text
-from workbench.layout import RUN_CONFIG, checkpoint_dir
-from workbench.yaml_text import override_string
+from workbench.study.plan import PretrainSpec, StudyConfig, grid, plan, pretrain_for
+from workbench.study.runner import run_all_or_raise
+from workbench.warm import preload
+from workbench_eval.config import eval_config
 from workbench_eval.consistency import (
     INSTRUCT_STYLE,
     consistency_rows,
@@ -37,10 +46,10 @@ from workbench_eval.consistency import (
     final_checkpoint_target,
     final_scores,
 )
-from workbench_eval.experiments.common import REPO, evaluate_all, train_all
 from workbench_eval.styles import style_colour
+from workbench_eval.sweep import sweep_all
 
-CONFIG = REPO / "configs" / "bose" / "consistency.yaml"
+CONFIG = configs_dir() / "bose" / "consistency.yaml"  # configs/bose/consistency.yaml
 # (share of the text about the evaluated world, share of question-answer documents): 8 data mixtures
 FULL = [(fact, qa) for qa in (0.0, 0.05) for fact in (0.25, 0.5, 0.75, 1.0 - qa)]
 QUICK = [(0.25, 0.0), (1.0, 0.0), (0.25, 0.05), (0.95, 0.05)]
@@ -51,41 +60,36 @@ PRIMARY = {"factworld_mc": "acc", "factworld_qa": "f1"}
 
 
 def mixture_name(fact: float, qa: float) -> str:
+    """A data mixture's name: `fact25-qa5` = 25% of the text about the evaluated world, 5% QA documents."""
     return f"fact{round(fact * 100)}-qa{round(qa * 100)}"
 
 
-def base_job(fact: float, qa: float, runs_dir: Path, steps: int | None) -> tuple[Path, tuple | None]:
-    """One data mixture's base run and its `train_all` job (None when it is already trained)."""
-    name = f"bose-base-{mixture_name(fact, qa)}"
-    run = runs_dir / name
-    if newest_complete_checkpoint(run, report=lambda _: None) is not None:
-        return run, None
-    other = round(1.0 - fact - qa, 6)
-    return run, (CONFIG, [f"name={name}", f"runs_dir={runs_dir}", f"data.synthetic.other_share={other}",
-                          f"data.synthetic.qa_share={qa}", *([f"training.max_steps={steps}"] if steps else [])],
-                 runs_dir / f"{name}.log")
-
-
-def instruct_job(base: Path, recipe: dict) -> tuple[Path, tuple | None]:
-    """`base` fine-tuned on the fact world's instruction-tuning QA pairs (the run's own fact world): the instruct
-    run and its `train_all` job (None when it is already trained)."""
-    run = base.with_name(base.name.replace("bose-base", "bose-instruct"))
-    steps = recipe["training.max_steps"]
-    if newest_complete_checkpoint(run, report=lambda _: None) is not None and checkpoint_dir(run, steps).is_dir():
-        return run, None
-    world = dict(yaml.safe_load((base / RUN_CONFIG).read_text())["data"]["synthetic"])
+def world() -> dict[str, Any]:
+    """The fact world's options of `CONFIG` (every base model's: its mixture changes corpus options only), which
+    the instruction-tuning QA pairs take (`synthetic:fact_qa`)."""
+    options = dict(load_config(CONFIG).data.synthetic)
     for corpus_option in set(FactCorpusConfig.__dataclass_fields__) - set(FactWorldConfig.__dataclass_fields__):
-        world.pop(corpus_option, None)  # the QA pairs take the world's options only
-    settings = {"name": run.name, "runs_dir": str(run.parent), "model.preset": None,
-                "model.name_or_path": str(base), "data.source": "synthetic:fact_qa", "data.synthetic": world,
-                "training.save_steps": steps, "training.logging_steps": max(1, steps // 10), **recipe}
-    return run, (CONFIG, [override_string(k, v) for k, v in settings.items()], run.parent / f"{run.name}.log")
+        options.pop(corpus_option, None)  # the QA pairs take the world's options only
+    return options
 
 
-def trained(jobs: list[tuple[Path, tuple | None]], parallel: int) -> list[Path]:
-    """Train the runs of `jobs` that are not trained yet, `parallel` at a time; the run folders."""
-    train_all([job for _, job in jobs if job is not None], parallel)
-    return [run for run, _ in jobs]
+def consistency_study(mixtures: list[tuple[float, float]], recipe: dict[str, Any], runs_dir: Path,
+                      base_steps: int | None, quick: bool) -> StudyConfig:
+    """The base and instruct models as a two-stage study: per data mixture a pretrain run of `CONFIG` (the base
+    model, `base_steps` steps, default the config's), and an arm that fine-tunes it by `recipe` on the fact
+    world's instruction-tuning QA pairs (the instruct model)."""
+    names = {mixture_name(fact, qa): (fact, qa) for fact, qa in mixtures}
+    steps = recipe["training.max_steps"]
+    return StudyConfig(
+        study="bose-consistency" + ("-quick" if quick else ""), base=str(CONFIG), runs_dir=str(runs_dir),
+        description="BOSE consistency: base models of several data mixtures and their instruction-tuned versions",
+        axes={"mixture": {name: {} for name in names}}, seeds=[recipe["seed"]],
+        set={"data.source": "synthetic:fact_qa", "data.synthetic": world(), "training.save_steps": steps,
+             "training.logging_steps": max(1, steps // 10), **recipe},
+        pretrain=PretrainSpec(
+            config=str(CONFIG), per="mixture", set={"training.max_steps": base_steps} if base_steps else {},
+            set_per_value={name: {"data.synthetic.other_share": round(1.0 - fact - qa, 6),
+                                  "data.synthetic.qa_share": qa} for name, (fact, qa) in names.items()}))
 
 
 def scores(runs: list[Path], cfg, limit: int, parallel: int, styles: list[str] | None = None) -> list[dict]:
@@ -94,7 +98,7 @@ def scores(runs: list[Path], cfg, limit: int, parallel: int, styles: list[str] |
     if styles is not None:
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"styles": styles}) for t in cfg.tasks]})
     targets = [final_checkpoint_target(run) for run in runs]
-    evaluate_all([(target, cfg) for target in targets], limit, parallel)
+    sweep_all([(target, cfg) for target in targets], limit, parallel)
     return [final_scores(target) for target in targets]
 
 
@@ -104,6 +108,7 @@ def analyse(names: list[str], base: list[dict], instruct: list[dict], n_boot: in
 
 
 def scatter(rows: list[dict], out: Path) -> None:
+    """`bose_consistency.png` in `out`: base against instruct score per style, one point per data mixture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,23 +141,30 @@ def scatter(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
+    preload("workbench_eval.sweep")  # the warm server imports the evaluator once, before the training runs fork
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="the study's folder goes here: bose-consistency/ (--quick: bose-consistency-quick/)")
+    parser.add_argument("--out", type=Path, default=Path("docs") / "img", help="default docs/img (from the checkout)")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores shared out")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    grid, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the runs and sweeps need nothing from the hub
+        os.environ.setdefault(key, "1")
+    mixtures, recipe = (QUICK, {**RECIPE, "training.max_steps": 20}) if args.quick else (FULL, RECIPE)
     limit, steps = (40, 30) if args.quick else (args.limit, None)
-    bases = trained([base_job(fact, qa, args.runs_dir, steps) for fact, qa in grid], args.parallel)
-    instructs = trained([instruct_job(base, recipe) for base in bases], args.parallel)
-    cfg = load_config(CONFIG).eval
+    study = consistency_study(mixtures, recipe, args.runs_dir, steps, args.quick)
+    run_all_or_raise(study, plan(study), args.parallel, progress=lambda line: print(line, file=sys.stderr))
+    arms = grid(study)
+    bases = [pretrain_for(study, arm.values).run_dir for arm in arms]
+    instructs = [arm.run_dir for arm in arms]
+    cfg = eval_config(load_config(CONFIG))
     base_scores = scores(bases, cfg, limit, args.parallel)
     instruct_scores = scores(instructs, cfg, limit, args.parallel, styles=[INSTRUCT_STYLE])
-    names = [mixture_name(fact, qa) for fact, qa in grid]
+    names = [arm.values["mixture"] for arm in arms]
     rows = analyse(names, base_scores, instruct_scores, n_boot=200 if args.quick else 2000)
-    out = args.runs_dir / "bose-consistency"
+    out = study.folder
     scatter(rows, out if args.quick else args.out)
     label = "QUICK (smoke test, not a result)" if args.quick else f"{len(bases)} data mixtures"
     text = "\n".join([f"# BOSE consistency ({label})", "", "Models: " + ", ".join(names), "", *consistency_table(rows), ""])

@@ -11,11 +11,12 @@ same order); prints n, r, ρ, the mean and largest absolute difference in nats.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from scipy.stats import pearsonr, spearmanr
+from workbench.layout import RUN_CONFIG, results_path
+from workbench.stats import pearson_r, spearman_rho
+from workbench_eval.results import read_results
 
 
 def paired_items(run_dirs: list[Path], style: str) -> tuple[list[float], list[float]]:
@@ -23,12 +24,8 @@ def paired_items(run_dirs: list[Path], style: str) -> tuple[list[float], list[fl
     ees: list[float] = []
     exact: list[float] = []
     for run in run_dirs:
-        path = run / "eval" / "results.jsonl"
-        if not path.is_file():
-            continue
         cells: dict[str, dict[str, list[float]]] = {}
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
+        for record in read_results(results_path(run)):
             if record.get("task") == "eigenscore" and record.get("style") == style:
                 cells.setdefault(record["checkpoint"], {})[record["metric"]] = record["items"]
         for cell in cells.values():
@@ -43,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="run folders, or study folders holding them")
     parser.add_argument("--style", default="completion")
     args = parser.parse_args(argv)
-    runs = [f for folder in args.folders for f in ([folder] if (folder / "config.yaml").is_file()
+    runs = [f for folder in args.folders for f in ([folder] if (folder / RUN_CONFIG).is_file()
                                                    else sorted(p for p in folder.iterdir() if p.is_dir()))]
     ees, exact = paired_items(runs, args.style)
     if len(ees) < 3:
@@ -51,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     differences = [abs(a - b) for a, b in zip(ees, exact, strict=True)]
     print(f"n = {len(ees)} prompts (all checkpoints of {len(runs)} runs), style {args.style}")
-    print(f"Pearson r = {pearsonr(ees, exact).statistic:.6f}, Spearman rho = {spearmanr(ees, exact).statistic:.6f}")
+    print(f"Pearson r = {pearson_r(ees, exact):.6f}, Spearman rho = {spearman_rho(ees, exact):.6f}")
     print(f"|EES - EigenScore|: mean {sum(differences) / len(differences):.2e} nats, max {max(differences):.2e} nats; "
           f"EigenScore range {min(exact):.3f} .. {max(exact):.3f}")
     return 0

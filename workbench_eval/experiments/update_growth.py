@@ -9,17 +9,19 @@ Reads each run's `config.yaml` (for its axis values: the folder name `axis=value
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import statistics
 from pathlib import Path
 
-RUN = re.compile(r"^(?P<values>.+)_seed=(?P<seed>\d+)$")
+from workbench.io import read_jsonl
+from workbench.layout import METRICS
+from workbench.stats import mean_sd
+
+RUN = re.compile(r"^(?P<values>.+)_seed=(?P<seed>\d+)$")  # a study run's folder name (`workbench.study.plan.grid`)
 
 
 def value_at(metrics: Path, key: str, step: int) -> float | None:
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
+    """The first value of `key` logged at `step` in a run's metrics.jsonl; None when it was not logged there."""
+    for record in read_jsonl(metrics):
         if record.get("step") == step and isinstance(record.get(key), (int, float)):
             return float(record[key])
     return None
@@ -32,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", required=True)
     args = parser.parse_args(argv)
     groups: dict[str, dict[int, list[float]]] = {}
-    for run in sorted(p for p in args.study.iterdir() if (p / "metrics.jsonl").is_file()):
+    for run in sorted(p for p in args.study.iterdir() if (p / METRICS).is_file()):
         match = RUN.match(run.name)
         if match is None:
             continue
         for step in args.steps:
-            value = value_at(run / "metrics.jsonl", args.metric, step)
+            value = value_at(run / METRICS, args.metric, step)
             if value is not None:
                 groups.setdefault(match["values"], {}).setdefault(step, []).append(value)
     if not groups:
@@ -47,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, by_step in groups.items():
         cells = []
         for step in args.steps:
-            values = by_step.get(step, [])
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.3f} ± {spread:.3f} (n={len(values)})" if values else "–")
+            values = mean_sd(by_step.get(step, []))
+            cells.append(f"{values.text(3, sign=False)} (n={values.n})" if values.n else "–")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 

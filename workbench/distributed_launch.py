@@ -1,4 +1,6 @@
-"""Helpers for launching ranks and leaving them (light: torch only if the process already loaded it)."""
+"""Launching a distributed run's ranks and leaving them: a free rendezvous port (`free_port`, MASTER_PORT) and a
+clean exit from a multi-rank run (`exit_distributed`). Light: torch only if the process already loaded it (the
+collectives themselves are in `workbench.distributed`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""GSM8K-format answers: the number after the last `####` (a light module: the evaluator imports it without
-the data stack)."""
+"""GSM8K-format answers: the number after the last `####` (`parse_gsm8k_answer`, the pattern `GSM8K_ANSWER`).
+
+A light top-level module, not in `workbench.data` (whose package imports the data stack): the evaluator imports it
+without datasets or torch."""
 
 from __future__ import annotations
 
