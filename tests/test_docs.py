@@ -45,3 +45,25 @@ def test_every_study_config_passes_the_study_checks(study, monkeypatch):
 
     monkeypatch.chdir(REPO)
     assert len(plan(load_study(study))) >= 2
+
+
+def test_every_module_is_in_the_architecture_table():
+    """A reader finds every module of the three packages by its path in docs/architecture.md."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    modules = [path.relative_to(REPO).as_posix() for package in ("workbench", "workbench_eval", "workbench_cli")
+               for path in sorted((REPO / package).rglob("*.py"))]
+    assert [module for module in modules if f"`{module}`" not in text] == []
+
+
+def test_no_file_cites_a_path_outside_the_repository():
+    """Code and docs cite only files inside the repository (no `shared/...`, no `../` out of it)."""
+    cited = []
+    for path in sorted(REPO.rglob("*")):
+        parts = path.relative_to(REPO).parts
+        if not path.is_file() or path.suffix not in (".py", ".md", ".yaml", ".json", ".toml") or \
+                parts[0] in (".venv", ".git", "runs", "build") or "egg-info" in parts[0]:
+            continue
+        for number, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
+            if re.search(r"(?<![\w./-])shared/(methods|seeds|design)", line):
+                cited.append(f"{path.relative_to(REPO)}:{number}")
+    assert cited == []
