@@ -8,7 +8,7 @@ repetition studies), its 4-layer version on 16 x 256 tokens (the BOSE experiment
 `mixtral-tiny` and `mixtral-dense-tiny` on 16 x 128, with one torch thread,
 as a run of `--parallel 2` has on two cores. Allocators alternate repeat by repeat so both see the same
 machine state. Prints ms per step (median over repeats), the ratio tcmalloc / glibc, and whether the final
-losses are bit-identical (they should be: only where memory comes from differs). `workbench.warm` starts
+losses are bit-identical (they should be: only where memory comes from differs). `workbench.processes` starts
 study and experiment runs with tcmalloc where the machine has it. Never a timed assert: the ratio is the result.
 """
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(*MODELS[args.child], args.steps, args.threads)
         return 0
-    from workbench.warm import allocator_env
+    from workbench.processes import allocator_env
 
     library = allocator_env().get("LD_PRELOAD")
     if not library:

@@ -3,16 +3,7 @@
     python launch/merge.py runs/lora-run --out merged/   # see --help
 """
 
-import sys
-from pathlib import Path
-
-try:
-    from workbench_cli.merge import main, run
-except ModuleNotFoundError as err:  # installed before workbench_cli existed (`pip install -e .` again), or not at all
-    if err.name != "workbench_cli":
-        raise
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from workbench_cli.merge import main, run
+from workbench_cli.merge import main, run
 
 __all__ = ["main"]
 

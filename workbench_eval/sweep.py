@@ -141,10 +141,10 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
 def sweep_all(jobs: list[tuple[Target, EvalConfig]], limit: int | None = None, parallel: int = 1) -> None:
     """`sweep` each (target, eval config) of `jobs` (cells already in its results are skipped), `parallel` at a time
     (`workbench.study.runner.in_parallel`, the cores shared out), each in a process forked from the warm server
-    (`workbench.warm`) with its progress in `<results>.log` beside the target's results; raises with the log's tail
+    (`workbench.processes`) with its progress in `<results>.log` beside the target's results; raises with the log's tail
     for a sweep that failed."""
+    from workbench.processes import preload, warm_process
     from workbench.study.runner import in_parallel
-    from workbench.warm import preload, warm_process
 
     preload(__name__)
 

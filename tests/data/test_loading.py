@@ -131,6 +131,7 @@ def test_racing_builders_of_one_cache_folder_both_succeed(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["entry"]
 
 
+@pytest.mark.integration
 def test_parallel_runs_share_one_cold_cache(tmp_path):
     """Two processes preparing the same data into an empty cache at once both succeed."""
     import subprocess

@@ -222,6 +222,7 @@ def test_results_lines_are_json_with_items(trained_run, tmp_path):
     assert all(line["n"] == 4 == len(line["items"]) and line["step"] == 6 for line in lines)
 
 
+@pytest.mark.integration
 def test_eval_on_save_during_training_leaves_training_unchanged(tmp_path):
     from safetensors.torch import load_file
 

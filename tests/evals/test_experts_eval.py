@@ -9,6 +9,8 @@ from conftest import launch_main, tiny_config, train_main, write_config
 from workbench.io import read_jsonl
 from workbench_eval.results import experts_style, read_results, split_experts_style
 
+pytestmark = pytest.mark.integration  # two runs trained, then evaluated at each k
+
 MODEL = {"overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}}
 
 

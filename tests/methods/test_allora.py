@@ -247,6 +247,7 @@ def runs(tmp_path_factory, base_dir) -> dict[str, Path]:
     return {apply: tmp / "runs" / apply for apply in ("gradient", "update")}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("apply", ["gradient", "update"])
 def test_a_run_logs_c_and_the_growth_of_ba_to_metrics_and_tensorboard(runs, apply):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -264,6 +265,7 @@ def test_a_run_logs_c_and_the_growth_of_ba_to_metrics_and_tensorboard(runs, appl
     assert {f"train/{name}" for name in STATS} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.integration
 def test_adapters_reload_and_merge_to_what_was_trained_at_scaling_1(runs, base_dir, tmp_path, capsys):
     """The saved adapter config has lora_alpha = r: base + BA, as trained, whether loaded, merged or by hand."""
     checkpoint = runs["gradient"] / "checkpoint-4"
@@ -286,6 +288,7 @@ def test_adapters_reload_and_merge_to_what_was_trained_at_scaling_1(runs, base_d
         torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("apply", ["gradient", "update"])
 def test_resuming_an_allora_run_is_bit_equal(runs, tmp_path, apply):
     """c is recomputed from the restored weights: the method needs no state of its own to resume exactly."""

@@ -74,6 +74,7 @@ def test_config_validation():
         validate_method_config("dropout_schedule", {"sites": ["mlp"]})
 
 
+@pytest.mark.integration
 def test_dropstage_switches_on_and_resumes_with_its_state(tmp_path):
     methods = {"dropout_schedule": {"rate": 0.2, "start_step": 5}}
     straight = tiny_config(tmp_path, name="straight", methods=methods, training={"max_steps": 10, "save_steps": 4})

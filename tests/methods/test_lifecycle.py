@@ -50,6 +50,7 @@ def full_finetuning_method():
     METHODS.pop("test_full")
 
 
+@pytest.mark.integration
 def test_resuming_a_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, widening_method, capsys):
     """A method's layer of width 3 in the checkpoint, width 5 in the model: never resumed on fresh weights."""
     narrow = write_config(tmp_path, tiny_config(tmp_path, name="arch", methods={"test_widen": {"width": 3}},
@@ -87,6 +88,7 @@ def test_a_method_by_import_path_and_a_bad_one(tmp_path, monkeypatch):
             load_config(write_config(tmp_path, tiny_config(tmp_path, methods={bad: {}})))
 
 
+@pytest.mark.integration
 def test_validating_a_config_imports_only_the_methods_it_names(tmp_path):
     plain = write_config(tmp_path, tiny_config(tmp_path), "plain.yaml")
     named = write_config(tmp_path, tiny_config(tmp_path, methods={"dropout_schedule": {}}), "named.yaml")

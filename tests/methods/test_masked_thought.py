@@ -408,6 +408,7 @@ def _check_masks(probe: dict, p_max: float, **schedule) -> list[tuple[int, int]]
     return positions
 
 
+@pytest.mark.integration
 def test_a_run_logs_the_ramp_and_resumes_with_the_same_masks(tmp_path, base_run):
     methods = {"masked_thought": {"p_max": 0.4, "ramp_fraction": 0.5}}
     config = _finetune(tmp_path, base_run, "ft", methods, max_steps=6, save_steps=3, eval_strategy="steps",
@@ -431,6 +432,7 @@ def test_a_run_logs_the_ramp_and_resumes_with_the_same_masks(tmp_path, base_run)
     assert all(torch.equal(uninterrupted[k], weights[k]) for k in uninterrupted)
 
 
+@pytest.mark.integration
 def test_dataloader_workers_in_a_run_mask_with_the_step_of_their_batch(tmp_path, base_run):
     """Two persistent workers, two micro-batches per step, epochs of 3.5 steps: the masks of every micro-batch
     are those of its own (step, micro-batch), as the main process would have drawn them."""
@@ -470,6 +472,7 @@ def test_two_ranks_draw_different_masks(tmp_path, base_run):
         assert other_rank.tolist() == first["input_ids"]
 
 
+@pytest.mark.integration
 def test_packed_run_masks_only_completions(tmp_path, base_run):
     """`data.packing`: padding-free rows of several examples; the masks are still those of each (step, micro)."""
     methods = {"masked_thought": {"p_max": 0.4, "schedule": "constant"}}

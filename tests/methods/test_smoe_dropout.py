@@ -197,6 +197,7 @@ def test_structured_dropout_keeps_the_model_dense():
 
 
 # --- a training run -------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_training_run_logs_k_reloads_converted_and_resumes_exactly(tmp_path):
     methods = {"smoe_dropout": {"experts": 4, "k_min": 1}}
     model = {"overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -230,6 +231,7 @@ def test_training_run_logs_k_reloads_converted_and_resumes_exactly(tmp_path):
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arm", ["learned", "structured", "frozen_fixed"])
 def test_baselines_train_end_to_end_and_routed_models_log_their_load(tmp_path, arm):
     """The paper's baselines from the same config, through launch/train.py: the learned router with the balance

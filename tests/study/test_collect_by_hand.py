@@ -29,6 +29,7 @@ def _hand_run(tmp_path: Path, name: str, lr: float, seed: int, losses: list[floa
     return folder
 
 
+@pytest.mark.integration
 def test_collect_runs_launched_by_hand_into_a_table_report_and_plots(tmp_path):
     a = _hand_run(tmp_path, "a", 1e-3, 0, [3.0, 2.0])
     b = _hand_run(tmp_path, "b", 1e-3, 1, [3.0, 1.0])
@@ -64,6 +65,7 @@ def test_runs_that_differ_only_by_seed_pool_into_one_row(tmp_path):
     assert [r.stage for r in runs] == ["hand", "hand"] and runs[1].seed == 1
 
 
+@pytest.mark.integration
 def test_bad_run_folders_and_metrics_are_one_line_errors_and_nothing_is_written(tmp_path):
     a = _hand_run(tmp_path, "a", 1e-3, 0, [3.0, 2.0])
     (tmp_path / "runs" / "empty").mkdir()

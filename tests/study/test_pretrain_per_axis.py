@@ -101,6 +101,7 @@ def test_a_bad_per_axis_pretrain_is_a_one_line_error_naming_the_field(tmp_path, 
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.integration
 def test_dry_run_lists_every_pretrain_run_first_and_an_arm_waits_for_its_own(tmp_path):
     path = per_arm(tmp_path, seeds=[0])
     result = launch(str(path), "--dry-run")
@@ -113,6 +114,7 @@ def test_dry_run_lists_every_pretrain_run_first_and_an_arm_waits_for_its_own(tmp
     assert not (tmp_path / "runs" / "s" / "arm=b_seed=0").exists()
 
 
+@pytest.mark.integration
 def test_a_failed_per_value_pretrain_run_starts_no_arm(tmp_path):
     result = launch(str(per_arm(tmp_path, seeds=[0], set_per_value={"b": TOO_MUCH})))
     assert result.returncode == 1, result.stderr[-2000:]

@@ -21,6 +21,7 @@ def _load(tmp_path, **fields):
     return load_study(write_study(tmp_path, **fields), on_warning=warnings.append, evaluator=STUDY_CHECKS), warnings
 
 
+@pytest.mark.integration
 def test_a_compare_reference_that_is_not_an_axis_value_stops_the_study(tmp_path):
     delta = {"kind": "delta", "axis": "training.learning_rate", "keys": ["loss"]}
     study, warnings = _load(tmp_path, compare=[{**delta, "reference": 1e-3}])
@@ -46,6 +47,7 @@ def test_a_compare_reference_that_is_not_an_axis_value_stops_the_study(tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_warning(tmp_path):
     with pytest.raises(ConfigError, match="field 'collect': no run logs 'eval_los' \\(did you mean 'eval_loss'"):
         _load(tmp_path, collect=["eval_los"])
@@ -83,6 +85,7 @@ def test_collecting_a_metric_no_run_logs_is_an_error_and_one_that_may_not_be_a_w
     assert result.returncode == 0 and "warning:" in result.stderr and "train_mem_cpu_alloc_delta" in result.stderr
 
 
+@pytest.mark.integration
 def test_a_bad_eval_field_stops_the_study_before_any_run(tmp_path):
     """The evaluator's `eval:` section of every run's config is checked at planning, by the evaluator (the
     library keeps it opaque): through `load_study(..., evaluator=STUDY_CHECKS)` and the command line."""

@@ -52,6 +52,7 @@ def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     assert run_status(runs[1])["status"] == "done" and (runs[1].run_dir / "checkpoint-4").is_dir()
 
 
+@pytest.mark.integration
 def test_a_run_config_error_stops_the_study_before_any_run(tmp_path):
     path = write_study(tmp_path, axes={"training.learning_rate": [1e-3, "fast"]}, seeds=[0])
     result = launch(str(path))
@@ -59,6 +60,7 @@ def test_a_run_config_error_stops_the_study_before_any_run(tmp_path):
     assert "training.learning_rate" in result.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_dry_run_and_unknown_only(tmp_path):
     path = write_study(tmp_path)
     result = launch(str(path), "--dry-run")
@@ -129,6 +131,7 @@ def test_variant_axes_name_runs_and_set_their_overrides(tmp_path):
         load_study(write_study(tmp_path, axes={"regulariser": {"bad": {"methods.dropout_schedule.rte": 0.3}}}))
 
 
+@pytest.mark.integration
 def test_profiles_make_a_separate_smaller_grid(tmp_path):
     profiles = {"quick": {"seeds": [5], "axes": {"training.learning_rate": [1e-3]}, "set": {"training.max_steps": 2}}}
     path = write_study(tmp_path, profiles=profiles)

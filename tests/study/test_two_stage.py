@@ -40,6 +40,7 @@ def test_the_pretrain_run_comes_first_and_every_arm_starts_from_it(tmp_path):
         load_study(write_study(tmp_path, profiles={"quick": {"pretrain": {"set": {}}}}), "quick")
 
 
+@pytest.mark.integration
 def test_dry_run_shows_the_pretrain_run_first_and_an_arm_waits_for_it(tmp_path):
     path = write_study(tmp_path, pretrain={"set": {"training.max_steps": 2}})
     result = launch(str(path), "--dry-run")
@@ -52,6 +53,7 @@ def test_dry_run_shows_the_pretrain_run_first_and_an_arm_waits_for_it(tmp_path):
     assert not (tmp_path / "runs" / "s" / arm).exists()
 
 
+@pytest.mark.integration
 def test_a_failed_pretrain_run_starts_no_arm(tmp_path):
     path = write_study(tmp_path, seeds=[0], pretrain={"set": TOO_MUCH})
     result = launch(str(path))

@@ -1,13 +1,16 @@
-"""`workbench.warm`: a run forked from the warm server trains exactly as a new interpreter does, and reports bad
+"""`workbench.processes`: a run forked from the warm server trains exactly as a new interpreter does, and reports bad
 input the same way (exit code 2, the one-line error in its log)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import tiny_config, write_config
 
-from workbench.warm import train_process
+from workbench.processes import train_process
+
+pytestmark = pytest.mark.integration  # whole runs, forked from the warm server and in new interpreters
 
 TIMINGS = ("runtime", "per_second")  # wall-clock figures: the only keys allowed to differ
 
@@ -46,7 +49,7 @@ def test_runs_start_with_tcmalloc_where_the_machine_has_it_and_train_the_same(tm
 
     import pytest
 
-    from workbench.warm import allocator_env, warm_process
+    from workbench.processes import allocator_env, warm_process
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv("WORKBENCH_MALLOC", raising=False)

@@ -69,13 +69,18 @@ def training_flops(active: int, tokens: int) -> int:
 
 class FlopCounter:
     """FLOPs of a training step through any model: `training_flops` of its `active_parameters`, computed once
-    per `active_experts_key` (a dense model has one key; a converted SMoE model one per k of its schedule)."""
+    per k of its MoE layers (a dense model has one value; a converted SMoE model one per k of its schedule).
+    The model's MoE layers are found at the first call: the trainer builds the counter after every method has
+    changed the model."""
 
     def __init__(self) -> None:
         self._active: dict[tuple[int, ...], int] = {}
+        self._layers: list[MoEMLP] | None = None
 
     def __call__(self, model: PreTrainedModel, tokens: int) -> int:
-        key = active_experts_key(model)
+        if self._layers is None:
+            self._layers = moe_layers(model)
+        key = tuple(layer.active_k for layer in self._layers)  # `active_experts_key`, without a walk per step
         if key not in self._active:
             self._active[key] = active_parameters(model)
         return training_flops(self._active[key], tokens)

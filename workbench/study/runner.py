@@ -1,5 +1,5 @@
 """Running a study's runs: each through `launch/train.py --resume` (a one-process run forked from a warm server,
-`workbench.warm`), its status in `study_status.json`.
+`workbench.processes`), its status in `study_status.json`.
 
 A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
 line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
@@ -25,9 +25,9 @@ from workbench.distributed_launch import free_port
 from workbench.errors import WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
+from workbench.processes import allocator_env, train_process
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
 from workbench.study.submitit import submit
-from workbench.warm import allocator_env, train_process
 
 STATUS = "study_status.json"
 
@@ -77,7 +77,7 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
         with log.open("a") as handle:
             returncode = subprocess.run(train_command(study, run, port or free_port()), env=env,
                                         stdout=handle, stderr=subprocess.STDOUT).returncode  # in this directory
-    else:  # one process: forked from a warm server (workbench.warm), not a new interpreter
+    else:  # one process: forked from a warm server (workbench.processes), not a new interpreter
         returncode = train_process(train_arguments(run), log, threads)
     status = {"status": "done" if returncode == 0 else "failed",
               "seconds": round(time.time() - start, 1), "returncode": returncode}

@@ -35,9 +35,9 @@ from workbench.config import load_config
 from workbench.data.loading import FactCorpusConfig
 from workbench.data.synthetic import FactWorldConfig
 from workbench.io import atomic_write_text
+from workbench.processes import preload
 from workbench.study.plan import PretrainSpec, StudyConfig, grid, plan, pretrain_for
 from workbench.study.runner import run_all_or_raise
-from workbench.warm import preload
 from workbench_eval.config import eval_config
 from workbench_eval.consistency import (
     INSTRUCT_STYLE,

@@ -31,10 +31,10 @@ from workbench.bundled import configs_dir
 from workbench.config import load_config
 from workbench.io import atomic_write_text
 from workbench.layout import RUN_CONFIG, results_path
+from workbench.processes import preload
 from workbench.stats import mean_sd, paired_difference
 from workbench.study.plan import RunSpec, StudyConfig, grid
 from workbench.study.runner import run_all_or_raise, run_status
-from workbench.warm import preload
 from workbench.yaml_text import override_string
 from workbench_eval.config import eval_config
 from workbench_eval.report import series, stability_of, step_axis

@@ -1,5 +1,6 @@
-"""Training runs forked from a warm process: the train command (`workbench train`, `launch/train.py`) without
-paying its imports once per run.
+"""How the study runner and the experiments start their processes: training runs of the train command
+(`workbench train`) and evaluation sweeps forked from a warm process, without paying their imports once per
+run, and with tcmalloc where the machine has it.
 
 A study of many short runs spent a large share of its time importing: torch, transformers and the workbench
 take about 6 s of one core per process, against 15-30 s of training for a repetition-study run on this
