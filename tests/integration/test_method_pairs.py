@@ -2,8 +2,9 @@
 
 Each pair trains a tiny model for 8 steps (4 examples per rank, checkpoints at steps 4 and 8) under each stage and
 shows both methods acted (their metrics in metrics.jsonl); under one of the two stages (alternating from pair to
-pair) the run then loses its last checkpoint, as a run killed after step 4 would, resumes from step 4 with
-`--resume`, and ends bit-equal to the uninterrupted run: every weight file and every rank's method state.
+pair) a second run of the same config is killed (kill -9 of every rank) once it has logged step 6, resumes from
+its step-4 checkpoint with `--resume`, and ends bit-equal to the uninterrupted run: every weight file and every
+rank's method state.
 
     masked_thought + allora           LoRA fine-tuning of a pretrained tiny run (prompt/completion arithmetic)
     masked_thought + send             full fine-tuning of the same run
@@ -21,12 +22,20 @@ tests/methods/test_stack.py, with the unit tests of the rules. The ZeRO-3 runs p
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, deepspeed_train, tiny_config, train_main, write_config
+from conftest import (
+    REPO,
+    TRAIN,
+    deepspeed_command,
+    deepspeed_train,
+    kill_when_step_reached,
+    tiny_config,
+    train_main,
+    write_config,
+)
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -36,7 +45,7 @@ pytestmark = pytest.mark.integration
 ARITHMETIC = {"source": "synthetic:arithmetic", "synthetic": {"num_problems": 48, "num_steps": 2}, "block_size": 128}
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False}
 SEND = {"track_every": 2, "window": 2, "drop_intervals": 2, "top_percent": 25, "tracking_fraction": 0.2}
-STEPS, SAVE = 8, 4
+STEPS, SAVE, KILL_STEP = 8, 4, 6
 
 # name: (methods, kind, the metrics each method logs with every training loss)
 PAIRS = {
@@ -54,7 +63,7 @@ PAIRS = {
 }
 CELLS = [pytest.param(pair, stage, (i + stage) % 2 == 0, id=f"{pair}-zero{stage}" + ("-resume" if (i + stage) % 2 == 0 else ""))
          for i, pair in enumerate(PAIRS) for stage in (2, 3)]
-PORTS = {(pair, stage): 29400 + 10 * i + 2 * (stage - 2) for i, pair in enumerate(PAIRS) for stage in (2, 3)}
+PORTS = {(pair, stage): 29400 + 10 * i + 4 * (stage - 2) for i, pair in enumerate(PAIRS) for stage in (2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +142,13 @@ def test_pair_on_two_ranks(tmp_path, shared, pair, stage, resume):
         assert [r["dropout_rate"] for r in logged] == [0.0] * 3 + [0.1] * 5
     if not resume:
         return
-    straight = _final_state(run_dir / f"checkpoint-{STEPS}")
-    shutil.rmtree(run_dir / f"checkpoint-{STEPS}")
-    out = deepspeed_train(config, 2, port + 1, "--resume")
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    killed = _config(killed_dir, shared, pair, stage)
+    killed_run = killed_dir / "runs" / "pair"
+    kill_when_step_reached(deepspeed_command(TRAIN, str(killed), ranks=2, port=port + 1),
+                           killed_run / "metrics.jsonl", KILL_STEP)
+    assert not (killed_run / f"checkpoint-{STEPS}").exists()
+    out = deepspeed_train(killed, 2, port + 2, "--resume")
     assert f"checkpoint-{SAVE}" in out
-    _assert_equal(straight, _final_state(run_dir / f"checkpoint-{STEPS}"), pair)
+    _assert_equal(_final_state(run_dir / f"checkpoint-{STEPS}"), _final_state(killed_run / f"checkpoint-{STEPS}"), pair)
