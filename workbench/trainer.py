@@ -121,7 +121,7 @@ class WorkbenchMixin:
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.methods:
+        if self.methods.checkpointed():
             torch.save(self.methods.state_dict(), checkpoint / METHOD_STATE.format(rank=self.args.process_index))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -129,7 +129,7 @@ class WorkbenchMixin:
 
     def load_method_state(self, checkpoint: str | Path) -> None:
         """Restore every method's state from `checkpoint` (this rank's file, else rank 0's)."""
-        if not self.methods.implementing("state_dict"):  # nothing to restore
+        if not self.methods.checkpointed():  # nothing was saved
             return
         path = Path(checkpoint) / METHOD_STATE.format(rank=self.args.process_index)
         if not path.is_file():

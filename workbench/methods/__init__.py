@@ -82,6 +82,7 @@ class Method:
     Config: ClassVar[type] = NoConfig
     needs_full_finetuning: ClassVar[bool] = False
     needs_lora: ClassVar[bool] = False  # trains LoRA adapters (refuses a run without model.lora)
+    checkpointed: ClassVar[bool] = True  # has an entry in each checkpoint's method state (a model feature: none)
     replaces: ClassVar[tuple[str, ...]] = ()  # parts of the model it swaps for its own modules, e.g. ("mlp",)
     logged_metrics: ClassVar[tuple[str, ...] | None] = None  # what it adds to the logs (None: not declared)
 

@@ -117,17 +117,19 @@ class MethodStack:
         for method in self.implementing("after_optimizer_step"):
             method.after_optimizer_step(model, trainer)
 
+    def checkpointed(self) -> list[Method]:
+        """The methods with an entry in each checkpoint's method state (`Method.checkpointed`)."""
+        return [method for method in self.methods if method.checkpointed]
+
     def state_dict(self) -> dict[str, Any]:
-        return {method.name: method.state_dict() for method in self.methods}
+        return {method.name: method.state_dict() for method in self.checkpointed()}
 
     def load_state_dict(self, states: dict[str, Any], source: str = "the checkpoint") -> None:
-        """Every method's state from `states`; a method that keeps state (implements `state_dict`) and has no
-        entry is a KeyError naming it; a method without state needs none."""
-        for method in self.methods:
-            if method.name in states:
-                method.load_state_dict(states[method.name])
-            elif method.overrides("state_dict"):
+        """Every checkpointed method's state from `states`; a method without an entry is a KeyError naming it."""
+        for method in self.checkpointed():
+            if method.name not in states:
                 raise KeyError(f"{source} has no state for method '{method.name}'")
+            method.load_state_dict(states[method.name])
 
 
 def check_compatible(methods: Mapping[str, Any]) -> None:

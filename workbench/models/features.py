@@ -25,6 +25,7 @@ class LoraPlus(Method):
     `peft.optimizers.create_loraplus_optimizer` groups them, in the Trainer's own optimizer."""
 
     name = "model.loraplus"
+    checkpointed = False
 
     def __init__(self, ratio: float) -> None:
         super().__init__()
@@ -43,6 +44,7 @@ class LoraDeltaNorm(Method):
     """Logs `lora_delta_norm` (`workbench.models.lora.LoraDeltaNormCallback`) for a model with LoRA layers."""
 
     name = "model.lora_delta_norm"
+    checkpointed = False
 
     def callbacks(self) -> list[TrainerCallback]:
         return [LoraDeltaNormCallback()]
@@ -52,6 +54,7 @@ class RouterLoad(Method):
     """Logs the load of a model's own learned routers (`router_load_*`; nothing for a model without them)."""
 
     name = "model.router_load"
+    checkpointed = False
 
     def callbacks(self) -> list[TrainerCallback]:
         return [RouterLoadCallback()]
