@@ -45,6 +45,7 @@ class MethodStack:
 
     def __init__(self, methods: Iterable[Method] = ()) -> None:
         self.methods: list[Method] = list(methods)
+        self._implementing: dict[str, list[Method]] = {}
         names = [method.name for method in self.methods]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -69,7 +70,10 @@ class MethodStack:
         return MethodStack(added + self.methods if first else self.methods + added)
 
     def implementing(self, hook: str) -> list[Method]:
-        return [method for method in self.methods if method.overrides(hook)]
+        """The methods that implement `hook`, in order (found once per hook: the stack does not change)."""
+        if hook not in self._implementing:
+            self._implementing[hook] = [method for method in self.methods if method.overrides(hook)]
+        return self._implementing[hook]
 
     # --- hooks, in the order a run calls them ----------------------------------------------------------------
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
