@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -144,3 +145,14 @@ def kill_when_step_reached(cmd: list[str], metrics: Path, kill_step: int, timeou
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_step} (rc {proc.returncode})"
+
+
+def zero_json(tmp_path: Path, stage: int) -> str:
+    """The built-in ZeRO `stage` JSON written to `tmp_path`; under ZeRO-3 every parameter is partitioned
+    (`stage3_param_persistence_threshold: 0`), so tiny models exercise the partitioned paths."""
+    settings = json.loads((REPO / "workbench" / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    if stage == 3:
+        settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / f"zero{stage}.json"
+    path.write_text(json.dumps(settings))
+    return str(path)

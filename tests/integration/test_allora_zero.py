@@ -15,12 +15,11 @@ The ZeRO-2 and ZeRO-3 cells run by default, ZeRO-0 and ZeRO-1 with `pytest -m sl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN, deepspeed_command, run, tiny_config, train_main, write_config
+from conftest import TRAIN, deepspeed_command, run, tiny_config, train_main, write_config, zero_json
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -70,19 +69,10 @@ def references(base_run, tmp_path_factory) -> dict[str, Path]:
     return {name: tmp / "runs" / name for name in ("gradient", "update", "lora")}
 
 
-def _deepspeed_json(tmp_path: Path, stage: int) -> str:
-    settings = json.loads((REPO / "workbench" / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-    if stage == 3:
-        settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(settings))
-    return str(path)
-
-
 @pytest.mark.parametrize(("stage", "apply"), CELLS)
 def test_one_step_under_zero_on_two_ranks_matches_a_single_process(tmp_path, base_run, references, stage, apply):
     config = _config(tmp_path, base_run, "cell", {"allora": {"apply": apply}}, ranks=2,
-                     deepspeed=_deepspeed_json(tmp_path, stage))
+                     deepspeed=zero_json(tmp_path, stage))
     result = run(deepspeed_command(TRAIN, str(config), ranks=2, port=29900 + 10 * stage + (apply == "update")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     got, want, lora = (_adapters(d) for d in (tmp_path / "runs" / "cell", references[apply], references["lora"]))

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    REPO,
     TRAIN,
     deepspeed_command,
     deepspeed_train,
@@ -35,6 +34,7 @@ from conftest import (
     tiny_config,
     train_main,
     write_config,
+    zero_json,
 )
 from safetensors.torch import load_file
 
@@ -79,19 +79,10 @@ def shared(tmp_path_factory) -> Path:
     return root
 
 
-def _deepspeed_json(tmp_path: Path, stage: int) -> str:
-    settings = json.loads((REPO / "workbench" / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-    if stage == 3:
-        settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / f"zero{stage}.json"
-    path.write_text(json.dumps(settings))
-    return str(path)
-
-
 def _config(tmp_path: Path, shared: Path, pair: str, stage: int) -> Path:
     methods, kind, _ = PAIRS[pair]
     methods = json.loads(json.dumps(methods).replace('"TEACHER"', json.dumps(str(shared / "runs" / "pretrained"))))
-    cfg = tiny_config(tmp_path, name="pair", deepspeed=_deepspeed_json(tmp_path, stage), methods=methods,
+    cfg = tiny_config(tmp_path, name="pair", deepspeed=zero_json(tmp_path, stage), methods=methods,
                       training={"max_steps": STEPS, "save_steps": SAVE, "per_device_train_batch_size": 4,
                                 "lr_scheduler_type": "constant"})
     cfg["data"]["cache_dir"] = str(shared / "cache")
