@@ -18,6 +18,12 @@ makes a tiny model's training step 8-14% slower on this project's CPU (`bench/al
 numbers to the last bit, only the allocator differs). This is what PyTorch's own CPU launcher does
 (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`). `WORKBENCH_MALLOC=system` keeps glibc's; a
 `LD_PRELOAD` already set is left as it is.
+
+All of this is tuning for CPU training, and is off on a machine with CUDA devices (`cuda_machine`): there every
+run is a new interpreter (a CUDA context does not survive a fork, and the libraries the warm server imports may
+initialise the CUDA driver while they load), started with the system allocator and no thread cap; the few
+seconds of imports are small beside a GPU run, and the GPUs each run sees are set by the runner
+(`workbench.study.runner`, CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -43,32 +49,57 @@ def preload(*modules: str) -> None:
     PRELOAD.extend(module for module in modules if module not in PRELOAD)
 
 
+def cuda_machine() -> bool:
+    """True when this machine has CUDA devices that this process may use. Asked through
+    `torch.cuda.device_count`, which counts through NVML where it can and initialises no CUDA state of torch's
+    (so nothing here stops this process, or a process it forks, from using CUDA later); False without torch."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.device_count() > 0
+
+
 def allocator_env() -> dict[str, str]:
     """The environment that makes a new process allocate with tcmalloc (`LD_PRELOAD`), or {} where there is no
-    tcmalloc, `WORKBENCH_MALLOC=system` is set, or `LD_PRELOAD` is set already."""
+    tcmalloc, `WORKBENCH_MALLOC=system` is set, `LD_PRELOAD` is set already, or this is a CUDA machine."""
     import ctypes.util
 
-    if os.environ.get("WORKBENCH_MALLOC", "tcmalloc") == "system" or os.environ.get("LD_PRELOAD"):
+    if (os.environ.get("WORKBENCH_MALLOC", "tcmalloc") == "system" or os.environ.get("LD_PRELOAD")
+            or cuda_machine()):
         return {}
     library = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
     # a report line per allocation over 1 GiB is tcmalloc's default: keep stderr to real warnings
     return {"LD_PRELOAD": library, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)} if library else {}
 
 
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment that caps a new process at `threads` intra-op threads (OMP_NUM_THREADS), or {} without a
+    cap or on a CUDA machine, where the CPU's threads feed the GPU rather than share out the training."""
+    return {"OMP_NUM_THREADS": str(threads)} if threads and not cuda_machine() else {}
+
+
+def cpu_tuning_env(threads: int | None) -> dict[str, str]:
+    """What a new process of a CPU run starts with: tcmalloc (`allocator_env`) and the thread cap
+    (`thread_env`); {} on a CUDA machine."""
+    return {**allocator_env(), **thread_env(threads)}
+
+
 def cold_start() -> bool:
-    """True when runs start as new interpreters (no forkserver here, or WORKBENCH_COLD_START=1)."""
+    """True when runs start as new interpreters: on a CUDA machine (`cuda_machine`), where there is no
+    forkserver, or with WORKBENCH_COLD_START=1."""
     return (os.environ.get("WORKBENCH_COLD_START", "") not in ("", "0")
-            or "forkserver" not in multiprocessing.get_all_start_methods())
+            or "forkserver" not in multiprocessing.get_all_start_methods() or cuda_machine())
 
 
 def train_process(args: list[str], log: Path, threads: int | None = None, env: dict[str, str] | None = None) -> int:
     """Run `python -m workbench_cli.train *args` (what `launch/train.py` runs) in the current directory, with
     stdout and stderr appended to `log`; its exit code.
 
-    `threads` caps torch's intra-op threads (as OMP_NUM_THREADS does for a new interpreter); `env` is added to
-    the run's environment."""
+    `threads` caps torch's intra-op threads on CPU (as OMP_NUM_THREADS does for a new interpreter); `env` is
+    added to the run's environment (e.g. its GPUs, CUDA_VISIBLE_DEVICES)."""
     if cold_start():
-        env = {**os.environ, **allocator_env(), **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **allocator_env(), **(env or {}), **thread_env(threads)}
         with log.open("a") as handle:
             return subprocess.run([sys.executable, "-m", TRAIN_MODULE, *args], env=env,
                                   stdout=handle, stderr=subprocess.STDOUT).returncode
@@ -77,15 +108,20 @@ def train_process(args: list[str], log: Path, threads: int | None = None, env: d
 
 def warm_process(function: Callable[..., Any], args: tuple, log: Path, threads: int | None = None,
                  env: dict[str, str] | None = None) -> int:
-    """`function(*args)` in a process forked from the warm server, its output appended to `log`, torch capped at
-    `threads` intra-op threads, in this process's current directory; the exit code (0 when it returns, 1 on an
+    """`function(*args)` in a process forked from the warm server (a new interpreter, `spawn`, where
+    `cold_start`), its output appended to `log`, on CPU torch capped at `threads` intra-op threads, `env` added
+    to its environment, in this process's current directory; the exit code (0 when it returns, 1 on an
     exception, whose traceback goes to `log`; a `SystemExit` gives its own code). `function` must be importable
     by name (it is pickled)."""
-    env = {**(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    threads = threads if not cuda_machine() else None
+    env = {**(env or {}), **thread_env(threads)}
     log.touch()  # there even when the child dies before it writes
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    _start_forkserver(allocator_env())
+    if cold_start():
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        _start_forkserver(allocator_env())
     process = context.Process(target=_child, args=(function, args, str(log), threads, env, os.getcwd()),
                               name=getattr(function, "__name__", "warm"))
     process.start()
@@ -112,8 +148,10 @@ def _start_forkserver(extra_env: dict[str, str]) -> None:
 
 def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | None, env: dict[str, str],
            cwd: str) -> None:
-    """The forked child: the starting process's directory `cwd` (the forkserver's may be another), output to
-    `log`, the environment and thread cap, then `function(*args)`."""
+    """The forked (or spawned) child: the starting process's directory `cwd` (the forkserver's may be another),
+    output to `log`, the environment and thread cap, then `function(*args)`. Refuses to go on (RuntimeError)
+    in a fork of a process that had initialised CUDA, where CUDA cannot work."""
+    _refuse_forked_cuda()
     os.environ.update(env)
     os.chdir(cwd)
     sys.stdout.flush()
@@ -129,6 +167,15 @@ def _child(function: Callable[..., Any], args: tuple, log: str, threads: int | N
 
         torch.set_num_threads(threads)
     function(*args)
+
+
+def _refuse_forked_cuda() -> None:
+    """Raise RuntimeError when this process is a fork of one that had initialised CUDA (torch then marks the
+    child a "bad fork": its first CUDA call would fail deep inside the run)."""
+    in_bad_fork = getattr(getattr(sys.modules.get("torch"), "cuda", None), "_is_in_bad_fork", None)
+    if in_bad_fork is not None and in_bad_fork():
+        raise RuntimeError("this run was forked from a process that had initialised CUDA; start runs as new "
+                           "interpreters (WORKBENCH_COLD_START=1)")
 
 
 def _train_script(args: list[str]) -> None:

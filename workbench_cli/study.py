@@ -3,9 +3,10 @@
     python launch/study.py configs/studies/example.yaml              # every run, one after another
     python launch/study.py 'configs/studies/repetition-*.yaml' --quick  # several studies, their quick grids
     python launch/study.py configs/studies/example.yaml --dry-run    # print the plan, one run a line
-    python launch/study.py configs/studies/example.yaml --parallel 2 # two runs at a time, cores shared
+    python launch/study.py configs/studies/example.yaml --parallel 2 # two runs at a time, cores (and GPUs) shared
     python launch/study.py configs/studies/example.yaml --only NAME  # exactly one run (for any scheduler)
     python launch/study.py configs/studies/example.yaml --executor slurm --partition gpu  # a Slurm job array
+    python launch/study.py configs/studies/example.yaml --executor slurm --gpus-per-run 1 --mem-gb 64 --time-min 120
     python launch/study.py --collect runs/a runs/b --out runs/ab     # a table of runs launched by hand
     workbench study 'configs/studies/repetition-*.yaml' --quick      # the installed command, in any directory
 
@@ -16,6 +17,10 @@ Finished runs are skipped; a killed run resumes from its checkpoint; a failed ru
 and the study goes on. A study with a `pretrain` run trains it first (with `pretrain.per: <axis>`, one per
 value of that axis, `pretrain_<axis>=<value>`); if one fails, no arm starts (exit 1).
 Results: <runs_dir>/<study>/runs.csv, results.csv (mean, std, n over seeds), report.md.
+
+What each run gets (GPUs, cores, memory, time, partition) is the study's `resources:` section, which the options
+--gpus-per-run, --cpus-per-run, --mem-gb, --time-min and --partition override. With --parallel on a machine with
+GPUs, each of the runs at a time gets its own gpus_per_run of the GPUs this process sees (CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import argparse
 import glob
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from workbench.bundled import builtin_matches
 from workbench.errors import WorkbenchError
@@ -46,9 +53,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (one run a line) and its size")
     parser.add_argument("--only", help=f"run exactly this run (its name from --dry-run; '{PRETRAIN}' or "
                                        f"'{PRETRAIN}_<axis>=<value>' for a pretrain run)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the cores")
+    parser.add_argument("--parallel", type=at_least(1), default=1,
+                        help="runs at a time, each with its share of the cores and its own GPUs")
     parser.add_argument("--executor", choices=["local", "submitit-local", "slurm"], default="local")
-    parser.add_argument("--partition", help="Slurm partition (with --executor slurm)")
+    resources = parser.add_argument_group("resources per run (override the study's `resources:` section)")
+    resources.add_argument("--gpus-per-run", type=at_least(0), metavar="N",
+                           help="GPUs per run (default: launcher.num_gpus under deepspeed, else 1)")
+    resources.add_argument("--cpus-per-run", type=at_least(1), metavar="N", help="CPU cores per run")
+    resources.add_argument("--mem-gb", type=at_least(1, float), metavar="GB", help="memory per run (Slurm)")
+    resources.add_argument("--time-min", type=at_least(1), metavar="MIN", help="time limit per run (Slurm; default 240)")
+    resources.add_argument("--partition", help="Slurm partition (with --executor slurm)")
     hand = parser.add_argument_group("runs launched by hand")
     hand.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                       help="collect these run folders into one table, report and plots (no study YAML)")
@@ -65,7 +79,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.out or args.metric:
         parser.error("--out and --metric go with --collect")
     try:
-        studies = [load_study(path, args.profile, evaluator=STUDY_CHECKS) for path in study_files(args.studies)]
+        studies = [load_study(path, args.profile, evaluator=STUDY_CHECKS).with_resources(resource_options(args))
+                   for path in study_files(args.studies)]
         if args.only and len(studies) > 1:
             raise WorkbenchError("--only takes one study file")
     except WorkbenchError as err:
@@ -77,6 +92,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if code == 2:
             break
     return code
+
+
+def at_least(lowest: float, kind: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` no smaller than `lowest`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{text} is below {lowest}")
+        return value
+
+    return parse
+
+
+RESOURCE_OPTIONS = ("gpus_per_run", "cpus_per_run", "mem_gb", "time_min", "partition")
+
+
+def resource_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `resources` fields given on the command line (--gpus-per-run etc.)."""
+    return {name: getattr(args, name) for name in RESOURCE_OPTIONS if getattr(args, name) is not None}
 
 
 def study_files(paths: list[str]) -> list[str]:
@@ -117,7 +155,7 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
     started = time.time()
     print(f"study {study.study}: {len(runs)} runs" + (f" (profile {study.profile})" if study.profile else ""))
     try:
-        complete = run_all(study, runs, args.parallel, args.executor, args.partition,
+        complete = run_all(study, runs, args.parallel, args.executor,
                            progress=lambda line: print(line, flush=True))
     except WorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)

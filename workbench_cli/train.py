@@ -8,6 +8,7 @@
     python launch/train.py --list presets                       # or methods, deepspeed
     workbench train my.yaml --set training.max_steps=50         # the installed command, in any directory
     deepspeed --module workbench_cli.train my.yaml              # the installed module under the launcher
+    srun --ntasks-per-node 4 python -m workbench_cli.train my.yaml  # Slurm: one task per GPU, one or more nodes
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import sys
 from typing import NoReturn
 
 from workbench.config import DEFAULT_CONFIG, ExperimentConfig, load_config
-from workbench.distributed_launch import exit_distributed, free_port
+from workbench.distributed_launch import LAUNCHER_VARIABLES, exit_distributed, free_port, slurm_environment
 from workbench.errors import ConfigError, WorkbenchError
 from workbench_eval.config import check_eval_section
-
-# A launcher (deepspeed, torchrun, mpirun) sets one of these; without any, this is a single process.
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +53,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--list", choices=LIST_KINDS, help="print the presets, methods or DeepSpeed configs and exit")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by `deepspeed`
     return parser
+
+
+def launch_environment(cfg: ExperimentConfig) -> str | None:
+    """Set this process's rank and rendezvous where no launcher did: from Slurm's variables for a task of an
+    `srun` job step of several tasks (`workbench.distributed_launch.slurm_environment`), else a world of one
+    process where DeepSpeed is configured (`single_process_environment`); the line that says so, or None.
+    Raises ConfigError (before anything is written) for a Slurm variable it cannot read."""
+    slurm = slurm_environment()
+    if not slurm:
+        return single_process_environment(cfg)
+    os.environ.update(slurm)
+    return (f"[workbench] Slurm job step: {os.environ['WORLD_SIZE']} ranks, rendezvous at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
 
 
 def single_process_environment(cfg: ExperimentConfig) -> str | None:
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
             print(resolved_config_text(cfg, args.config, args.overrides), end="")
             return 0
-        note = single_process_environment(cfg)
+        note = launch_environment(cfg)
         rank0 = int(os.environ.get("RANK", "0")) == 0
         if rank0:
             print(*filter(None, [note, f"[workbench] run folder {cfg.run_dir}"]), sep="\n", flush=True)

@@ -22,13 +22,21 @@ format, `QA_PROMPT` and a completion of " " + the answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, Value
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workbench.data.loading import QA_PROMPT, generator, generator_options, load_rows, missing_column
+from workbench.data.loading import (
+    QA_PROMPT,
+    generator,
+    generator_options,
+    load_rows,
+    map_processes,
+    missing_column,
+)
 from workbench.data.packing import split_documents
 from workbench.errors import ConfigError
 
@@ -228,10 +236,25 @@ def assistant_masks_supported(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
+def tokenising_processes(data: DataConfig) -> tuple[int, str]:
+    """How many processes TRL tokenises the examples with (`dataset_num_proc`), and the line that says why:
+    `workbench.data.loading.map_processes` of the source's rows (at most `data.max_documents`; a generator's
+    are not counted), except with `data.packing` and no `data.num_proc`: one process, since TRL packs each
+    process's share of the examples in batches of its own, so the packed rows would depend on the cores."""
+    if data.num_proc is None and data.packing:
+        return 1, "[workbench] tokenising with 1 process (packed rows the same on every machine; set data.num_proc)"
+    if data.source.startswith("synthetic:"):
+        return map_processes(data.num_proc, None)
+    rows = len(load_rows(data))  # read once already by `resolve_format`: from the datasets cache
+    return map_processes(data.num_proc, min(rows, data.max_documents or rows))
+
+
 def sft_config_fields(
-    data: DataConfig, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The `trl.SFTConfig` fields the data section decides.
+    """The `trl.SFTConfig` fields the data section decides (`report`, where given, gets the line that says how
+    many processes tokenise).
 
     - `max_length` = `data.block_size`; longer examples are cut at the end (`truncation_mode` keep_start)
       during TRL's dataset preparation, and without packing those left with no loss token are dropped.
@@ -246,15 +269,19 @@ def sft_config_fields(
       later, calls `check_packing` itself). `wrapped` packing, which cuts examples and lets them attend
       across boundaries, is never used. With eager/sdpa attention transformers builds a dense mask over the
       whole row (batch size x max_length tokens squared); on a GPU, flash_attention_2 avoids it.
+    - `dataset_num_proc`: `tokenising_processes` (the cores for a large dataset, one for a small one).
     """
     fmt = resolve_format(data)
     if data.packing and model is not None:
         check_packing(model)
+    processes, why = tokenising_processes(data)
+    if report is not None:
+        report(why)
     return {
         "max_length": data.block_size,
         "truncation_mode": "keep_start",
         "dataset_text_field": "text",
-        "dataset_num_proc": data.num_proc,
+        "dataset_num_proc": processes,
         "completion_only_loss": fmt == "prompt_completion",
         "assistant_only_loss": fmt == "messages" and assistant_masks_supported(tokenizer),
         "packing": data.packing,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -28,6 +29,36 @@ if TYPE_CHECKING:  # annotations only: workbench.config imports this package (to
     from workbench.config import DataConfig
 
 TABLE_FORMATS = {suffix: builder for suffix, builder in LOCAL_FORMATS.items() if suffix != ".txt"}
+MAP_PROCESSES_CAP = 8  # datasets.map processes by default: more rarely pay for their start-up and memory
+ROWS_PER_MAP_PROCESS = 20_000  # rows a datasets.map process should have to be worth starting (about a second's
+# tokenising): a dataset of fewer rows per available core gets fewer processes, one below 2 x this
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which Slurm and taskset narrow), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def map_processes(configured: int | None, rows: int | None) -> tuple[int, str]:
+    """How many processes `datasets.map` tokenises `rows` rows with, and the line that says why.
+
+    `data.num_proc` where set; else min(available cores, MAP_PROCESSES_CAP, rows // ROWS_PER_MAP_PROCESS),
+    at least 1: the other ranks wait at a barrier while the main process tokenises, so a large corpus is
+    worth the cores, while for a small one the processes' start-up costs more than it saves. `rows` None: a
+    built-in generator's rows, made in this process in Python at about the rate they tokenise (1 process)."""
+    if configured is not None:
+        return configured, f"[workbench] tokenising with {configured} process{_plural(configured)} (data.num_proc)"
+    if rows is None:
+        return 1, "[workbench] tokenising the generated rows with 1 process (set data.num_proc to choose)"
+    cores = available_cores()
+    processes = max(1, min(cores, MAP_PROCESSES_CAP, rows // ROWS_PER_MAP_PROCESS))
+    return processes, (f"[workbench] tokenising {rows} rows with {processes} process{_plural(processes)} "
+                       f"({cores} cores available, at most {MAP_PROCESSES_CAP}, one per {ROWS_PER_MAP_PROCESS} "
+                       "rows; set data.num_proc to choose)")
+
+
+def _plural(count: int) -> str:
+    return "es" if count != 1 else ""
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ A study YAML:
     combine: product                             # product | zip
     seeds: [0, 1, 2]
     launcher: {kind: python}                     # python | deepspeed (with num_gpus)
+    resources: {gpus_per_run: 1, cpus_per_run: 8, mem_gb: 64, time_min: 120, partition: gpu}  # per run
     collect: [eval_loss, eval_token_accuracy:max, train_runtime:last]  # final value, best value + its step
     pretrain: {config: configs/quickstart.yaml, set: {training.max_steps: 100}}  # optional first stage
     # pretrain: {..., as: methods.sinkd.teacher}  # the arms get the folder as this key instead (a teacher)
@@ -82,6 +83,20 @@ class Launcher(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["python", "deepspeed"] = "python"
     num_gpus: int = Field(1, ge=1, description="ranks per run under deepspeed (GPUs, or CPU processes)")
+
+
+class Resources(BaseModel):
+    """What each run of the study is given: GPUs, CPU cores, memory and time (what a Slurm job of the run asks
+    for, `workbench.study.submitit`; locally, each of the `--parallel` slots gets its own `gpus_per_run` GPUs
+    and, where set, `cpus_per_run` threads). The command line's --gpus-per-run etc. override them."""
+
+    model_config = ConfigDict(extra="forbid")
+    # default: the launcher's num_gpus under deepspeed, else 1 (a one-process run uses one GPU); 0 for CPU runs
+    gpus_per_run: int | None = Field(None, ge=0)
+    cpus_per_run: int | None = Field(None, ge=1)  # default: Slurm's default; locally the cores // --parallel
+    mem_gb: float | None = Field(None, gt=0)  # default: Slurm's default
+    time_min: int = Field(240, ge=1)  # a Slurm job's time limit
+    partition: str | None = None  # the Slurm partition (default: the cluster's)
 
 
 # Columns every run's row gets where they apply (`workbench.study.collect.run_columns`), usable as a `final`
@@ -202,6 +217,7 @@ class StudyProfile(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `set`
     axes: dict[str, list[Any] | dict[str, dict[str, Any]]] = Field(default_factory=dict)  # replaces these axes
     pretrain: PretrainSpec | None = None  # its `config` replaces, its `set` is merged over, the study's
+    resources: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `resources`
 
 
 class StudyConfig(BaseModel):
@@ -215,6 +231,7 @@ class StudyConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     runs_dir: str = "runs"
     launcher: Launcher = Field(default_factory=Launcher)
+    resources: Resources = Field(default_factory=Resources)
     collect: list[str] = Field(default_factory=lambda: ["eval_loss", "loss"])
     primary: str | None = None  # the study's primary metric (a collected column): report.md leads with it
     plots: list[PlotSpec] = Field(default_factory=list)
@@ -264,7 +281,37 @@ class StudyConfig(BaseModel):
         return self.model_copy(update={
             "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
-            "description": profile.description or self.description, "pretrain": pretrain})
+            "description": profile.description or self.description, "pretrain": pretrain,
+            "resources": self.with_resources(profile.resources, f"profile '{name}': field 'resources").resources})
+
+    def with_resources(self, changes: dict[str, Any], where: str = "field 'resources") -> StudyConfig:
+        """This study with `changes` to its `resources` (a profile's, the command line's), checked; a ConfigError
+        names the field (`<where>.<field>'`)."""
+        if not changes:
+            return self
+        try:
+            resources = Resources(**{**self.resources.model_dump(exclude_unset=True), **changes})
+        except pydantic.ValidationError as err:
+            problem = err.errors()[0]
+            field = ".".join(str(part) for part in problem["loc"])
+            raise ConfigError(f"{where}.{field}': {problem['msg']}") from None
+        return self.model_copy(update={"resources": resources})
+
+    def gpus_per_run(self) -> int:
+        """The GPUs each run uses: `resources.gpus_per_run`, by default the launcher's num_gpus under deepspeed
+        and 1 for a one-process run. A ConfigError where the two disagree or a one-process run asks for several
+        (the Trainer would fall back to torch's DataParallel over them)."""
+        asked = self.resources.gpus_per_run
+        ranks = self.launcher.num_gpus if self.launcher.kind == "deepspeed" else 1
+        if asked is None:
+            return ranks
+        if asked > 1 and self.launcher.kind != "deepspeed":
+            raise ConfigError(f"field 'resources.gpus_per_run': {asked} GPUs for a one-process run (launcher "
+                              "python); use launcher {kind: deepspeed, num_gpus: N} for several GPUs per run")
+        if self.launcher.kind == "deepspeed" and asked not in (0, ranks):
+            raise ConfigError(f"field 'resources.gpus_per_run': {asked}, but launcher.num_gpus starts {ranks} "
+                              "ranks per run; set them alike")
+        return asked
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,22 @@
 
 A finished run is skipped, a killed one resumes from its checkpoint, a failed one is recorded with its error
 line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
-one per value of that axis) trains first; if one fails, no arm is started. `in_parallel` is how runs (and the
-reproductions' evaluation sweeps, `workbench_eval.sweep.sweep_all`) go several at a time with the cores shared out.
+one per value of that axis) trains first; if one fails, no arm is started. `in_slots` is how runs go several at a
+time (`--parallel`), each slot with its share of the cores and its own GPUs (CUDA_VISIBLE_DEVICES, from those
+this process sees); `in_parallel` shares out the cores alone (the reproductions' evaluation sweeps,
+`workbench_eval.sweep.sweep_all`).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,10 @@ import yaml
 
 from workbench.config import resolve_path
 from workbench.distributed_launch import free_port
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
 from workbench.layout import METRICS
-from workbench.processes import allocator_env, train_process
+from workbench.processes import cpu_tuning_env, train_process
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
 from workbench.study.submitit import submit
 
@@ -50,22 +54,79 @@ def train_arguments(run: RunSpec) -> list[str]:
     return [str(resolve_path(run.config)), *[arg for o in run.overrides() for arg in ("--set", o)], "--resume"]
 
 
-def train_command(study: StudyConfig, run: RunSpec, port: int = 29500) -> list[str]:
+@dataclass(frozen=True)
+class Slot:
+    """One of the places where runs go `--parallel` at a time: its share of the CPU threads (None: no cap) and
+    the GPUs its runs see (ids as CUDA_VISIBLE_DEVICES lists them; none on a CPU machine)."""
+
+    threads: int | None = None
+    devices: tuple[str, ...] = ()
+
+    def env(self) -> dict[str, str]:
+        """What a run in this slot adds to its environment: CUDA_VISIBLE_DEVICES with its GPUs."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(self.devices)} if self.devices else {}
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES's entries where it is set (ids or UUIDs), else
+    0 .. torch.cuda.device_count() - 1 (none on a CPU machine)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def device_groups(gpus: list[str], parallel: int, gpus_per_run: int) -> list[tuple[str, ...]]:
+    """The GPUs of each of `parallel` slots: slot i gets gpus[i * gpus_per_run : (i + 1) * gpus_per_run], so no two
+    slots share one; every slot gets none on a machine without GPUs or for CPU runs (`gpus_per_run` 0).
+    A ConfigError where a run asks for more GPUs than the machine has, or the slots need more than there are."""
+    if not gpus or gpus_per_run == 0:
+        return [()] * parallel
+    if gpus_per_run > len(gpus):
+        raise ConfigError(f"field 'resources.gpus_per_run': {gpus_per_run} GPUs per run, and this machine has "
+                          f"{len(gpus)} ({','.join(gpus)})")
+    if parallel * gpus_per_run > len(gpus):
+        raise ConfigError(f"--parallel {parallel}: {parallel} runs of {gpus_per_run} GPUs need "
+                          f"{parallel * gpus_per_run}, and this machine has {len(gpus)}; use --parallel "
+                          f"{len(gpus) // gpus_per_run}")
+    return [tuple(gpus[i * gpus_per_run:(i + 1) * gpus_per_run]) for i in range(parallel)]
+
+
+def local_slots(study: StudyConfig, parallel: int) -> list[Slot]:
+    """The `parallel` slots of a local study: each `resources.cpus_per_run` threads (default: the cores shared
+    out, `cores // parallel`) and its own `gpus_per_run` GPUs of those this process sees (`device_groups`)."""
+    threads = study.resources.cpus_per_run or cpu_share(parallel)
+    groups = device_groups(visible_gpus(), parallel, study.gpus_per_run())
+    return [Slot(threads, devices) for devices in groups]
+
+
+def cpu_share(parallel: int) -> int:
+    """Each of `parallel` slots' share of this machine's cores (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def train_command(study: StudyConfig, run: RunSpec, port: int = 29500, devices: tuple[str, ...] = ()) -> list[str]:
     """The `launch/train.py` command line of one run, under the study's launcher, with `--resume`: the train
-    command's module (`workbench_cli.train`), run in the current directory as `python -m` runs it."""
+    command's module (`workbench_cli.train`), run in the current directory as `python -m` runs it. Given the
+    slot's `devices`, the deepspeed launcher takes its ranks from CUDA_VISIBLE_DEVICES (`Slot.env`), which it
+    ignores when given --num_gpus."""
     module = ["--module", "workbench_cli.train"]  # by name: the library does not import the command layer
     if study.launcher.kind == "deepspeed":
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        head = [launcher, "--num_gpus", str(study.launcher.num_gpus), "--master_port", str(port), *module]
+        ranks = [] if devices else ["--num_gpus", str(study.launcher.num_gpus)]
+        head = [launcher, *ranks, "--master_port", str(port), *module]
     else:
         head = [sys.executable, "-m", module[1]]
     return head + train_arguments(run)
 
 
-def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: int | None = None) -> dict[str, Any]:
-    """Train one run (resuming it if it was killed); record done or failed with the error; never raise.
-    A multi-rank run meets at `port`, by default one that is free when it starts (so runs in parallel, and
-    other jobs on the machine, never collide)."""
+def execute(study: StudyConfig, run: RunSpec, slot: Slot | None = None, port: int | None = None) -> dict[str, Any]:
+    """Train one run (resuming it if it was killed) in `slot` (its threads and GPUs; none: everything this process
+    has); record done or failed with the error; never raise. A multi-rank run meets at `port`, by default one
+    that is free when it starts (so runs in parallel, and other jobs on the machine, never collide)."""
+    slot = slot or Slot()
     status = run_status(run)
     if status["status"] == "done":
         return {**status, "skipped": True}
@@ -73,12 +134,13 @@ def execute(study: StudyConfig, run: RunSpec, threads: int | None = None, port: 
     log = run.run_dir / "train.log"
     start = time.time()
     if study.launcher.kind == "deepspeed":
-        env = {**os.environ, **allocator_env(), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        env = {**os.environ, **cpu_tuning_env(slot.threads), **slot.env()}
+        command = train_command(study, run, port or free_port(), slot.devices)
         with log.open("a") as handle:
-            returncode = subprocess.run(train_command(study, run, port or free_port()), env=env,
-                                        stdout=handle, stderr=subprocess.STDOUT).returncode  # in this directory
-    else:  # one process: forked from a warm server (workbench.processes), not a new interpreter
-        returncode = train_process(train_arguments(run), log, threads)
+            returncode = subprocess.run(command, env=env, stdout=handle,
+                                        stderr=subprocess.STDOUT).returncode  # in this directory
+    else:  # one process: forked from a warm server on CPU, a new interpreter on GPUs (workbench.processes)
+        returncode = train_process(train_arguments(run), log, slot.threads, slot.env())
     status = {"status": "done" if returncode == 0 else "failed",
               "seconds": round(time.time() - start, 1), "returncode": returncode}
     if returncode != 0:
@@ -95,7 +157,10 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
     at a time (`local`) or as a submitit job array (`slurm`, `submitit-local`).
 
     Returns False when a pretrain run failed (after all of them ran), and then starts no arm. Raises a
-    WorkbenchError when an arm is asked for without the pretrain run it starts from being done or among `runs`."""
+    WorkbenchError when an arm is asked for without the pretrain run it starts from being done or among `runs`,
+    and a ConfigError when the study asks for more GPUs than a local machine has (`local_slots`), both before
+    any run starts."""
+    slots = local_slots(study, parallel) if executor == "local" else []
     repeats = [r for r in runs if r.same_as is not None]  # trained as the arm they repeat (`same_as`)
     arms = [r for r in runs if r.stage == "arm" and r.same_as is None]
     first = [r for r in runs if r.stage == "pretrain"]
@@ -110,7 +175,7 @@ def run_all(study: StudyConfig, runs: list[RunSpec], parallel: int = 1, executor
         if not batch:
             continue
         complete = True
-        for run, status in zip(batch, _statuses(study, batch, parallel, executor, partition), strict=True):
+        for run, status in zip(batch, _statuses(study, batch, slots, executor, partition), strict=True):
             done += 1
             took = "finished earlier, skipped" if status.get("skipped") else f"{status.get('seconds', 0):.0f} s"
             progress(f"[{done}/{len(runs)}] {run.name}: {status['status']} ({took}, "
@@ -141,22 +206,39 @@ def run_all_or_raise(study: StudyConfig, runs: list[RunSpec], parallel: int = 1,
         raise RuntimeError(f"study {study.study}: {len(failed)} of {len(runs)} runs did not finish:\n" + "\n".join(lines))
 
 
-def _statuses(study: StudyConfig, runs: list[RunSpec], parallel: int, executor: str,
+def _statuses(study: StudyConfig, runs: list[RunSpec], slots: list[Slot], executor: str,
               partition: str | None) -> Iterator[dict[str, Any]]:
-    """Each run's status, in order, as soon as it and the runs before it are finished."""
+    """Each run's status, in order, as soon as it and the runs before it are finished (locally, in `slots`)."""
     if executor != "local":
         yield from submit(study, runs, execute, executor, partition)
         return
-    yield from in_parallel(lambda run, threads: execute(study, run, threads), runs, parallel)
+    yield from in_slots(lambda run, slot: execute(study, run, slot), runs, slots)
+
+
+def in_slots(function: Callable[[Any, Slot], Any], items: list[Any], slots: list[Slot]) -> Iterator[Any]:
+    """`function(item, slot)` for each of `items`, as many at a time as there are `slots` (threads of this
+    process, each starting its own process: a run, an evaluation), each item in a slot no other item holds
+    while it runs; the results in order, each as soon as it and those before it are done (an exception is
+    raised when its item's turn comes)."""
+    free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+
+    def in_a_slot(item: Any) -> Any:
+        slot = free.get()
+        try:
+            return function(item, slot)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        futures = [pool.submit(in_a_slot, item) for item in items]
+        for future in futures:
+            yield future.result()
 
 
 def in_parallel(function: Callable[[Any, int], Any], items: list[Any], parallel: int = 1) -> Iterator[Any]:
-    """`function(item, threads)` for each of `items`, `parallel` at a time (threads of this process, each starting
-    its own process: a run, an evaluation), the machine's cores shared out (`threads` = cores // parallel, at
-    least 1); the results in order, each as soon as it and those before it are done (an exception is raised
-    when its item's turn comes)."""
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(function, item, threads) for item in items]
-        for future in futures:
-            yield future.result()
+    """`function(item, threads)` for each of `items`, `parallel` at a time (`in_slots`), the machine's cores
+    shared out (`threads` = cores // parallel, at least 1), without GPUs of their own."""
+    slots = [Slot(cpu_share(parallel))] * parallel
+    yield from in_slots(lambda item, slot: function(item, slot.threads), items, slots)
