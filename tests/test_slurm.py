@@ -115,3 +115,19 @@ def test_an_srun_task_it_cannot_map_is_one_line_exit_2_and_writes_nothing(tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Slurm variable SLURM_LOCALID:") and len(err.splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before and "RANK" not in os.environ
+
+
+def test_release_shared_memory_unlinks_only_this_ranks_buffer(tmp_path, monkeypatch):
+    import workbench.distributed_launch as launch
+
+    monkeypatch.setattr(launch, "SHARED_MEMORY", tmp_path)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1"}
+    mine = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29500_1"
+    other_rank = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29500_0"
+    other_run = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29501_1"
+    for path in (mine, other_rank, other_run):
+        path.write_bytes(b"x")
+    assert launch.release_shared_memory(env) is True
+    assert not mine.exists() and other_rank.exists() and other_run.exists()
+    assert launch.release_shared_memory(env) is False  # gone already
+    assert launch.release_shared_memory({"RANK": "0"}) is False  # no rendezvous: not a DeepSpeed CPU run

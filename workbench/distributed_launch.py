@@ -12,6 +12,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from workbench.errors import ConfigError
 
@@ -134,6 +135,28 @@ def _slurm_first_node(env: Mapping[str, str]) -> str:
     return hosts[0] if len(hosts) > 1 else LOOPBACK
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def release_shared_memory(environ: Mapping[str, str] | None = None) -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>
+    _<MASTER_PORT>_<RANK>`, ~69 MB), which DeepSpeed's CPU communication op creates for every rank of a run on one
+    host and never removes: each run, and each killed one, left them in memory until the machine restarted.
+
+    Call it once every rank has passed DeepSpeed's initialisation (after a barrier): each rank has mapped every
+    buffer by then, and a mapping outlives the name. Returns whether a buffer was removed."""
+    env = os.environ if environ is None else environ
+    if not all(name in env for name in ("MASTER_ADDR", "MASTER_PORT", "RANK")):
+        return False
+    buffer = SHARED_MEMORY / (f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_"
+                              f"{env['RANK']}")
+    try:
+        buffer.unlink()
+    except OSError:  # none (a GPU run, one rank, another host), or removed already
+        return False
+    return True
+
+
 def exit_distributed(code: int) -> None:
     """Leave a multi-rank run without the interpreter's final teardown.
 
@@ -148,6 +171,7 @@ def exit_distributed(code: int) -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank tears down while another still talks to it
+            release_shared_memory()
             dist.destroy_process_group()
             atexit._run_exitfuncs()
             sys.stdout.flush()

@@ -107,14 +107,18 @@ def _list_methods() -> str:
 def _list_deepspeed() -> str:
     folder = configs_dir() / "deepspeed"  # the built-in ones, named configs/deepspeed/<file>
     lines = ["DeepSpeed configs (deepspeed: <file>; null runs without DeepSpeed):"]
-    for path in sorted(folder.glob("*.json")):
+    paths = sorted(folder.glob("*.json"))
+    width = max((len(builtin_name(path)) for path in paths), default=0)
+    for path in paths:
         try:
             zero = json.loads(path.read_text()).get("zero_optimization", {})
             what = f"ZeRO stage {zero.get('stage', 0)}"
             what += "".join(f", {part} offloaded to {zero[key].get('device', '?')}"
                             for part, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
                             if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none")
+            if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+                what += ", checkpoints saved as ZeRO shards"
         except (OSError, ValueError, AttributeError) as err:
             what = f"unreadable: {err}"
-        lines.append(f"  {builtin_name(path)}  {what}")
+        lines.append(f"  {builtin_name(path):<{width}}  {what}")
     return "\n".join(lines)

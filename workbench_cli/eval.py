@@ -6,6 +6,7 @@
     python launch/eval.py runs/a runs/b --out evals_out         # evals_out/a/, evals_out/b/
     python launch/eval.py --model path/or/hub-name --out evals_out --task arc_easy_bose
     python launch/eval.py runs/smoe --experts 1,2,4,8,16          # an SMoE run at each inference k (or `all`)
+    python launch/eval.py runs/lora --dtype bfloat16            # in bf16 (default: as saved on a GPU, fp32 on CPU)
     python launch/eval.py --consistency runs/b1 runs/b2 runs/b3 --instruct runs/i1 runs/i2 runs/i3 --out out/
     python launch/eval.py --consistency models.yaml --out out/  # models.yaml: {base: [runs...], instruct: [runs...]}
     workbench eval runs/quickstart                              # the installed command, in any directory
@@ -21,9 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import get_args
 
 from workbench.errors import ConfigError, WorkbenchError
-from workbench_eval.config import EvalConfig, EvalTask, load_eval_config
+from workbench_eval.config import EvalConfig, EvalDtype, EvalTask, load_eval_config
 
 
 def _tasks(specs: list[str]) -> list[EvalTask]:
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "OUT/<run name>/)")
     parser.add_argument("--experts", metavar="K[,K...]|all", help="SMoE checkpoints: evaluate each cell at each "
                         "number of active experts per token (`all`: 1, 2, 4, ..., E), recorded as style <style>@k<K>")
+    parser.add_argument("--dtype", choices=get_args(EvalDtype), help="dtype to evaluate checkpoints in (eval.dtype; "
+                        "default auto: as saved on a GPU, float32 on CPU; adapters stay unmerged in 16 bits)")
     parser.add_argument("--list", action="store_true", help="list the BOSE tasks and their prompt styles, then exit")
     parser.add_argument("--consistency", nargs="+", type=Path, metavar="BASE_RUN", help="base runs, ranked")
     parser.add_argument("--instruct", nargs="+", type=Path, metavar="INSTRUCT_RUN", help="their instruct runs")
@@ -75,6 +79,7 @@ def _experts(spec: str) -> list[int] | str:
 def _config(args, own: EvalConfig | None) -> EvalConfig:
     cfg = load_eval_config(args.config) if args.config else (own or EvalConfig())
     cfg = cfg.model_copy(update={"tasks": _tasks(args.task)}) if args.task else cfg
+    cfg = cfg.model_copy(update={"dtype": args.dtype}) if args.dtype else cfg
     return cfg.model_copy(update={"experts": _experts(args.experts)}) if args.experts else cfg
 
 

@@ -4,9 +4,12 @@
     python launch/merge.py runs/lora-run/checkpoint-200 --out merged/step200
     workbench merge runs/lora-run --out merged/lora-run                     # the installed command
 
-The adapter is loaded on the base model its adapter_config.json names, merged in fp32 (`merge_and_unload`) and
-saved in the base model's dtype, with the run's tokenizer (runs/<name>/tokenizer, else the checkpoint's own).
-The result loads with `AutoModelForCausalLM.from_pretrained(out)` and no PEFT. Nothing is written on an error.
+The adapter is loaded on the base model its adapter_config.json names, in the base model's saved dtype (fp32 when
+`--dtype` asks for another); each adapted layer is merged in fp32, one layer at a time (W + B·A·scaling summed in
+fp32 and rounded once), and the model is saved in `--dtype` (default: the base model's saved dtype), with the run's
+tokenizer (runs/<name>/tokenizer, else the checkpoint's own). A bf16 merged weight still rounds away an update
+smaller than its last bit: `--dtype float32` keeps it exactly. The result loads with
+`AutoModelForCausalLM.from_pretrained(out)` and no PEFT. Nothing is written on an error.
 """
 
 from __future__ import annotations
@@ -54,20 +57,45 @@ def tokenizer_source(checkpoint: Path) -> Path | None:
     return None
 
 
-def merge(checkpoint: Path, out: Path) -> Path | None:
-    """Write the merged model of adapter `checkpoint` (and its tokenizer) to `out`, atomically; returns the
-    tokenizer folder used, or None when there was none to copy."""
+OUTPUT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def saved_dtype(model: str | Path):
+    """The dtype the model at `model` (a folder or hub name) was saved in, as its config records it; None when
+    it records none; CheckpointError when its config cannot be read."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"base model '{model}': config.json could not be read: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def merge(checkpoint: Path, out: Path, dtype: str = "auto") -> Path | None:
+    """Write the merged model of adapter `checkpoint` (and its tokenizer) to `out`, atomically, in `dtype`
+    (`auto`: the base model's saved dtype); returns the tokenizer folder used, or None when there was none to
+    copy.
+
+    The base model loads in its saved dtype when that is the output's, else in fp32; `load_trained_model` merges
+    each adapted layer in fp32 and rounds it once into the loaded dtype, which is then cast to the output's (a
+    rounding only from fp32)."""
+    import torch
+    from transformers import AutoTokenizer
 
     from workbench.io import publish_folder
     from workbench.models import load_trained_model
     from workbench.models.lora import adapter_base
 
-    model = load_trained_model(checkpoint, dtype=torch.float32, merge=True)
-    saved_dtype = getattr(AutoConfig.from_pretrained(adapter_base(checkpoint)), "dtype", None)
-    if isinstance(saved_dtype, torch.dtype):
-        model = model.to(saved_dtype)
+    if dtype == "auto":
+        model = load_trained_model(checkpoint, merge=True)
+    else:
+        wanted = getattr(torch, dtype)
+        same = wanted == saved_dtype(adapter_base(checkpoint))
+        model = load_trained_model(checkpoint, dtype=None if same else torch.float32, merge=True).to(wanted)
     source = tokenizer_source(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(str(source)) if source else None
 
@@ -86,12 +114,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="a run folder (runs/<name>) or one of its checkpoints")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged model (must not exist)")
+    parser.add_argument("--dtype", choices=OUTPUT_DTYPES, default="auto",
+                        help="dtype of the merged model (default auto: the base model's saved dtype)")
     args = parser.parse_args(argv)
     try:
         if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
             raise ConfigError(f"--out '{args.out}' already exists and is not empty")
         checkpoint = find_adapter_checkpoint(args.path)
-        tokenizer = merge(checkpoint, args.out)
+        tokenizer = merge(checkpoint, args.out, args.dtype)
     except WorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -13,6 +13,7 @@ config loads back to the same config); the evaluator fills in the defaults whene
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +31,14 @@ from workbench.config import (
 )
 from workbench.errors import ConfigError
 
-__all__ = ["STUDY_CHECKS", "EvalConfig", "EvalTask", "StudyChecks", "check_eval_section", "eval_config",
+__all__ = ["STUDY_CHECKS", "EvalConfig", "EvalDtype", "EvalTask", "StudyChecks", "check_eval_section", "eval_config",
            "load_eval_config"]
+
+
+# lm-eval's automatic batch size: `auto`, or `auto:N` (the batch size detected again N times as the requests,
+# longest first, get shorter)
+AUTO_BATCH_SIZE = re.compile(r"auto(:[1-9][0-9]*)?")
+EvalDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class _Section(BaseModel):
@@ -52,16 +59,35 @@ class EvalConfig(_Section):
         default_factory=lambda: [EvalTask(task="factworld_mc"), EvalTask(task="factworld_qa")]
     )
     limit: int | None = Field(200, ge=1, description="items per task (the first N after a seeded shuffle)")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | str = Field(
+        32, description="requests per forward pass: an integer, or lm-eval's `auto` (on a GPU the largest batch that "
+        "fits, from 64 down, halving on out-of-memory; on CPU 32) or `auto:N` (detected again N times as requests get "
+        "shorter). Generative tasks detect at the model's full context length, which for long-context models can "
+        "settle on 1: give an integer there")
+    dtype: EvalDtype = Field(
+        "auto", description="dtype checkpoints are evaluated in: `auto` is the dtype saved on a GPU and float32 on "
+        "CPU; adapters are merged only in float32, else evaluated unmerged (base + adapter, as trained)")
     include_path: list[str] = Field(default_factory=list, description="more folders of task specs")
     style_options: dict[str, Any] = Field(default_factory=dict, description="workbench_eval.styles.StyleOptions fields")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples over items for tau intervals")
     early_fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of checkpoints in the early window")
     on_save: bool = Field(False, description="evaluate each checkpoint as it is saved (rank 0)")
     on_save_limit: int = Field(50, ge=1, description="items per task when evaluating during training")
+    on_save_timeout: int = Field(
+        7200, ge=1, description="seconds the other ranks wait at a barrier for rank 0's evaluation on save "
+        "(its own process group's timeout; training's collectives keep `training.ddp_timeout`)")
     experts: list[int] | Literal["all"] | None = Field(
         None, description="SMoE checkpoints only (models.moe): evaluate each cell at each of these numbers of "
         "active experts per token (`all`: 1, 2, 4, ..., E), recorded as style `<style>@k<K>`")
+
+    @pydantic.field_validator("batch_size", mode="before")
+    @classmethod
+    def _check_batch_size(cls, value: Any) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, str) and AUTO_BATCH_SIZE.fullmatch(value):
+            return value
+        raise ValueError(f"batch_size must be an integer >= 1, `auto` or `auto:N` (N >= 1), got {value!r}")
 
     @pydantic.field_validator("experts")
     @classmethod

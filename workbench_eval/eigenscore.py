@@ -7,8 +7,10 @@ K sampled answers per prompt (`workbench.metrics.hallucination`), over the run's
 Styles are the prompt forms: `completion` prompts with the sentence before the fact's blank ("Velmora Tash was
 born in"), for models pretrained on statements; `question` with the fine-tuning format ("Question: ...\\nAnswer:").
 Sampling and estimator options are `eval.style_options.eigenscore` (the fields of `EigenScoreConfig`, e.g.
-`{samples: 10, pooling: mean, exact: true}`). Lower scores mean less diverse answers (less hallucination, as
-INSIDE reads it). One result line per metric: `ees`, `eigenscore` (unless `exact: false`), `entropy`.
+`{samples: 10, pooling: mean, exact: true, batch_size: 8}`; `batch_size` prompts go through each generate call,
+and the scores do not depend on it: each prompt is sampled from its own seed). Lower scores mean less diverse
+answers (less hallucination, as INSIDE reads it). One result line per metric: `ees`, `eigenscore` (unless
+`exact: false`), `entropy`.
 """
 
 from __future__ import annotations

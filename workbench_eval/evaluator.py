@@ -135,12 +135,19 @@ class Evaluator:
         from lm_eval.models.huggingface import HFLM
 
         if self._lm is None:
-            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.cfg.batch_size)
+            batch_size = lm_batch_size(self.cfg.batch_size, model.device)
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=batch_size)
             self._lm._encode_pair = lru_cache(maxsize=None)(self._lm._encode_pair)
         else:  # the same tokenizer and architecture: swapping the module is all HFLM needs
             self._lm._model, self._lm._config, self._lm._device = model, model.config, model.device
             self._lm.pretrained = model
         return self._lm
+
+    def release_model(self) -> None:
+        """Drop the `HFLM`'s references to the last model evaluated (its tasks, tokenisations and detected batch
+        sizes stay), so that the model is freed once its caller lets go of it; the next `evaluate` swaps one in."""
+        if self._lm is not None:
+            self._lm._model = self._lm.pretrained = None
 
     @hub_offline()
     def evaluate(self, model, cells: set[tuple[str, str]] | None = None) -> list[CellResult]:
@@ -183,16 +190,58 @@ class Evaluator:
         return CellResult(key[0], key[1], metrics, dict(items), seconds)
 
 
-def load_checkpoint_model(path: str | Path):
-    """A checkpoint's model from its safetensors (no remote code), a LoRA adapter merged into its base model:
-    on a GPU as saved, on CPU in fp32 (a bf16 checkpoint on CPU can run tens of times slower than fp32,
-    depending on the processor). Weights that do not fit the architecture are a CheckpointError."""
+# `eval.batch_size: auto` on CPU, where lm-eval's detection (from 64 down, halving on out-of-memory) has no memory
+# limit to find and would run its trial batches at full length
+CPU_BATCH_SIZE = 32
+
+
+def lm_batch_size(batch_size: int | str, device) -> int | str:
+    """The batch size for lm-eval's `HFLM` on `device`: `eval.batch_size` as given, except `auto`/`auto:N` on CPU,
+    which is `CPU_BATCH_SIZE`."""
     import torch
+
+    if isinstance(batch_size, str) and torch.device(device).type == "cpu":
+        return CPU_BATCH_SIZE
+    return batch_size
+
+
+def eval_dtype(dtype: str = "auto"):
+    """The torch dtype to load a checkpoint in for `eval.dtype`: None (the dtype saved) for `auto` on a GPU,
+    float32 for `auto` on CPU (a bf16 model on CPU can run tens of times slower than fp32, depending on the
+    processor), else the named dtype."""
+    import torch
+
+    if dtype == "auto":
+        return None if torch.cuda.is_available() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_checkpoint_model(path: str | Path, dtype: str = "auto"):
+    """A checkpoint's model from its safetensors (no remote code) in `eval_dtype(dtype)`, on the current GPU when
+    there is one, else on CPU. A LoRA adapter checkpoint loads on its base model, merged when the model is in
+    float32 (exact); in a 16-bit dtype it stays unmerged (base + adapter, as trained: a merged 16-bit weight
+    would round away an update smaller than its last bit). Weights that do not fit the architecture are a
+    CheckpointError."""
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from workbench.models import load_trained_model
 
+    device_map = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else None
     with hub_offline():
-        if torch.cuda.is_available():
-            return load_trained_model(path, device_map="cuda", merge=True, auto_class=AutoModelForCausalLM)
-        return load_trained_model(path, dtype=torch.float32, merge=True, auto_class=AutoModelForCausalLM)
+        model = load_trained_model(path, dtype=eval_dtype(dtype), device_map=device_map,
+                                   auto_class=AutoModelForCausalLM)
+    return model.merge_and_unload().eval() if isinstance(model, PeftModel) and model.dtype == torch.float32 else model
+
+
+def free_accelerator_memory() -> None:
+    """Collect unreachable objects (a model in a reference cycle is freed only then) and return the CUDA caching
+    allocator's free blocks to the device, so that memory freed by the evaluator is usable by training again."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

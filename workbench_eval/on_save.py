@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from workbench_eval.data import training_data_options
 from workbench_eval.evaluator import Evaluator
 from workbench_eval.sweep import Target, sweep
 
-__all__ = ["EvalOnSaveCallback", "check_on_save", "eval_on_save_callbacks"]
+__all__ = ["EvalOnSaveCallback", "check_on_save", "eval_on_save_callbacks", "restored_random_state", "rng_devices"]
 
 
 @contextlib.contextmanager
@@ -75,13 +77,44 @@ def eval_on_save_callbacks(cfg: ExperimentConfig) -> list[TrainerCallback]:
     return [EvalOnSaveCallback(evaluation, cfg.run_dir, cfg.run_dir / TOKENIZER_DIR, world, evaluation.on_save_limit)]
 
 
+def rng_devices() -> tuple[str | None, list[int]]:
+    """The accelerator type (`cuda`, `xpu`, ...) and the indices of its devices whose random generators an
+    evaluation may draw from: every device once the accelerator is initialised (sampling on a GPU moves that
+    GPU's generator), none without an accelerator or before it is initialised (forking would initialise it)."""
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        return None, []
+    module = torch.get_device_module(accelerator.type)
+    initialised = getattr(module, "is_initialized", lambda: True)()
+    return accelerator.type, list(range(module.device_count())) if initialised else []
+
+
+@contextlib.contextmanager
+def restored_random_state() -> Iterator[None]:
+    """Python's, numpy's, torch's CPU and every accelerator device's (`rng_devices`) random states restored on
+    exit, so that whatever the body draws leaves training's random streams where they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    device_type, devices = rng_devices()
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 class EvalOnSaveCallback(TrainerCallback):
     """Run the BOSE evaluator on each checkpoint as it is saved, on rank 0, into `<run>/eval/results.jsonl`.
 
     The checkpoint is read back from disk into a separate model (so any ZeRO stage works and the training
-    model is untouched), with `limit` items per task; RNG states are restored afterwards so training is
-    unchanged. The other ranks wait at their next collective: keep `limit` small enough that this takes well
-    under the distributed timeout (`training.ddp_timeout`, 30 minutes by default).
+    model is untouched), with `limit` items per task, on rank 0's device; the model (and lm-eval's reference
+    to it) is freed after the evaluation, so rank 0 holds at most one model beside the training one. Random
+    states, the GPUs' included, are restored afterwards so training is unchanged.
+
+    In a run of several processes the others wait for rank 0's evaluation at a barrier of a process group of
+    their own (gloo, CPU only: the waiting holds no GPU and no NCCL communicator), created on all ranks as
+    training begins with the timeout `eval.on_save_timeout` (seconds): training's collectives keep their
+    `training.ddp_timeout`, which an evaluation no longer has to fit in.
     """
 
     def __init__(self, eval_cfg, run_dir: str | Path, tokenizer_dir: str | Path, world: dict[str, Any],
@@ -89,13 +122,25 @@ class EvalOnSaveCallback(TrainerCallback):
         self.eval_cfg, self.run_dir, self.limit = eval_cfg, Path(run_dir), limit
         self.tokenizer_dir, self.world = str(tokenizer_dir), world
         self._evaluator = None
+        self._waiting_group = None
+
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        """Every rank of a distributed run joins the group whose barrier waits for rank 0's evaluations."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self._waiting_group is None:
+            self._waiting_group = torch.distributed.new_group(
+                backend="gloo", timeout=timedelta(seconds=self.eval_cfg.on_save_timeout))
 
     def on_save(self, args, state, control, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        checkpoint = checkpoint_dir(self.run_dir, state.global_step)
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]), _outside_zero3():
+        if state.is_world_process_zero:
+            self._evaluate(checkpoint_dir(self.run_dir, state.global_step))
+        if self._waiting_group is not None:
+            torch.distributed.barrier(group=self._waiting_group)
+
+    def _evaluate(self, checkpoint: Path) -> None:
+        """Evaluate `checkpoint` into the run's results, leaving random states as they were; print how long it
+        took and, on a GPU, the memory allocated before and after (equal when nothing of it was kept)."""
+        start, before = time.monotonic(), device_memory_gb()
+        with restored_random_state(), _outside_zero3():
             if self._evaluator is None:
                 from transformers import AutoTokenizer
 
@@ -104,5 +149,12 @@ class EvalOnSaveCallback(TrainerCallback):
             target = Target(self.run_dir.name, results_path(self.run_dir), [checkpoint],
                             self.tokenizer_dir, self.world)
             sweep(target, self.eval_cfg, self.limit, evaluator=self._evaluator, progress=False)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        memory = "" if before is None else f"; GPU memory allocated {before:.2f} GB before, {device_memory_gb():.2f} GB after"
+        print(f"[eval] {checkpoint.name} evaluated on save in {time.monotonic() - start:.1f} s{memory}", flush=True)
+
+
+def device_memory_gb() -> float | None:
+    """GiB allocated by torch on this process's GPU, or None without an initialised CUDA device."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.memory_allocated() / 2**30

@@ -97,8 +97,7 @@ def expert_counts(checkpoint: Path, experts: list[int] | str | None) -> list[int
 def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=None, progress: bool = True) -> int:
     """Evaluate every (checkpoint, task, style) cell of `target` not yet in its results, for an SMoE model at each
     of `cfg.experts` active experts (cells (checkpoint, task, `style@k<K>`)); returns cells done."""
-    from workbench.models.moe_model import set_active_experts
-    from workbench_eval.evaluator import Evaluator, load_checkpoint_model
+    from workbench_eval.evaluator import Evaluator
 
     limit = limit if limit is not None else cfg.limit
     done = done_cells(read_results(target.results), limit)
@@ -113,29 +112,45 @@ def sweep(target: Target, cfg: EvalConfig, limit: int | None = None, evaluator=N
     with tqdm(total=sum(map(len, pending.values())), desc=f"evaluating {target.name}", unit="cell",
               disable=not progress) as bar:
         for checkpoint, cells in pending.items():
-            if not cells:
-                continue
-            step = step_of(checkpoint)
-            try:
-                if (checkpoint / MANIFEST).exists():
-                    verify_checkpoint(checkpoint)
-                model = load_checkpoint_model(checkpoint)
-            except (CheckpointError, OSError, ValueError, RuntimeError) as err:
-                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-                tqdm.write(f"skipping {checkpoint.name}: {reason}")
-                append_jsonl(target.results, skip_record(target.name, checkpoint.name, step, reason))
-                bar.update(len(cells))
-                continue
-            for cell, k in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
-                if k is not None:
-                    set_active_experts(model, k)
-                (result,) = evaluator.evaluate(model, {cell})
-                chance = chance_accuracy(evaluator.tasks.get(cell))
-                append_jsonl(target.results,
-                             *cell_records(target.name, checkpoint.name, step, result, limit, chance, experts=k))
-                finished += 1
-                bar.update(1)
+            if cells:
+                finished += _sweep_checkpoint(target, checkpoint, cells, evaluator, cfg, limit, bar)
     return finished
+
+
+def _sweep_checkpoint(target: Target, checkpoint: Path, cells: list[tuple[tuple[str, str], int | None]],
+                      evaluator, cfg: EvalConfig, limit: int | None, bar: tqdm) -> int:
+    """Evaluate `cells` ((task, style), experts) of one checkpoint, appending each to the target's results (a
+    checkpoint that cannot be loaded is a skip record); returns cells done. The model is loaded once and freed
+    before returning (`Evaluator.release_model`, `free_accelerator_memory`), so that a sweep, or an evaluation
+    on save beside training, holds at most one model of its own at a time."""
+    from workbench.models.moe_model import set_active_experts
+    from workbench_eval.evaluator import free_accelerator_memory, load_checkpoint_model
+
+    step = step_of(checkpoint)
+    try:
+        if (checkpoint / MANIFEST).exists():
+            verify_checkpoint(checkpoint)
+        model = load_checkpoint_model(checkpoint, cfg.dtype)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        tqdm.write(f"skipping {checkpoint.name}: {reason}")
+        append_jsonl(target.results, skip_record(target.name, checkpoint.name, step, reason))
+        bar.update(len(cells))
+        return 0
+    try:
+        for cell, k in cells:  # one cell at a time: a killed sweep loses at most the cell in progress
+            if k is not None:
+                set_active_experts(model, k)
+            (result,) = evaluator.evaluate(model, {cell})
+            chance = chance_accuracy(evaluator.tasks.get(cell))
+            append_jsonl(target.results,
+                         *cell_records(target.name, checkpoint.name, step, result, limit, chance, experts=k))
+            bar.update(1)
+    finally:
+        evaluator.release_model()
+        del model
+        free_accelerator_memory()
+    return len(cells)
 
 
 def sweep_all(jobs: list[tuple[Target, EvalConfig]], limit: int | None = None, parallel: int = 1) -> None:

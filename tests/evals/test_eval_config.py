@@ -38,6 +38,12 @@ def test_the_library_keeps_the_section_as_given(tmp_path):
     ({"experts": [0, 1]}, [], "file", "field 'eval.experts': experts must be `all` or a non-empty list"),
     ({}, ["eval.limit=0"], "--set eval.limit=0", "field 'eval.limit': Input should be greater than or equal to 1"),
     ({}, ["eval.on_sav=true"], "--set eval.on_sav=true", "unknown field 'eval.on_sav' (did you mean 'on_save'?)"),
+    ({"batch_size": "big"}, [], "file",
+     "field 'eval.batch_size': batch_size must be an integer >= 1, `auto` or `auto:N` (N >= 1), got 'big'"),
+    ({"batch_size": 0}, [], "file", "field 'eval.batch_size': batch_size must be an integer >= 1, `auto` or `auto:N`"),
+    ({}, ["eval.batch_size=auto:0"], "--set eval.batch_size=auto:0", "field 'eval.batch_size': batch_size must be"),
+    ({"dtype": "fp8"}, [], "file", "field 'eval.dtype': Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+    ({"on_save_timeout": 0}, [], "file", "field 'eval.on_save_timeout': Input should be greater than or equal to 1"),
 ])
 def test_a_bad_field_names_the_field_and_where_it_came_from(tmp_path, section, overrides, origin, message):
     path = write_config(tmp_path, tiny_config(tmp_path, eval=section))
@@ -66,6 +72,21 @@ def test_a_bad_eval_field_stops_training_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "field 'eval.limit'" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("batch_size", [1, 64, "auto", "auto:4"])
+def test_batch_size_is_a_number_or_lm_evals_auto(tmp_path, batch_size):
+    path = write_config(tmp_path, tiny_config(tmp_path, eval={"batch_size": batch_size}))
+    assert check_eval_section(load_config(path), path).batch_size == batch_size
+
+
+def test_auto_batch_size_is_detected_on_a_gpu_and_fixed_on_cpu():
+    import torch
+
+    from workbench_eval.evaluator import CPU_BATCH_SIZE, lm_batch_size
+
+    assert lm_batch_size("auto:2", torch.device("cuda", 0)) == "auto:2" and lm_batch_size(16, "cuda") == 16
+    assert lm_batch_size("auto", torch.device("cpu")) == CPU_BATCH_SIZE and lm_batch_size(16, "cpu") == 16
 
 
 @pytest.mark.parametrize(("sections", "fragments"), [
