@@ -3,6 +3,7 @@
     python bench/eigenscore.py               # K in {10, 64, 256, 1024} x d in {64, 512, 4096}, two spectra
     python bench/eigenscore.py --quick       # K in {10, 64} x d in {64, 512}, one spectrum: a few seconds
     python bench/eigenscore.py --threads 1 --json eigenscore.json   # about 2 minutes
+    python bench/eigenscore.py --quick --no-sweep --device cuda     # the batching comparison on a GPU
 
 Every estimator is timed on the whole pipeline from the same (K, d) float32 embeddings to one number (centring
 and any covariance or Gram matrix included, float64 inside), as the best of `--repeats` calls:
@@ -20,6 +21,11 @@ noise. Then, at the largest size, EES's and SLQ's accuracy/time trade-off over (
 against the goal: at least GOAL_SPEEDUP x faster than exact at most GOAL_ERROR relative error. No timed
 asserts; other processes on the same cores slow every number down (the load average is printed before and
 after), and several threads on shared cores can be far slower than one: try `--threads 1`.
+
+Last, the sampling side (`workbench.metrics.hallucination.eigenscore_report`) on a small random GPT-NeoX model
+(`--report-hidden` wide, 4 blocks, a 256-word vocabulary): the same `--report-prompts` prompts one per generate
+call (`batch_size: 1`) and `--report-batch` per call, the time ratio one-at-a-time / batched, and the largest
+difference of the per-prompt scores (each prompt is sampled from its own seed: float rounding only).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from workbench.metrics.eigenscore import (  # noqa: E402
     sample_covariance,
     slq_logdet_mean,
 )
+from workbench.metrics.hallucination import EigenScoreConfig, eigenscore_report  # noqa: E402
 
 SAMPLES = (10, 64, 256, 1024)
 FEATURES = (64, 512, 4096)
@@ -210,6 +217,63 @@ def print_sweep(spectrum: str, shape: tuple[int, int], rows: list[dict[str, Any]
               f"{'met' if met else '-'}")
 
 
+REPORT_WORDS = 256  # the word-level vocabulary of the batching comparison's model
+
+
+def report_model(hidden: int, device: str) -> tuple[torch.nn.Module, Any]:
+    """A random 4-block GPT-NeoX over REPORT_WORDS words (plus <pad>, <eos>) and its word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(REPORT_WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=4 * hidden, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return GPTNeoXForCausalLM(config).to(device).eval(), tokenizer
+
+
+def report_prompts(count: int) -> list[str]:
+    """`count` prompts of 3 to 12 words, fixed by a seed."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 13, (count,), generator=g).tolist()
+    return [" ".join(f"w{int(w)}" for w in torch.randint(0, REPORT_WORDS, (n,), generator=g)) for n in lengths]
+
+
+def measure_batching(prompts: int, batch_size: int, hidden: int, device: str, repeats: int) -> dict[str, Any]:
+    """eigenscore_report one prompt per generate call against `batch_size` per call: best times, ratio, the
+    largest per-prompt score difference."""
+    model, tokenizer = report_model(hidden, device)
+    texts = report_prompts(prompts)
+    options = {"samples": 10, "max_new_tokens": 16, "temperature": 1.0}
+    arms = {"one_at_a_time": EigenScoreConfig(**options, batch_size=1),
+            "batched": EigenScoreConfig(**options, batch_size=batch_size)}
+    eigenscore_report(model, tokenizer, texts[:1], arms["batched"])  # warm-up
+    seconds: dict[str, float] = {}
+    items: dict[str, dict[str, list[float]]] = {}
+    for name, config in arms.items():
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            items[name] = eigenscore_report(model, tokenizer, texts, config)["items"]
+            times.append(time.perf_counter() - started)
+        seconds[name] = min(times)
+    difference = max(abs(a - b) for name in ("ees", "eigenscore") for a, b in
+                     zip(items["one_at_a_time"][name], items["batched"][name], strict=True))
+    return {"prompts": prompts, "batch_size": batch_size, "hidden": hidden, "device": device,
+            **{f"{name}_s": value for name, value in seconds.items()},
+            "ratio": seconds["one_at_a_time"] / seconds["batched"], "max_score_difference": difference}
+
+
+def print_batching(row: dict[str, Any]) -> None:
+    print(f"\n## eigenscore_report, {row['prompts']} prompts x K = 10 samples, hidden {row['hidden']}, "
+          f"{row['device']}: one prompt per generate call {row['one_at_a_time_s']:.2f} s, {row['batch_size']} "
+          f"per call {row['batched_s']:.2f} s: one-at-a-time / batched = {row['ratio']:.2f}x; "
+          f"largest score difference {row['max_score_difference']:.1e} nats")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,9 +283,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core we may use)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the trade-off sweep at the top size")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write results as JSON")
+    parser.add_argument("--report-prompts", type=int, default=16, help="prompts of the batching comparison")
+    parser.add_argument("--report-batch", type=int, default=8, help="prompts per generate call when batched")
+    parser.add_argument("--report-hidden", type=int, default=256, help="width of the comparison's model")
+    parser.add_argument("--device", default="cpu", help="device of the batching comparison (cpu, cuda)")
+    parser.add_argument("--no-report", action="store_true", help="skip the batching comparison")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 0:
         parser.error("--repeats must be at least 1 and --threads at least 0")
+    if args.report_prompts < 1 or args.report_batch < 1 or args.report_hidden < 4:
+        parser.error("--report-prompts and --report-batch must be at least 1, --report-hidden at least 4")
     if args.spectra is None:
         args.spectra = list(SPECTRA[:1] if args.quick else SPECTRA)
     return args
@@ -247,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = sweep(synthetic_embeddings(*shape, spectrum), args.repeats)
             results["sweeps"][spectrum] = rows
             print_sweep(spectrum, shape, rows)
+    if not args.no_report:
+        results["batching"] = measure_batching(args.report_prompts, args.report_batch, args.report_hidden,
+                                               args.device, args.repeats)
+        print_batching(results["batching"])
     ratios = [r["exact_s"] / r["ees_s"] for table in results["tables"].values() for r in table]
     print(f"\n# load average after {os.getloadavg()}; median exact/EES over all sizes "
           f"{statistics.median(ratios):.2f}")

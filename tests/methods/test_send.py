@@ -78,6 +78,54 @@ def test_the_tracked_embedding_is_the_output_of_the_named_block(family, layer):
     assert torch.equal(hidden, seen["out"])
 
 
+def reference_embeddings(model, method: SeND) -> torch.Tensor:
+    """The tracking embeddings as SeND took them before hooks: the whole model, every hidden state, pooled."""
+    with torch.no_grad():
+        return torch.cat([pool(model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                     use_cache=False).hidden_states[method.config.layer].float(), mask,
+                               method.config.pooling).double() for ids, mask in method.batches()])
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+@pytest.mark.parametrize(("layer", "pooling"), [(-2, "paper"), (1, "last"), (-3, "mean")])
+def test_the_tracking_pass_skips_the_lm_head_and_keeps_the_embeddings(family, layer, pooling):
+    """The tracking pass computes no logits (the LM head never runs) and gives the embeddings the whole-model
+    pass with every hidden state gave, bit for bit, on right-padded texts of different lengths."""
+    model = tiny_model(family)
+    method = SeND(SeNDConfig(layer=layer, pooling=pooling, tracking_batch_size=2))
+    method.prepare_model(model)
+    method.tracking = [[int(t) for t in torch.randint(1, 50, (n,))] for n in (5, 9, 3, 7, 6)]
+    model.eval()
+    want = reference_embeddings(model, method)
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: head_calls.append(out.shape))
+    model.train()
+    got = method.embed(model)
+    assert head_calls == [] and model.training
+    assert got.shape == (5, 16) and got.dtype == torch.float64
+    assert torch.equal(got, want)
+
+
+def test_the_chosen_indices_are_rank_zeros_broadcast_on_the_backends_device(monkeypatch):
+    """On a rank other than 0 the broadcast overwrites the local choice with rank 0's; the tensor handed to it
+    lives where the backend runs collectives (the CPU for gloo; cuda for NCCL: tests/test_collectives.py)."""
+    rank_zero_choice = torch.tensor([1, 4, 6])
+    handed = []
+
+    def broadcast(tensor, src):
+        handed.append((tensor.device, src))
+        tensor.copy_(rank_zero_choice)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    method = SeND(SeNDConfig(top_percent=30, window=2))
+    method.history = [torch.zeros(2, 10, dtype=torch.float64), torch.arange(20.0).reshape(2, 10).double()]
+    method.choose()
+    assert handed == [(torch.device("cpu"), 0)]
+    assert torch.equal(method.indices, rank_zero_choice) and method.indices.device.type == "cpu"
+
+
 def test_layers_outside_the_blocks_are_refused():
     with pytest.raises(ValueError, match="layer must index"):
         SeNDConfig(layer=-1)

@@ -37,9 +37,12 @@ The paper's loop stops when the loss falls below ε or EES below δ (`while Loss
     methods:
       send: {top_percent: 20, window: 3, drop_intervals: 3, track_every: 25}
 
-Every rank runs the tracking passes (ZeRO-3 gathers weights in them) and rank 0's indices are broadcast, so all
-ranks drop the same indices. The tracking history, the indices and the schedule position are method state,
-saved in every checkpoint: a resumed run continues bit-equal to an uninterrupted one.
+A tracking pass runs the model's decoder (`get_decoder()`, the blocks without the LM head: no logits are
+computed) and a forward hook on the tracked block keeps that block's output alone (not every layer's hidden
+states). Every rank runs the tracking passes (ZeRO-3 gathers weights in them) and rank 0's indices are broadcast
+(on the backend's device, `workbench.collectives`), so all ranks drop the same indices. The tracking history,
+the indices and the schedule position are method state, saved in every checkpoint: a resumed run continues
+bit-equal to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from workbench.collectives import broadcast_from
 from workbench.distributed import full_parameter, set_full_parameter
 from workbench.errors import ConfigError
 from workbench.methods import Method, register
@@ -164,6 +168,26 @@ def block_index(layer: int, num_blocks: int) -> int:
                           f"in a model of {num_blocks} blocks (valid: 1..{num_blocks - 1} or "
                           f"-{num_blocks}..-2)")
     return position - 1
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """The hidden states a block returns (the first element when it returns a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def tracking_trunk(model: nn.Module, block: nn.Module) -> nn.Module:
+    """The part of `model` a tracking pass runs: its decoder (`get_decoder()`: embeddings and blocks, no LM
+    head) when that holds the tracked `block`, else the whole model.
+
+    Not a pass stopped at the tracked block (an exception from its hook): under ZeRO-3 that would leave the
+    parameters DeepSpeed prefetched for the skipped modules gathered, and its module stack unbalanced. The
+    decoder runs all its modules on every rank, and completes (DeepSpeed records its prefetch trace again at the
+    next training step, as the pass left the model's own forward out)."""
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    if isinstance(decoder, nn.Module) and any(module is block for module in decoder.modules()):
+        return decoder
+    return model
 
 
 def _zero_indices(output: Any, indices: torch.Tensor) -> Any:
@@ -304,18 +328,27 @@ class SeND(Method):
 
     @torch.no_grad()
     def embed(self, model: nn.Module) -> torch.Tensor:
-        """(N, d) float64 embeddings of the tracking texts, eq. (1), in eval mode (no drop, no dropout)."""
+        """(N, d) float64 embeddings of the tracking texts, eq. (1), in eval mode (no drop, no dropout): the
+        tracked block's output, caught by a forward hook, from a pass through the decoder alone (no LM head)."""
+        if self._block is None:
+            raise RuntimeError("SeND.embed needs prepare_model(model) first (it finds the tracked block)")
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        trunk = tracking_trunk(model, self._block)
+        caught: dict[str, torch.Tensor] = {}
+        handle = self._block.register_forward_hook(
+            lambda module, args, output: caught.update(out=block_output(output)))
         pooled = []
         try:
             for ids, mask in self.batches():
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
-                            use_cache=False)
-                pooled.append(pool(out.hidden_states[self.config.layer].float(), mask.to(device),
-                                   self.config.pooling).double().cpu())
+                trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                if "out" not in caught:
+                    raise RuntimeError("SeND: the tracked block did not run in the tracking pass (was it replaced "
+                                       "after prepare_model?)")
+                pooled.append(pool(caught.pop("out").float(), mask.to(device), self.config.pooling).double().cpu())
         finally:
+            handle.remove()
             model.train(was_training)
         return torch.cat(pooled)
 
@@ -339,7 +372,7 @@ class SeND(Method):
         chosen = select_indices(scores, dropped_count(scores.numel(), self.config.top_percent),
                                 self.config.selection, generator)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(chosen, src=0)  # one set of indices on every rank
+            chosen = broadcast_from(chosen, source=0)  # one set of indices on every rank
         previous = set(self.indices.tolist()) if len(self.indices) else None
         self.overlap = len(previous & set(chosen.tolist())) / len(chosen) if previous is not None else math.nan
         self.indices, self.remaining = chosen, self.config.drop_intervals
