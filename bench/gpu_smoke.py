@@ -10,7 +10,7 @@ measured (on a failure, the last error line and the log's path). Under 5 minutes
 CPU-only machine (slowly, ranks become CPU processes, memory is the peak resident set), which is how it is tested.
 
 Checks, in order (later ones start from the runs of earlier ones):
-  quickstart-resume   the quickstart for 40 steps (ZeRO-2, `training.deterministic`), checkpoint-40 deleted and
+  quickstart-resume   the quickstart for 40 steps (ZeRO-2, `training.full_determinism`), checkpoint-40 deleted and
                       resumed from checkpoint-20: resumed weights bit-equal to the uninterrupted ones, or the
                       largest difference
   lora-base-zero3     LoRA fine-tuning on arithmetic (ZeRO-3), then that LoRA run as the base of full fine-tuning
@@ -46,8 +46,8 @@ STEP_LIMIT = 600  # seconds any one launched process may take
 class Smoke:
     """What the checks share: the work folder, the rank count, and how to launch a run there."""
 
-    def __init__(self, workdir: Path, ranks: int) -> None:
-        self.workdir, self.ranks = workdir, ranks
+    def __init__(self, workdir: Path, ranks: int, device: str) -> None:
+        self.workdir, self.ranks, self.device = workdir, ranks, device
         self.runs = workdir / "runs"
         self.port = 29950
 
@@ -107,7 +107,7 @@ SHORT = ("training.eval_strategy=no", "eval.on_save=false")
 
 def quickstart_resume(smoke: Smoke, log: Path) -> str:
     settings = ("training.max_steps=40", "training.save_steps=20", "training.eval_steps=20",
-                "training.deterministic=true", "name=quickstart")
+                "training.full_determinism=true", "name=quickstart")
     smoke.train(log, "configs/quickstart.yaml", *settings)
     run = smoke.runs / "quickstart"
     uninterrupted = load_weights(run / "checkpoint-40")
@@ -179,7 +179,7 @@ def eval_on_save(smoke: Smoke, log: Path) -> str:
 
 
 def eigenscore(smoke: Smoke, log: Path) -> str:
-    out = smoke.python(log, str(REPO / "bench" / "eigenscore.py"), "--quick", "--no-sweep")
+    out = smoke.python(log, str(REPO / "bench" / "eigenscore.py"), "--quick", "--no-sweep", "--device", smoke.device)
     lines = [line.strip() for line in out.splitlines() if "batched" in line]
     return lines[-1] if lines else last_error(out)
 
@@ -204,13 +204,14 @@ CHECKS: dict[str, Callable[[Smoke, Path], str]] = {
 }
 
 
-def device_summary() -> tuple[str, int]:
+def device_summary() -> tuple[str, int, str]:
+    """What this machine trains on (for the first line), its GPU count (1 without GPUs) and its device type."""
     import torch
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
-        return f"{torch.cuda.device_count()} x {name}, torch {torch.__version__}", torch.cuda.device_count()
-    return f"no GPU (CPU processes), torch {torch.__version__}", 1
+        return f"{torch.cuda.device_count()} x {name}, torch {torch.__version__}", torch.cuda.device_count(), "cuda"
+    return f"no GPU (CPU processes), torch {torch.__version__}", 1, "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where runs and logs go (default: a temp dir)")
     parser.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run only these checks")
     args = parser.parse_args(argv)
-    summary, gpus = device_summary()
+    summary, gpus, device = device_summary()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="workbench-smoke-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    smoke = Smoke(workdir, args.ranks or gpus)
+    smoke = Smoke(workdir, args.ranks or gpus, device)
     print(f"workbench GPU smoke check: {summary}; {smoke.ranks} rank(s); logs in {workdir}", flush=True)
     failed = 0
     for name, check in CHECKS.items():

@@ -156,3 +156,9 @@ def zero_json(tmp_path: Path, stage: int) -> str:
     path = tmp_path / f"zero{stage}.json"
     path.write_text(json.dumps(settings))
     return str(path)
+
+
+def shared_memory_left(port: int) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers in /dev/shm of the runs that met at `port` (each rank unlinks its own once
+    every rank has mapped it: `workbench.distributed_launch.release_shared_memory`)."""
+    return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

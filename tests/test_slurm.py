@@ -94,7 +94,8 @@ def test_a_variable_it_cannot_map_is_named(change, named):
 def srun_task(monkeypatch):
     """This process as task 5 of a two-node srun step (no launcher variables of its own)."""
     for name in RANK_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the values the train command sets are undone afterwards
+        monkeypatch.delenv(name)
     for name, value in TWO_NODES.items():
         monkeypatch.setenv(name, value)
     return monkeypatch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,15 @@ from transformers import TrainingArguments, set_seed
 
 from workbench.base_run import resolve_base_run
 from workbench.callbacks import MetricsJsonlCallback, SaveAtStepsCallback
-from workbench.checkpoints import list_checkpoints, newest_complete_checkpoint, verify_checkpoint
+from workbench.checkpoints import (
+    complete_checkpoints,
+    list_checkpoints,
+    verify_rank_files,
+    verify_shared_files,
+)
 from workbench.config import ExperimentConfig, dump_config, resolve_path
-from workbench.errors import ConfigError
+from workbench.distributed_launch import release_shared_memory
+from workbench.errors import CheckpointError, ConfigError, WorkbenchError
 from workbench.kinds import RunKind, kind_for
 from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
 from workbench.methods import build_methods
@@ -83,29 +90,103 @@ def join_process_group(args: TrainingArguments) -> None:
     Under ZeRO-3, `from_pretrained`/`from_config` build the model inside `deepspeed.zero.Init`, which reads the
     world size from DeepSpeed's communication backend. On CPU, accelerate starts `torch.distributed` itself
     (gloo) but not DeepSpeed's backend, so `zero.Init` saw a world of 1 and failed its batch-size check on
-    two ranks. `args.device` starts the process group; `deepspeed.init_distributed` then wraps it."""
+    two ranks. `args.device` starts the process group; `deepspeed.init_distributed` then wraps it (and on CPU
+    maps its shared-memory buffers, whose names are released at once: `release_shared_memory`)."""
     _ = args.device
     if args.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), timeout=args.ddp_timeout_delta)
+        torch.distributed.barrier()  # every rank has mapped every rank's CPU all-reduce buffer: unlink this one's
+        release_shared_memory()
 
 
 def find_resume_checkpoint(cfg: ExperimentConfig, resume: bool, report=print) -> str | None:
-    """The checkpoint to resume from: 'auto' = newest complete one, a path = that one (verified)."""
+    """The checkpoint to resume from, the same on every rank: 'auto' = the newest complete one, a path = that one.
+
+    Rank 0 proposes a checkpoint whose files every rank reads are whole (`verify_shared_files`); every rank checks
+    its own files in it (`verify_rank_files`: on a shared file system a node may see stale sizes of the files
+    another node wrote). Under 'auto' a checkpoint broken on any rank is reported and the next older one proposed;
+    a given path must be whole on every rank. Every rank gets the same answer or raises the same one-line error.
+    With a process group up these are collectives (an object broadcast and gather per proposal): every rank calls
+    this."""
     target = cfg.resume_from_checkpoint or ("auto" if resume else None)
     if target is None:
         return None
-    if target == "auto":
-        checkpoint = newest_complete_checkpoint(cfg.run_dir, report=report)
-        if checkpoint is None:
+    rank = torch.distributed.get_rank() if _in_process_group() else 0
+    proposals = _rank0_proposals(cfg.run_dir, target, report) if rank == 0 else None
+    while True:
+        proposal = _from_rank0(_next_proposal(proposals))
+        if isinstance(proposal, WorkbenchError):
+            raise proposal
+        if proposal is None:
             report(f"no complete checkpoint in '{cfg.run_dir}': starting from scratch")
-        return str(checkpoint) if checkpoint else None
+            return None
+        problems = [problem for problem in _from_every_rank(_rank_problem(proposal, rank)) if problem]
+        if not problems:
+            return str(proposal)
+        if target != "auto":
+            raise CheckpointError(problems[0])
+        report(f"skipping {problems[0]}")
+
+
+def _rank0_proposals(run_dir: Path, target: str, report) -> Iterator[Path]:
+    """Rank 0's candidates for the resume, newest first: for 'auto' every checkpoint of `run_dir` whose shared files
+    verify (each broken one reported), else the path `target` (ConfigError if absent, CheckpointError if broken)."""
+    if target == "auto":
+        yield from complete_checkpoints(run_dir, report, verify=verify_shared_files)
+        return
     path = Path(target)
     if not path.is_dir():
         raise ConfigError(f"field 'resume_from_checkpoint': '{target}' not found")
-    verify_checkpoint(path)
-    return str(path)
+    verify_shared_files(path)
+    yield path
+
+
+def _next_proposal(proposals: Iterator[Path] | None) -> Path | WorkbenchError | None:
+    """Rank 0's next candidate, None when there is none left (or on other ranks), or the error that ended the
+    search, to be raised on every rank."""
+    if proposals is None:
+        return None
+    try:
+        return next(proposals, None)
+    except WorkbenchError as err:
+        return err
+    except OSError as err:  # a file system error: every rank stops with it, rather than waiting for rank 0
+        return CheckpointError(f"cannot read the checkpoints to resume: {err}")
+
+
+def _rank_problem(checkpoint: Path, rank: int) -> str | None:
+    """Why `checkpoint` cannot be resumed on `rank` (a missing, truncated or unreadable file of its own), or None."""
+    try:
+        verify_rank_files(checkpoint, rank)
+    except CheckpointError as err:
+        return f"{err} (rank {rank})"
+    return None
+
+
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _from_rank0(value: object) -> object:
+    """Rank 0's `value` on every rank (`broadcast_object_list`; under NCCL torch moves the pickled bytes to
+    `torch.cuda.current_device()`, which the Trainer set to this rank's GPU); `value` itself without a process
+    group."""
+    if not _in_process_group():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _from_every_rank(value: object) -> list:
+    """Every rank's `value`, in rank order (`all_gather_object`); `[value]` without a process group."""
+    if not _in_process_group():
+        return [value]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:

@@ -1,5 +1,5 @@
-"""The workbench trainer: Hugging Face `Trainer` plus the enabled methods' hooks, method state in every
-checkpoint, a checkpoint manifest written last, and a stop on the first non-finite loss.
+"""The workbench trainer: Hugging Face `Trainer` plus the enabled methods' hooks, method state and logging state
+in every checkpoint, a checkpoint manifest written last, and a stop on the first non-finite loss.
 
 The additions live in `WorkbenchMixin`, which goes over any `Trainer` subclass: `WorkbenchTrainer` (plain
 `Trainer`, pretraining on packed text) and `WorkbenchSFTTrainer` (TRL's `SFTTrainer`, fine-tuning on
@@ -9,22 +9,44 @@ With no method enabled it adds one `isfinite` per step and a manifest per save t
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
-from workbench.checkpoints import write_manifest
+from workbench.checkpoints import rank_file_sizes, write_manifest
 from workbench.errors import CheckpointError, TrainingDiverged
+from workbench.io import atomic_write_text
 from workbench.methods import Method
 from workbench.methods.stack import MethodStack
 from workbench.models.features import model_methods
 from workbench.models.flops import FlopCounter
 
 METHOD_STATE = "workbench_methods_rank{rank}.pt"
+LOGGING_STATE = "workbench_logging_rank{rank}.json"
+# cuBLAS's reproducible workspace setting under `training.full_determinism` (8 buffers of 4 MiB; transformers sets
+# ":16:8", 8 buffers of 16 KiB, which PyTorch's reproducibility notes say may slow matrix products)
+DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
+
+
+def file_sizes_on_rank0(checkpoint: Path, rank: int) -> dict[str, int] | None:
+    """The sizes of the files of `checkpoint`, each measured by the rank that wrote it (`rank_file_sizes`: on a
+    shared file system another node may see them late or stale), gathered to rank 0 for its manifest; None on
+    the other ranks. A collective (`gather_object`: under NCCL over `torch.cuda.current_device()`, which the
+    Trainer set to this rank's GPU), so it returns on rank 0 only after every rank has measured its files; one
+    process without a process group measures them all itself."""
+    own = rank_file_sizes(checkpoint, rank)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return own
+    on_rank0 = torch.distributed.get_rank() == 0
+    gathered = [{} for _ in range(torch.distributed.get_world_size())] if on_rank0 else None
+    torch.distributed.gather_object(own, gathered, dst=0)
+    return {name: size for sizes in gathered for name, size in sizes.items()} if gathered is not None else None
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -39,6 +61,17 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs: Any) -> None:
         self.trainer.methods.after_optimizer_step(self.trainer.model, self.trainer)
+
+
+class _RestoreLoggingState(TrainerCallback):
+    """At the start of training (after the Trainer has zeroed its loss accumulators) puts back what a resumed
+    checkpoint's logs had accumulated (`WorkbenchMixin.restore_logging_state`)."""
+
+    def __init__(self, trainer: WorkbenchMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        self.trainer.begin_logging_state()
 
 
 class WorkbenchMixin:
@@ -64,6 +97,10 @@ class WorkbenchMixin:
         self.data_collator = self.methods.wrap_collator(self.data_collator)  # after __init__: TRL builds its own
         if self.methods.implementing("after_optimizer_step"):
             self.add_callback(_AfterOptimizerStep(self))
+        self.add_callback(_RestoreLoggingState(self))
+        self._saved_logging_state: dict[str, Any] | None = None
+        if self.args.full_determinism:  # transformers' `enable_full_determinism` ran in `Trainer.__init__`
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = DETERMINISTIC_CUBLAS_WORKSPACE
         self._flops = FlopCounter()
         self.methods.setup(self)
 
@@ -117,15 +154,61 @@ class WorkbenchMixin:
             )
         return loss
 
-    # --- method state and the manifest --------------------------------------------------------------------
+    # --- logging state: a resumed run logs what an uninterrupted one logs -------------------------------------
+    def logging_state(self) -> dict[str, Any]:
+        """What this rank has accumulated towards its logs since training began, for a checkpoint.
+
+        The Trainer keeps it in attributes that `TrainerState` does not save, so a resumed run would log its
+        first loss over the wrong steps and a final `train_loss` over the resumed steps only:
+        `loss_sum` (the logged steps' losses, each the mean over ranks; the same on every rank),
+        `pending_loss` (this rank's losses since the last log), `last_logged_step`, and `loss_counted_from`
+        (the step `loss_sum` counts from: 0, or the resumed step of a checkpoint saved without this state)."""
+        return {"loss_sum": self._total_loss_scalar, "pending_loss": self._tr_loss.item(),
+                "last_logged_step": self._globalstep_last_logged, "loss_counted_from": self._loss_counted_from}
+
+    def restore_logging_state(self, saved: dict[str, Any]) -> None:
+        """Put back what `logging_state` saved (at the start of training, after the Trainer zeroed it)."""
+        self._total_loss_scalar = saved["loss_sum"]
+        self._tr_loss.fill_(saved["pending_loss"])
+        self._globalstep_last_logged = saved["last_logged_step"]
+        self._loss_counted_from = saved["loss_counted_from"]
+
+    def begin_logging_state(self) -> None:
+        """At the start of training: count the loss from here, or from where the resumed checkpoint counted."""
+        self._loss_counted_from = self.state.global_step
+        if self._saved_logging_state is not None:
+            self.restore_logging_state(self._saved_logging_state)
+
+    def read_logging_state(self, checkpoint: str | Path) -> dict[str, Any] | None:
+        """This rank's logging state in `checkpoint`; rank 0's without its pending loss for a rank the saved run
+        did not have; None for a checkpoint saved without one (the Trainer then counts the resumed steps only)."""
+        own = Path(checkpoint) / LOGGING_STATE.format(rank=self.args.process_index)
+        if own.is_file():
+            return json.loads(own.read_text())
+        first = Path(checkpoint) / LOGGING_STATE.format(rank=0)
+        return {**json.loads(first.read_text()), "pending_loss": 0.0} if first.is_file() else None
+
+    def run_train_loss(self) -> float:
+        """The mean training loss of the whole run, resumed or not: `loss_sum / (global_step - loss_counted_from)`
+        (transformers divides by the steps of this `train()` call, which after a resume are not the run's)."""
+        return self._total_loss_scalar / max(self.state.global_step - self._loss_counted_from, 0.001)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self.is_in_train:  # the summary at the end of training
+            logs["train_loss"] = self.run_train_loss()
+        super().log(logs, start_time)
+
+    # --- method state, logging state and the manifest ---------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        rank = self.args.process_index
         if self.methods.checkpointed():
-            torch.save(self.methods.state_dict(), checkpoint / METHOD_STATE.format(rank=self.args.process_index))
-        self.accelerator.wait_for_everyone()
+            torch.save(self.methods.state_dict(), checkpoint / METHOD_STATE.format(rank=rank))
+        atomic_write_text(checkpoint / LOGGING_STATE.format(rank=rank), json.dumps(self.logging_state()))
+        sizes = file_sizes_on_rank0(checkpoint, rank)  # a collective: every rank has saved when rank 0 has them
         if self.args.should_save:
-            write_manifest(checkpoint, self.state.global_step)
+            write_manifest(checkpoint, self.state.global_step, sizes)
 
     def load_method_state(self, checkpoint: str | Path) -> None:
         """Restore every method's state from `checkpoint` (this rank's file, else rank 0's)."""
@@ -162,11 +245,15 @@ class WorkbenchMixin:
                 state.update({key: handle.get_tensor(key) for key in added})
         self.model.load_state_dict(state, strict=True)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
+        """`Trainer.train`, with the method and logging state of `resume_from_checkpoint` (a path) restored and
+        the whole run's mean loss as `training_loss` (`run_train_loss`)."""
+        self._saved_logging_state = None
         if isinstance(resume_from_checkpoint, (str, Path)):
             self.load_method_state(resume_from_checkpoint)
+            self._saved_logging_state = self.read_logging_state(resume_from_checkpoint)
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except RuntimeError as err:  # a strict state-dict load (DeepSpeed's engine, torch) that does not fit
             if "state_dict" not in str(err) or resume_from_checkpoint is None:
                 raise
@@ -174,6 +261,8 @@ class WorkbenchMixin:
             detail = next((line.strip() for line in first[1:] if line.strip()), first[0])
             raise CheckpointError(f"checkpoint '{resume_from_checkpoint}' does not fit the model being trained "
                                   f"(a method changed the architecture?): {detail}") from None
+        train_loss = self.run_train_loss()
+        return TrainOutput(output.global_step, train_loss, {**output.metrics, "train_loss": train_loss})
 
 
 class WorkbenchTrainer(WorkbenchMixin, Trainer):
@@ -188,6 +277,18 @@ def sft_trainer_class() -> type:
 
         class WorkbenchSFTTrainer(WorkbenchMixin, SFTTrainer):
             """`SFTTrainer` that composes `methods`: fine-tuning on prompt/completion or conversational data."""
+
+            def logging_state(self) -> dict[str, Any]:
+                """The Trainer's logging state plus TRL's: the tokens trained on so far (`num_tokens`, the same on
+                every rank) and the training metrics collected since the last log (entropy, token accuracy)."""
+                return {**super().logging_state(), "num_tokens": self._total_train_tokens,
+                        "pending_metrics": {key: list(values) for key, values in self._metrics["train"].items()}}
+
+            def restore_logging_state(self, saved: dict[str, Any]) -> None:
+                super().restore_logging_state(saved)
+                self._total_train_tokens = saved["num_tokens"]
+                self._metrics["train"].clear()
+                self._metrics["train"].update(saved["pending_metrics"])
 
         _SFT_TRAINER = WorkbenchSFTTrainer
     return _SFT_TRAINER

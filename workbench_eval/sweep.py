@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm.auto import tqdm
@@ -17,6 +17,9 @@ from workbench.layout import EVAL_DIR, MANIFEST, RESULTS, RUN_CONFIG, TOKENIZER_
 from workbench_eval.config import EvalConfig
 from workbench_eval.data import training_data_options
 from workbench_eval.results import cell_records, done_cells, experts_style, read_results, skip_record
+
+if TYPE_CHECKING:
+    from workbench.study.runner import Slot
 
 
 @dataclass
@@ -153,23 +156,33 @@ def _sweep_checkpoint(target: Target, checkpoint: Path, cells: list[tuple[tuple[
     return len(cells)
 
 
+def evaluation_slots(parallel: int) -> list[Slot]:
+    """The `parallel` slots evaluation sweeps go in: each the machine's cores shared out (`cpu_share`) and one GPU
+    of those this process sees (`visible_gpus`, `device_groups`), no two slots the same one; no GPUs on a CPU
+    machine. A ConfigError naming --parallel where there are fewer GPUs than slots."""
+    from workbench.study.runner import Slot, cpu_share, device_groups, visible_gpus
+
+    return [Slot(cpu_share(parallel), devices) for devices in device_groups(visible_gpus(), parallel, 1)]
+
+
 def sweep_all(jobs: list[tuple[Target, EvalConfig]], limit: int | None = None, parallel: int = 1) -> None:
     """`sweep` each (target, eval config) of `jobs` (cells already in its results are skipped), `parallel` at a time
-    (`workbench.study.runner.in_parallel`, the cores shared out), each in a process forked from the warm server
-    (`workbench.processes`) with its progress in `<results>.log` beside the target's results; raises with the log's tail
-    for a sweep that failed."""
+    (`workbench.study.runner.in_slots`, each sweep in one of the `evaluation_slots`: its share of the cores and its
+    own GPU, as CUDA_VISIBLE_DEVICES), each in a process forked from the warm server (`workbench.processes`) with
+    its progress in `<results>.log` beside the target's results; raises with the log's tail for a sweep that
+    failed."""
     from workbench.processes import preload, warm_process
-    from workbench.study.runner import in_parallel
+    from workbench.study.runner import in_slots
 
     preload(__name__)
 
-    def one(job: tuple[Target, EvalConfig], threads: int) -> None:
+    def one(job: tuple[Target, EvalConfig], slot: Slot) -> None:
         target, cfg = job
         log = target.results.with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        if warm_process(sweep, (target, cfg, limit), log, threads) != 0:
+        if warm_process(sweep, (target, cfg, limit), log, slot.threads, slot.env()) != 0:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             raise RuntimeError(f"evaluating {target.name} failed, see {log}:\n{tail}")
 
-    for _ in in_parallel(one, jobs, parallel):
+    for _ in in_slots(one, jobs, evaluation_slots(parallel)):
         pass

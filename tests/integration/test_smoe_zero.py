@@ -6,11 +6,13 @@ ZeRO-0/1/2 with `pytest -m slow`."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import deepspeed_train, zero_method_config
+from conftest import deepspeed_command, deepspeed_train, run, zero_method_config
 from safetensors.torch import load_file
 
 from workbench.io import read_jsonl
@@ -51,3 +53,16 @@ def test_smoe_on_two_ranks_keeps_the_router_resumes_bit_equal_and_reloads(tmp_pa
             "--set", "model.preset=null", "--set", "training.max_steps=4")
     adopted = load_file(tmp_path / "runs" / "next" / "checkpoint-4" / "model.safetensors")
     assert all(torch.equal(adopted[k], straight[k]) for k in routers)
+
+
+PROBE = Path(__file__).with_name("moe_zero3_probe.py")
+
+
+def test_zero3_conversion_builds_the_experts_partitioned_and_fills_them_one_layer_at_a_time(tmp_path):
+    result = run(deepspeed_command(PROBE, str(tmp_path), ranks=2, port=29990))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["layers"] == [{"built_partitioned": True, "gathered_while_filled": True,
+                                     "others_partitioned": True}] * 3, record
+        assert record["placeholders_after"] and record["split"] == [True] * 3, record

@@ -56,7 +56,7 @@ def test_stage_ranks_train_save_resume_and_every_hook(tmp_path, deepspeed, stage
         cfg["eval"] = {"on_save": True, "on_save_limit": 4, "tasks": [{"task": "factworld_mc", "styles": ["blank_ppl"]}]}
     config = write_config(tmp_path, cfg)
     run_dir = tmp_path / "runs" / "cell"
-    port = 29800 + 10 * stage + ranks + (40 if "offload" in deepspeed else 0)
+    port = 29800 + 10 * stage + ranks + (5 if "offload" in deepspeed else 0)
     _launch(config, ranks, port)
     uninterrupted = load_file(run_dir / "checkpoint-4" / "model.safetensors")
     fresh = _probe(run_dir, "fresh", ranks)

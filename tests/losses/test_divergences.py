@@ -146,3 +146,32 @@ def test_classification_distillation_loss_is_the_paper_recipe():
     torch.testing.assert_close(sample["sinkhorn"], (s - t).abs().sum())
     total, parts = distillation_loss(zs, zt, ce, kd="none", beta=0.0)
     assert total is ce and set(parts) == {"ce"}
+
+
+@pytest.mark.parametrize("kind", ["kl", "rkl", "js", "l1"])
+def test_chunked_rows_equal_one_pass_in_values_and_gradients(kind):
+    """kd_loss turns `chunk_rows` rows into float32 at a time and recomputes them in the backward: the value and
+    the gradient are those of the one-pass float64 computation (the rows are independent)."""
+    zs, zt = logits(3, 7, 13, seed=12), logits(3, 7, 13, seed=13)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) < 0.6
+    expected_input = zs.clone().requires_grad_()
+    expected = divergence(expected_input[mask], zt[mask], kind, 2.0).sum() / 11
+    expected.backward()
+    for chunk_rows in (1, 4, 1000):
+        student = zs.clone().requires_grad_()
+        value = kd_loss(student, zt, kind, 2.0, mask=mask, num_items_in_batch=11, chunk_rows=chunk_rows)
+        value.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(student.grad, expected_input.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_bf16_token_logits_never_become_a_float32_tokens_by_vocabulary_tensor():
+    from allocation_probe import LargestWideOutput
+
+    generator = torch.Generator().manual_seed(3)
+    zs = (torch.randn(2, 16, 300, generator=generator) * 3).bfloat16().requires_grad_()
+    zt = (torch.randn(2, 16, 300, generator=generator) * 3).bfloat16()
+    with LargestWideOutput() as probe:
+        kd_loss(zs, zt, "js", 2.0, mask=torch.ones(2, 16, dtype=torch.bool), chunk_rows=4).backward()
+    assert probe.largest <= 4 * 300  # one chunk of rows in float32, never 32 x 300
+    assert zs.grad.dtype == torch.bfloat16 and zs.grad.abs().sum() > 0

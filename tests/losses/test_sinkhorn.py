@@ -265,6 +265,59 @@ def test_top_k_truncation():
     torch.testing.assert_close(per_sequence, loop / mask.sum())
 
 
+def truncated_by_probabilities(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, top_k: int,
+                               scope: str) -> torch.Tensor:
+    """The top-k Sinkhorn term from full-vocabulary softmaxes cut by `truncate_vocabulary` (the old path)."""
+    problems = [mask] if scope == "batch" else [mask & (torch.arange(3)[:, None] == b) for b in range(3)]
+    total = 0
+    for rows in problems:
+        s, t = (torch.softmax(z[rows] / 2, -1) for z in (student, teacher))
+        total = total + sinkhorn_cost(l1_cdist(*truncate_vocabulary(s, t, top_k)))
+    return total / mask.sum()
+
+
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+def test_top_k_from_logits_equals_truncating_full_softmaxes_in_values_and_gradients(scope):
+    student, teacher, _, mask = lm_batch(seed=9, vocab=40)
+    expected_input = student.clone().requires_grad_()
+    expected = truncated_by_probabilities(expected_input, teacher, mask, 6, scope)
+    expected.backward()
+    for chunk_rows in (2, 1000):
+        direct = student.clone().requires_grad_()
+        value = token_sinkhorn(direct, teacher, mask, scope=scope, top_k=6, chunk_rows=chunk_rows)
+        value.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=0)
+        torch.testing.assert_close(direct.grad, expected_input.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_top_k_auto_keeps_small_vocabularies_whole_and_cuts_large_ones_to_50():
+    from workbench.losses.distill import AUTO_TOP_K, FULL_VOCABULARY_UP_TO, resolve_top_k
+
+    assert resolve_top_k("auto", FULL_VOCABULARY_UP_TO) is None
+    assert resolve_top_k("auto", FULL_VOCABULARY_UP_TO + 1) == AUTO_TOP_K == 50
+    assert resolve_top_k(None, 200_000) is None and resolve_top_k(7, 11) == 7
+    with pytest.raises(ValueError, match="top_k"):
+        resolve_top_k(0, 11)
+    student, teacher, _, mask = lm_batch(seed=4, vocab=40)
+    torch.testing.assert_close(token_sinkhorn(student, teacher, mask), token_sinkhorn(student, teacher, mask,
+                                                                                       top_k=None))
+    assert validate_method_config("sinkd", {"teacher": "t"})["top_k"] == "auto"
+    with pytest.raises(ValueError, match=r"\[sinkd"):
+        validate_method_config("sinkd", {"teacher": "t", "top_k": 0})
+
+
+def test_top_k_on_bf16_logits_never_builds_a_float32_tokens_by_vocabulary_tensor():
+    from allocation_probe import LargestWideOutput
+
+    generator = torch.Generator().manual_seed(5)
+    student = (torch.randn(2, 16, 300, generator=generator) * 3).bfloat16().requires_grad_()
+    teacher = (torch.randn(2, 16, 300, generator=generator) * 3).bfloat16()
+    with LargestWideOutput() as probe:
+        token_sinkhorn(student, teacher, top_k=5, chunk_rows=4).backward()
+    assert probe.largest <= 4 * 300  # chunks of 4 rows, the (2 x 300) teacher mass, (16 x 16) costs: not 32 x 300
+    assert student.grad.dtype == torch.bfloat16 and student.grad.abs().sum() > 0
+
+
 def test_vocabulary_mismatch_names_both_sizes():
     with pytest.raises(ValueError, match="11 entries, the teacher 12"):
         sinkhorn_distance(logits(4, 11), logits(4, 12))
@@ -374,3 +427,35 @@ def test_half_precision_teacher_and_padding_free_sequences(tmp_path):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert student.gpt_neox.embed_in.weight.grad is not None
+
+
+def test_teacher_dtype_and_device_follow_the_run():
+    from types import SimpleNamespace
+
+    import transformers.integrations
+
+    from workbench.methods.sinkd import teacher_device_map, teacher_dtype
+
+    assert teacher_dtype(None, SimpleNamespace(bf16=True, fp16=False)) == torch.bfloat16
+    assert teacher_dtype(None, SimpleNamespace(bf16=False, fp16=True)) == torch.float16
+    assert teacher_dtype(None, SimpleNamespace(bf16=False, fp16=False)) == torch.float32
+    assert teacher_dtype("float16", SimpleNamespace(bf16=True, fp16=False)) == torch.float16  # the config wins
+    assert teacher_dtype("auto", SimpleNamespace(bf16=True, fp16=False)) == "auto"  # as saved
+    args = SimpleNamespace(device=torch.device("cuda", 3))
+    assert teacher_device_map(args) == "cuda:3"  # straight onto this rank's device
+    original = transformers.integrations.is_deepspeed_zero3_enabled
+    try:
+        transformers.integrations.is_deepspeed_zero3_enabled = lambda: True
+        assert teacher_device_map(args) is None  # ZeRO-3: zero.Init partitions it while loading
+    finally:
+        transformers.integrations.is_deepspeed_zero3_enabled = original
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_teacher_loads_in_the_training_dtype_not_the_saved_one(tmp_path, bf16):
+    tiny_neox(1).to(torch.float16).save_pretrained(tmp_path / "teacher")  # saved in neither training dtype
+    [method] = build_methods({"sinkd": {"teacher": str(tmp_path / "teacher")}})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=bf16)
+    method.setup(Trainer(model=tiny_neox(2), args=args))
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert {(p.dtype, p.device) for p in method.teacher.parameters()} == {(expected, args.device)}

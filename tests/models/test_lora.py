@@ -345,7 +345,7 @@ def test_adapter_with_missing_weights_is_an_error(tmp_path, adapter_run):
 def test_lora_delta_norm_is_the_mean_frobenius_norm_of_the_scaled_update(base_dir, tokenizer):
     from peft.tuners.lora import Linear as LoraLinear
 
-    from workbench.models.lora import lora_delta_norm
+    from workbench.models.features import lora_delta_norm
 
     model = lora_model(base_dir, tokenizer, lora={"r": 4, "lora_alpha": 12})
     assert lora_delta_norm(model) == 0.0  # B starts at zero

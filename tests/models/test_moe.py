@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPTNeoXConfig, LlamaConfig
 
 from workbench.models import load_trained_model
-from workbench.models.moe import MoEMLP
+from workbench.models import moe as moe_module
+from workbench.models.moe import MoEMLP, grouped_mm_supported
 from workbench.models.moe_model import (
     ChunkDropout,
     add_chunk_dropout,
@@ -402,3 +406,97 @@ def test_router_load_of_a_collapsed_and_of_a_real_mixtral_router():
     callback.on_log(args, state, control, logs=logs)
     assert logs["router_load_min"] <= 0.25 <= logs["router_load_max"] and logs["router_load_cv"] >= 0
     assert all(c.sum() == 0 for c in callback.counts.values())
+
+
+# --- no waits for the host: grouped matmuls, loads counted on the device --------------------------------------
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_host_reads() -> Iterator[list[str]]:
+    """Every call of a Tensor method that brings a value to Python (a host sync on a GPU), by name."""
+    calls: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name: str, method):
+        return lambda self, *args, **kwargs: (calls.append(name), method(self, *args, **kwargs))[1]
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counted(name, method))
+    try:
+        yield calls
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def gpu_shaped_moe(gated: bool, dtype: torch.dtype, router: str = "random_frozen") -> MoEMLP:
+    """A layer whose rows are 16-byte aligned (d = 16, H = 16), so that grouped_mm can run it."""
+    layer = moe(gated=gated, router=router, k=2, dtype=torch.float32).to(dtype).train()
+    assert grouped_mm_supported(torch.device("cpu"), dtype) and layer._grouped_fits(torch.zeros(1, 16, dtype=dtype))
+    return layer
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_and_looped_expert_paths_agree(monkeypatch, gated, dtype):
+    layers = [gpu_shaped_moe(gated, dtype) for _ in range(2)]
+    x = torch.randn(3, 5, 16, dtype=dtype)
+    x[0, :3] = 0  # tokens with equal logits; with k = 2 of 4 some expert is likely left without tokens
+    inputs = [x.clone().requires_grad_(True) for _ in layers]
+    grouped_calls = []
+    real_grouped_mm = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: (grouped_calls.append(1), real_grouped_mm(*a, **kw))[1])
+    grouped = layers[0](inputs[0])
+    assert len(grouped_calls) == (3 if gated else 2)  # in, (gate,) out: one call each for every expert
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: False)
+    looped = layers[1](inputs[1])
+    assert len(grouped_calls) == (3 if gated else 2)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(grouped, looped, **tolerance)
+    weight = torch.randn_like(grouped)
+    (grouped * weight).sum().backward()
+    (looped * weight).sum().backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, **tolerance)
+    for (name, a), b in zip(layers[0].named_parameters(), layers[1].parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name, **tolerance)
+
+
+def test_grouped_path_equals_the_masked_dense_reference_in_float32():
+    layer = gpu_shaped_moe(True, torch.float32)
+    x = torch.randn(4, 6, 16)
+    torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["random_frozen", "learned"])
+def test_the_sparse_path_never_reads_a_tensor_on_the_host(router):
+    layer = gpu_shaped_moe(True, torch.float32, router)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    with counting_host_reads() as calls:
+        out = layer(x)
+        loss = out.square().sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
+        loss.backward()
+        layer(x.detach())  # the load accumulates on the device too
+    assert calls == []
+    assert layer._load_sum.device == x.device and layer.pop_load().sum() == pytest.approx(1.0)
+
+
+class _OnDeviceRouter(_OneExpertRouter):  # as _OneExpertRouter, its outputs on the input's device
+    def forward(self, x: torch.Tensor):
+        return x @ self.weight.T, torch.ones(len(x), 1, device=x.device), x.new_zeros(len(x), 1, dtype=torch.long)
+
+
+def test_router_load_is_counted_on_the_routers_device():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from workbench.models.moe_model import RouterLoadCallback
+
+    args, state, control = TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl()
+    router = nn.Sequential(_OnDeviceRouter(4)).train()
+    callback = RouterLoadCallback()
+    callback.on_train_begin(args, state, control, model=router)
+    router.to("meta")  # a device whose values Python cannot read: any copy to the host in the hook would raise
+    with counting_host_reads() as calls:
+        for _ in range(3):
+            router(torch.randn(10, 8, device="meta"))
+    assert calls == [] and callback.counts[0].device.type == "meta"

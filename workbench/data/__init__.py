@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from datasets import DatasetDict, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from workbench.data.loading import load_documents
+from workbench.data.loading import load_documents, map_processes
 from workbench.data.noise import NoiseConfig, corrupt_documents
 from workbench.data.packing import split_documents, tokenize_and_pack
 from workbench.io import publish_folder
@@ -82,6 +82,8 @@ def prepare_data(data: DataConfig, model: ModelConfig) -> tuple[PreTrainedTokeni
         return tokenizer, load_from_disk(str(blocks_dir))
     if splits is None:
         splits = documents(data)
-    blocks = tokenize_and_pack(splits, tokenizer, data.block_size, data.num_proc)
+    processes, why = map_processes(data.num_proc, sum(len(split) for split in splits.values()))
+    print(why)
+    blocks = tokenize_and_pack(splits, tokenizer, data.block_size, processes)
     publish_folder(blocks_dir, lambda tmp: blocks.save_to_disk(str(tmp)))
     return tokenizer, load_from_disk(str(blocks_dir))

@@ -23,8 +23,19 @@ def pack_blocks(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase,
 
     The remainder of each `datasets.map` batch that does not fill a block is dropped.
     """
-    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    stream = [tok for doc in ids for tok in (*doc, tokenizer.eos_token_id)]
+    ids = tokenize_documents(batch, tokenizer)["ids"]
+    return pack_token_ids({"ids": ids}, tokenizer.eos_token_id, block_size)
+
+
+def tokenize_documents(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Each document's token ids (no special tokens)."""
+    return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+
+
+def pack_token_ids(batch: dict[str, list[Any]], eos_token_id: int, block_size: int) -> dict:
+    """A batch of documents' token ids joined with EOS after each and cut into `block_size` blocks; the
+    remainder that does not fill a block is dropped."""
+    stream = [tok for doc in batch["ids"] for tok in (*doc, eos_token_id)]
     usable = len(stream) - len(stream) % block_size
     return {"input_ids": [stream[i : i + block_size] for i in range(0, usable, block_size)]}
 
@@ -32,13 +43,10 @@ def pack_blocks(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase,
 def tokenize_and_pack(
     splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, block_size: int, num_proc: int | None = None
 ) -> DatasetDict:
-    """Packed `input_ids` blocks for every split (batched `datasets.map`, 1,000 documents a batch)."""
-    return splits.map(
-        pack_blocks,
-        batched=True,
-        batch_size=1000,
-        remove_columns=splits["train"].column_names,
-        fn_kwargs={"tokenizer": tokenizer, "block_size": block_size},
-        num_proc=num_proc,
-        desc="Tokenising and packing",
-    )
+    """Packed `input_ids` blocks for every split: the documents tokenised by `num_proc` processes, then packed
+    in this process, 1,000 documents a batch (`pack_blocks` of each batch), so the blocks are the same whatever
+    the number of processes (packing in each process would end each process's share with its own remainder)."""
+    ids = splits.map(tokenize_documents, batched=True, batch_size=1000, remove_columns=splits["train"].column_names,
+                     fn_kwargs={"tokenizer": tokenizer}, num_proc=num_proc, desc="Tokenising")
+    return ids.map(pack_token_ids, batched=True, batch_size=1000, remove_columns=["ids"],
+                   fn_kwargs={"eos_token_id": tokenizer.eos_token_id, "block_size": block_size}, desc="Packing")

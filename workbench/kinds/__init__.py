@@ -47,7 +47,9 @@ class DataPieces:
     eval_dataset: Any
     trainer_kwargs: dict[str, Any]
     description: str  # e.g. "110 training blocks of 32 tokens"
-    model_options: dict[str, Any] | None = None  # what the kind's `model` needs from the data (label names)
+    # what the kind's `model` needs from `data`: `weights_options(args)` (the dtype to load pretrained weights in),
+    # and whatever the data decide (label names)
+    model_options: dict[str, Any] | None = None
 
 
 class RunKind:
@@ -82,6 +84,14 @@ class RunKind:
 
     def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
         raise NotImplementedError
+
+
+def weights_options(args: TrainingArguments, **options: Any) -> dict[str, Any]:
+    """`DataPieces.model_options` with `dtype`, the dtype the run's model loads its weights in (the training
+    dtype under DeepSpeed, else fp32: `workbench.models.training_weights_dtype`), beside `options`."""
+    from workbench.models import training_weights_dtype_of
+
+    return {"dtype": training_weights_dtype_of(args), **options}
 
 
 def register_kind(before: str | None = None):

@@ -39,7 +39,7 @@ from transformers import (
 
 from workbench.config import DataConfig, ExperimentConfig
 from workbench.errors import ConfigError
-from workbench.kinds import DataPieces, RunKind, register_kind
+from workbench.kinds import DataPieces, RunKind, register_kind, weights_options
 from workbench.trainer import WorkbenchTrainer
 
 KIND = "classification"
@@ -178,9 +178,11 @@ def classification_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorW
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_classifier(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, names: list[str]) -> PreTrainedModel:
+def build_classifier(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, names: list[str],
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """`AutoModelForSequenceClassification` with len(names) labels: a fresh preset sized to the tokenizer, or the
-    model at `model.name_or_path` (a new head where it has none), with the tokenizer's pad_token_id."""
+    model at `model.name_or_path` in `dtype` (`workbench.models.training_weights_dtype`; a new head where it has
+    none), with the tokenizer's pad_token_id."""
     from workbench.models.presets import preset_config
 
     labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)},
@@ -204,7 +206,7 @@ def build_classifier(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, 
         for key, value in labels.items():
             setattr(config, key, value)
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, config=config, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code)
+            source, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model '{source}' could not be loaded: {str(err).splitlines()[0]}") from None
     rows = model.get_input_embeddings().num_embeddings
@@ -244,7 +246,7 @@ class Classification(RunKind):
             kwargs["compute_metrics"] = classification_metrics
         return DataPieces(tokenizer, WorkbenchTrainer, splits["train"], validation, kwargs,
                           f"{len(splits['train'])} training texts in {len(names)} classes, up to "
-                          f"{cfg.data.block_size} tokens", model_options={"label_names": names})
+                          f"{cfg.data.block_size} tokens", model_options=weights_options(args, label_names=names))
 
     def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
-        return build_classifier(self.cfg, tokenizer, pieces.model_options["label_names"])
+        return build_classifier(self.cfg, tokenizer, pieces.model_options["label_names"], pieces.model_options["dtype"])

@@ -12,6 +12,7 @@ The model is a pretrained one: a hub name, a local folder, or a run of this work
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from datasets import DatasetDict
@@ -26,7 +27,7 @@ from workbench.data.finetune import (
     truncation_report,
 )
 from workbench.errors import ConfigError
-from workbench.kinds import DataPieces, RunKind, register_kind
+from workbench.kinds import DataPieces, RunKind, register_kind, weights_options
 from workbench.models import build_model, load_tokenizer
 from workbench.trainer import sft_trainer_class
 
@@ -54,7 +55,8 @@ def finetuning_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
 PRETRAINING_ONLY = ("noise", "repetition", "span_corruption")
 
 
-def sft_fields(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def sft_fields(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
+               report: Callable[[str], None] = print) -> dict[str, Any]:
     """The `trl.SFTConfig` fields the data section decides; the `training` section may not set them too.
     Data options that only packed-text pretraining reads are a config error here, never silently ignored."""
     for option in PRETRAINING_ONLY:
@@ -64,8 +66,9 @@ def sft_fields(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> dic
     if cfg.data.objective not in ("auto", "causal"):
         raise ConfigError(f"field 'data.objective': fine-tuning trains a causal LM on completions, not "
                           f"'{cfg.data.objective}'")
-    fields = sft_config_fields(cfg.data, tokenizer)
-    fields.pop("dataset_num_proc", None) if cfg.data.num_proc is None else None
+    fields = sft_config_fields(cfg.data, tokenizer, report=report)
+    if "dataset_num_proc" in cfg.training:  # the user's own TRL setting wins over the data section's default
+        fields.pop("dataset_num_proc")
     clash = sorted(set(fields) & set(cfg.training))
     if clash:
         raise ConfigError(f"field 'training.{clash[0]}': set by the data section for fine-tuning "
@@ -99,7 +102,7 @@ class Finetuning(RunKind):
 
     def check(self) -> None:
         self.tokenizer = finetuning_tokenizer(self.cfg)
-        self.sft_fields = sft_fields(self.cfg, self.tokenizer)
+        self.sft_fields = sft_fields(self.cfg, self.tokenizer, self.report)
 
     def arguments_class(self) -> type[TrainingArguments]:
         from trl import SFTConfig
@@ -115,10 +118,11 @@ class Finetuning(RunKind):
             splits = finetuning_splits(cfg, self.tokenizer, self.report)
         validation = splits["validation"] if len(splits["validation"]) else None
         return DataPieces(self.tokenizer, sft_trainer_class(), splits["train"], validation, {},
-                          f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens")
+                          f"{len(splits['train'])} training examples of up to {cfg.data.block_size} tokens",
+                          model_options=weights_options(args))
 
     def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
-        model = build_model(self.cfg.model, tokenizer, added_tokens=added_tokens)
+        model = build_model(self.cfg.model, tokenizer, added_tokens=added_tokens, dtype=pieces.model_options["dtype"])
         if self.cfg.data.packing:
             check_packing(model)
         return model

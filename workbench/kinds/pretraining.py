@@ -29,7 +29,7 @@ from workbench.data.span_corruption import (
     counted_targets,
 )
 from workbench.errors import ConfigError
-from workbench.kinds import DataPieces, RunKind, register_kind
+from workbench.kinds import DataPieces, RunKind, register_kind, weights_options
 from workbench.metrics import token_metrics, token_predictions
 from workbench.models import build_model, is_encoder_decoder
 from workbench.trainer import WorkbenchTrainer
@@ -105,7 +105,8 @@ class Pretraining(RunKind):
             kwargs.update(compute_metrics=metrics,
                           preprocess_logits_for_metrics=token_predictions(self.objective == "causal"))
         return DataPieces(tokenizer, WorkbenchTrainer, train_blocks, validation, kwargs,
-                          f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens")
+                          f"{len(train_blocks)} training blocks of {cfg.data.block_size} tokens",
+                          model_options=weights_options(args))
 
     def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
-        return build_model(self.cfg.model, tokenizer, added_tokens=added_tokens)
+        return build_model(self.cfg.model, tokenizer, added_tokens=added_tokens, dtype=pieces.model_options["dtype"])

@@ -22,7 +22,10 @@ for x in both weight gradients; in (5) the columns of A take the multiplier.
 
 c is computed from the weights the step's gradient is taken at (the pre-step weights) in both variants, every
 optimizer step, in fp32: in the forward pass for `gradient` (the model's copy: bf16 under DeepSpeed bf16), from the
-optimizer's fp32 copy before the step for `update`.
+optimizer's fp32 copy before the step for `update` (under DeepSpeed's ZeRO-0 fp16 optimizer too: the callback
+links its masters, `workbench.distributed.link_master_copies`). The update variant fetches every layer's factors
+with one collective per process group before the step and the stepped factors with one after it (not one per
+layer), and holds them in fp32 meanwhile: about 3 x 4 bytes per LoRA parameter on every rank, briefly.
 
 Under Adam the gradient variant on B is largely undone: row i of B's gradient is c_i times plain LoRA's, and Adam
 divides a slowly varying per-coordinate scale back out; only A's gradient, Bᵀ diag(c) δᵀx, is reweighted. The
@@ -49,7 +52,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from transformers import PreTrainedModel, TrainerCallback
 
-from workbench.distributed import full_parameter, is_partitioned, set_full_parameter
+from workbench.distributed import full_parameters, is_partitioned, link_master_copies, set_full_parameters
 from workbench.errors import ConfigError, did_you_mean
 from workbench.methods import Method, register
 
@@ -271,18 +274,29 @@ class Allora(Method):
                 deepspeed.zero.register_external_parameter(layer.module, param)
 
     def before_step(self) -> None:
-        """`apply: update`: the factors as the optimizer holds them before the step (every rank: collectives)."""
-        self._before_step = [(full_parameter(layer.weight_a), full_parameter(layer.weight_b)) for layer in self.layers]
+        """`apply: update`: every layer's factors as the optimizer holds them before the step (fp32 masters under
+        DeepSpeed), all fetched by one collective per process group whatever the number of layers (every rank)."""
+        values = full_parameters([p for layer in self.layers for p in (layer.weight_a, layer.weight_b)])
+        self._before_step = list(zip(values[0::2], values[1::2], strict=True))
+
+    def stepped_factors(self) -> list[torch.nn.Parameter]:
+        """The factor whose step eq. (5) rescales, per layer: B (output rows) or A (input columns)."""
+        return [layer.weight_b if self.config.row_axis == "output" else layer.weight_a for layer in self.layers]
 
     def rescale_step(self) -> None:
         """Eq. (5): the optimizer's step of each row of B (output rows) or column of A (input columns) times c,
-        with c from the weights before the step; written to the optimizer's master copy and the model's."""
+        with c from the weights before the step; written to the optimizer's master copy and the model's. One
+        collective per process group fetches every stepped factor; the rest is local on every rank, which all
+        compute the same values from the same gathered factors."""
         output_rows = self.config.row_axis == "output"
-        for layer, (weight_a, weight_b) in zip(self.layers, self._before_step, strict=True):
+        factors = self.stepped_factors()
+        rescaled = []
+        for layer, (weight_a, weight_b), after in zip(self.layers, self._before_step, full_parameters(factors),
+                                                      strict=True):
             c = layer.coefficients(weight_a, weight_b, self.config)
-            param, before, scale = (layer.weight_b, weight_b, c[:, None]) if output_rows else (layer.weight_a, weight_a, c)
-            after = full_parameter(param)
-            set_full_parameter(param, before + scale * (after - before))
+            before, scale = (weight_b, c[:, None]) if output_rows else (weight_a, c)
+            rescaled.append(before + scale * (after - before))
+        set_full_parameters(factors, rescaled)
         self._before_step = []
 
     def statistics(self) -> dict[str, float]:
@@ -291,8 +305,9 @@ class Allora(Method):
         stepped = [layer for layer in self.layers if layer.coefficient is not None]
         if not stepped:
             return {}
-        c = torch.cat([layer.coefficient.detach().float().cpu() for layer in stepped])
-        ba_norm = torch.stack([layer.ba_norm.detach().float().cpu() for layer in stepped]).mean()
+        device = stepped[0].coefficient.device  # one transfer to the host for all layers
+        c = torch.cat([layer.coefficient.detach().float().to(device) for layer in stepped]).cpu()
+        ba_norm = torch.stack([layer.ba_norm.detach().float().to(device) for layer in stepped]).mean().cpu()
         return {"allora_c_min": c.min().item(), "allora_c_median": c.quantile(0.5).item(),
                 "allora_c_max": c.max().item(), "allora_ba_norm": ba_norm.item()}
 
@@ -305,6 +320,8 @@ class _AlloraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
         self.method.register_partitioned_factors()
+        if self.method.config.apply == "update":  # DeepSpeed's ZeRO-0 fp16 optimizer: its fp32 masters
+            link_master_copies(kwargs.get("optimizer"))
 
     def on_step_begin(self, args, state, control, **kwargs: Any) -> None:
         if self.method.config.apply == "update":

@@ -57,7 +57,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from workbench.collectives import broadcast_from
-from workbench.distributed import full_parameter, set_full_parameter
+from workbench.distributed import full_parameter, link_master_copies, set_full_parameter
 from workbench.errors import ConfigError
 from workbench.methods import Method, register
 
@@ -413,6 +413,12 @@ class _TrackingCallback(TrainerCallback):
         if not every:
             raise ConfigError("method 'send': set methods.send.track_every, or save by steps (training.save_steps)")
         return int(every)
+
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        """`site: weights` writes the weights' master copies: under fp16 at ZeRO-0 DeepSpeed's optimizer keeps
+        them apart from the model, linked here (`workbench.distributed.link_master_copies`)."""
+        if self.method.config.site == "weights":
+            link_master_copies(kwargs.get("optimizer"))
 
     def on_step_end(self, args, state, control, model=None, **kwargs: Any) -> None:
         if model is None or state.global_step % self.every(state) != 0:

@@ -28,7 +28,9 @@ term is soft cross-entropy without τ² (same gradient as `kl`, which is used he
       sinkd: {teacher: runs/teacher, alpha: 0.9, beta: 8.0e-4, temperature: 2.0}
 
 The teacher is a hub name, a folder, or a workbench run (`runs/<name>`: its newest complete checkpoint; an
-adapter checkpoint is merged into its base). It is loaded in eval mode with requires_grad False and prepared as
+adapter checkpoint is merged into its base). It is loaded in the run's training dtype (bf16/fp16 under mixed
+precision, float32 otherwise; `teacher_dtype` overrides, `auto` keeps the saved one) straight onto the rank's
+device (under ZeRO-3, partitioned while loading), in eval mode with requires_grad False, and prepared as
 TRL prepares reference models (`trl.models.utils.prepare_deepspeed` under DeepSpeed: ZeRO-3 partitions it for
 inference, other stages hold a full copy; `prepare_fsdp` under FSDP; else `accelerator.prepare_model(...,
 evaluation_mode=True)`), never part of the student's optimizer. It must share the student's vocabulary.
@@ -57,7 +59,8 @@ LABEL_KEYS = ("labels", "shift_labels", "num_items_in_batch")  # what the teache
 @dataclass
 class SinkdConfig:
     teacher: str  # hub name, model folder, or workbench run folder (runs/<name>: its newest complete checkpoint)
-    teacher_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None  # None/auto: as saved
+    # None: the run's training dtype (bf16/fp16 under mixed precision, else float32); auto: as saved
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     temperature: float = 2.0  # τ of the KD term (official SST-2: 2)
     kd: Literal["kl", "rkl", "js", "none"] = "kl"  # KL(t‖s), KL(s‖t), Jensen-Shannon, or no KD term (CE + β·Sinkhorn)
     tau_squared: bool = False  # multiply the KD term by τ² (Hinton); the official code does not
@@ -68,7 +71,9 @@ class SinkdConfig:
     iterations: int = 20  # Sinkhorn steps, unrolled and differentiated through
     scaling: Literal["sum", "mean"] = "sum"  # sum: N·⟨P,W⟩ (official doubly stochastic plan); mean: POT's ⟨P,W⟩
     sinkhorn_scope: Literal["sequence", "batch", "sample"] = "sequence"  # causal LMs: the transport problems
-    top_k: int | None = None  # keep the k vocabulary entries of largest teacher mass (+ the rest); None: all
+    # causal LMs: keep the k vocabulary entries of largest teacher mass (+ the rest); None: all; auto: all up to
+    # V = 8192, the authors' top 50 above (memory per setting: docs/methods/sinkd.md)
+    top_k: int | Literal["auto"] | None = "auto"
     log_domain: bool | None = None  # None: log-domain iteration for ε < 0.05 or half-precision logits
 
     def __post_init__(self) -> None:
@@ -90,13 +95,40 @@ class SinkdConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or null, got {self.top_k}")
+        if self.top_k not in (None, "auto") and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, auto or null, got {self.top_k}")
 
 
-def load_teacher(source: str, dtype: str | None = None, like: torch.nn.Module | None = None) -> PreTrainedModel:
+def teacher_dtype(requested: str | None, args: Any) -> torch.dtype | str:
+    """The dtype the teacher loads in: `requested` when set ('auto': as saved), else the run's training dtype:
+    bfloat16 or float16 when `args` (TrainingArguments) train in it, else float32. A frozen teacher only runs
+    forward passes, so it needs no float32 master copy under mixed precision."""
+    if requested == "auto":
+        return "auto"
+    if requested is not None:
+        return getattr(torch, requested)
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(args, "fp16", False) else torch.float32
+
+
+def teacher_device_map(args: Any) -> str | None:
+    """Where the teacher's weights load: straight onto this rank's device (`args.device`), never all onto the
+    host first; None under ZeRO-3, where transformers' `deepspeed.zero.Init` partitions them while loading
+    (transformers refuses a device_map there) and `prepare_teacher` wraps the partitioned model."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return None
+    device = getattr(args, "device", None)
+    return None if device is None else str(device)
+
+
+def load_teacher(source: str, dtype: torch.dtype | str | None = None, like: torch.nn.Module | None = None,
+                 device_map: str | None = None) -> PreTrainedModel:
     """The frozen teacher: `source` as a workbench run (its newest complete checkpoint), a folder or a hub name,
-    through `workbench.models.load_trained_model` (adapters merged), in eval mode with requires_grad False.
+    through `workbench.models.load_trained_model` (adapters merged), in `dtype` ('auto' or None: as saved; a
+    name such as 'bfloat16' is read as torch's dtype) on `device_map`, in eval mode with requires_grad False.
     A sequence-classification student (`like`) gets a sequence-classification teacher."""
     from workbench.base_run import is_run_folder
     from workbench.checkpoints import newest_complete_checkpoint
@@ -115,8 +147,8 @@ def load_teacher(source: str, dtype: str | None = None, like: torch.nn.Module | 
         from transformers import AutoModelForSequenceClassification
 
         auto_class = AutoModelForSequenceClassification
-    torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
-    teacher = load_trained_model(path, dtype=torch_dtype, merge=True, auto_class=auto_class)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    teacher = load_trained_model(path, dtype=torch_dtype, device_map=device_map, merge=True, auto_class=auto_class)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
@@ -177,7 +209,8 @@ class Sinkd(Method):
         self.trainer = trainer
         student = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
         self.check_tokenizer(getattr(trainer, "processing_class", None))
-        teacher = load_teacher(self.config.teacher, self.config.teacher_dtype, like=student)
+        teacher = load_teacher(self.config.teacher, teacher_dtype(self.config.teacher_dtype, trainer.args),
+                               like=student, device_map=teacher_device_map(trainer.args))
         self.check_vocabulary(student, teacher)
         self.teacher = prepare_teacher(teacher, trainer)
 
@@ -225,7 +258,7 @@ class Sinkd(Method):
     def loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any, loss: torch.Tensor,
              num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         student_logits = outputs["logits"]
-        teacher_logits = self.teacher_logits(inputs)
+        teacher_logits = self.teacher_logits(inputs)  # ours alone: the loss may overwrite it (overwrite_teacher)
         cfg = self.config
         mask, items = None, None
         if student_logits.dim() == 3:
@@ -238,7 +271,7 @@ class Sinkd(Method):
             tau_squared=cfg.tau_squared, alpha=cfg.alpha, beta=cfg.beta, sinkhorn_temperature=cfg.sinkhorn_temperature,
             epsilon=cfg.epsilon, iterations=cfg.iterations, scaling=cfg.scaling, scope=cfg.sinkhorn_scope,
             top_k=cfg.top_k, log_domain=cfg.log_domain, num_items_in_batch=items,
-            sequences=None if mask is None else sequence_ids(mask, inputs))
+            sequences=None if mask is None else sequence_ids(mask, inputs), overwrite_teacher=True)
         if model.training:
             self.record(parts, scaled_for_accumulation=items is not None)
         return total

@@ -9,6 +9,10 @@ of the label (so the full logits never pile up in memory); `compute_metrics` the
 
 Causal LMs (`shift=True`) predict token t+1 at position t; encoder-decoders (`shift=False`) predict label
 t at decoder position t. Positions whose label is -100 never count; `counted` narrows them further.
+
+Memory: the label NLL is logsumexp(z) − z_label in float32, computed `chunk_rows` positions at a time, so the
+evaluation never holds a float32 (B, L, V) log-softmax (33 GB for 64 sequences of 1k tokens at V = 128k); beyond
+the logits it holds one chunk of float32 logits (`chunk_rows`, by default 32 MiB's worth).
 """
 
 from __future__ import annotations
@@ -18,20 +22,41 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from workbench.losses.divergences import chunk_rows_for
 
-def token_predictions(shift: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`preprocess_logits_for_metrics`: (..., 2) float tensor of [argmax token, label NLL] per position."""
+
+def token_predictions(shift: bool, chunk_rows: int | None = None
+                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`preprocess_logits_for_metrics`: (..., 2) float tensor of [argmax token, label NLL] per position
+    (`label_predictions`, `chunk_rows` positions at a time)."""
 
     def preprocess(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if isinstance(logits, tuple):  # the model's other outputs too; an MoE's aux_loss (a scalar) may come first
             logits = next(t for t in logits if isinstance(t, torch.Tensor) and t.dim() == labels.dim() + 1)
-        if shift:  # position t is scored against label t+1; the last position has no label
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return torch.stack([logits.argmax(dim=-1).float(), nll], dim=-1)
+        if not shift:
+            return label_predictions(logits, labels, chunk_rows)
+        # position t is scored against label t+1; the last position has no label (scored against -100, dropped)
+        targets = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+        return label_predictions(logits, targets, chunk_rows)[..., :-1, :]
 
     return preprocess
+
+
+def label_predictions(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
+                      ) -> torch.Tensor:
+    """[argmax token, −log softmax(z)_label] per position of logits (..., V) and labels (...), as float32
+    (..., 2); NLL = logsumexp(z) − z_label in float32, `chunk_rows` positions at a time. Labels of -100 get the
+    NLL of token 0 (they never count). `chunk_rows` None: `chunk_rows_for(V)` (32 MiB of float32 logits)."""
+    vocab = logits.shape[-1]
+    chunk_rows = chunk_rows_for(vocab, chunk_rows)
+    rows, targets = logits.reshape(-1, vocab), labels.reshape(-1, 1).clamp(min=0)
+    out = torch.empty(rows.shape[0], 2, dtype=torch.float32, device=logits.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        part = rows[start:start + chunk_rows]
+        out[start:start + chunk_rows, 0] = part.argmax(dim=-1).float()
+        label_logit = part.gather(-1, targets[start:start + chunk_rows]).squeeze(-1).float()
+        out[start:start + chunk_rows, 1] = torch.logsumexp(part.float(), dim=-1) - label_logit
+    return out.view(*logits.shape[:-1], 2)
 
 
 def token_metrics(shift: bool, counted: Callable[[np.ndarray], np.ndarray] | None = None):

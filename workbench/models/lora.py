@@ -9,10 +9,12 @@ adapter parameters such as DoRA magnitudes) at that multiple of the learning rat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 
 from workbench.deepspeed_json import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
@@ -271,41 +273,37 @@ def attach_adapter(base: PreTrainedModel, checkpoint: str | Path) -> PeftModel:
     return model
 
 
-class LoraDeltaNormCallback(TrainerCallback):
-    """Logs `lora_delta_norm`, the mean over LoRA layers of ||scaling * B A||_F (the adapters' change to each
-    weight), at every logging step, so adapter variants (LoRA, rsLoRA, LoRA+, ALLoRA) can be compared on how
-    fast their update grows. Every rank computes it (ZeRO-3 gathers the factors: a collective)."""
+def merge_adapter(model: PeftModel) -> PreTrainedModel:
+    """The base model of `model` with its active adapters merged in, one adapted layer at a time:
+    W' = W + scaling * B A (or the variant's merge, e.g. DoRA's), computed in fp32 and rounded once to W's dtype.
 
-    adds_metrics = True
-
-    def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
-        self.model = model
-
-    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if logs is None or self.model is None or "loss" not in logs:  # training-step logs only
-            return
-        norm = lora_delta_norm(self.model)
-        if norm is not None:
-            logs["lora_delta_norm"] = norm
-
-
-def lora_delta_norm(model: torch.nn.Module) -> float | None:
-    """Mean over the model's LoRA layers (active adapter) of ||scaling * B A||_F; None without LoRA layers."""
-    from peft.tuners.lora import Linear as LoraLinear
+    Correct under ZeRO-3, where it is a collective (every rank calls it): each layer's base weights are gathered
+    whole only while that layer merges, rank 0's result is partitioned again on exit, so beyond its shards no
+    process holds more than one full layer (PEFT's `merge_and_unload` on a partitioned model would add the full
+    delta to an empty shard). Without ZeRO-3 the gather does nothing. The parameters keep PEFT's frozen flags."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from workbench.distributed import gathered_parameters
 
-    norms = []
+    model.base_model._check_merge_allowed()  # e.g. GPTQ-quantised or replicated layers cannot merge
     for module in model.modules():
-        if not isinstance(module, LoraLinear):
-            continue
-        for name in module.active_adapters:
-            if name not in module.lora_A:
-                continue
-            a, b = module.lora_A[name].weight, module.lora_B[name].weight
-            with gathered_parameters([a, b]), torch.no_grad():
-                norms.append(float(module.scaling[name]) * torch.linalg.matrix_norm(b.float() @ a.float()).item())
-    return sum(norms) / len(norms) if norms else None
+        if isinstance(module, BaseTunerLayer):
+            weights = list(module.get_base_layer().parameters())
+            with torch.no_grad(), gathered_parameters(weights, modify=True), _computed_in_fp32(weights):
+                module.merge()
+    return model.unload()  # the merged layers replaced by their base layers
+
+
+@contextlib.contextmanager
+def _computed_in_fp32(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block each parameter's `data` is an fp32 copy; on exit its value is rounded once into the
+    original tensor, which the parameter holds again (so a ZeRO-3 gather partitions the tensor it made)."""
+    originals = [param.data for param in params]
+    for param in params:
+        param.data = param.data.float()
+    try:
+        yield
+    finally:
+        for param, original in zip(params, originals, strict=True):
+            original.copy_(param.data)
+            param.data = original

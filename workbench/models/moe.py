@@ -25,15 +25,20 @@ project's SMoE-Dropout spec (`docs/specs/smoe_dropout.md`, its Corrections win) 
 The experts are stored stacked: `weight_in`/`weight_gate`/`weight_out` of shape (E, H, d) and `bias_*` of shape (E, H)
 or (E, d), so that the concatenated experts are the dense weights (`weight_in.reshape(E·H, d)` is W1,
 `weight_out.reshape(E·H, d)` is W2ᵀ). The sparse forward pass runs only the selected experts: assignments sorted by
-expert, one matmul per expert on its own tokens, weighted and scattered back with `index_add_` (LLaMA-MoE's
+expert, the experts' matmuls on their own tokens, weighted and scattered back with one `index_add_` (LLaMA-MoE's
 `UniversalCalculator`); at k = E every expert sees every token and one dense matmul computes (4) exactly.
-`forward_reference` is the masked dense computation (every expert on every token, weights zero off I), for tests.
+The experts' matmuls are one `torch.nn.functional.grouped_mm` per weight where PyTorch runs it (bf16 on CUDA;
+bf16, fp16, fp32 on CPU; 16-byte aligned rows): the expert sizes stay on the device, so the layer never waits
+for the host. Elsewhere (fp16/fp32 on CUDA, float64, odd widths) a loop over the experts reads their token
+counts on the host once per layer. `forward_reference` is the masked dense computation (every expert on every
+token, weights zero off I), for tests.
 
 Putting these layers into a whole model (conversion, checkpoints, k, load): `workbench/models/moe_model.py`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +49,8 @@ from torch import nn
 
 from workbench.distributed import gathered_parameters
 
-__all__ = ["COMBINES", "INITS", "ROUTERS", "ROUTER_INITS", "WEIGHTS", "MoEMLP"]
+__all__ = ["COMBINES", "INITS", "ROUTERS", "ROUTER_INITS", "WEIGHTS", "MoEMLP", "expert_counts",
+           "grouped_mm_supported"]
 
 COMBINES = ("softmax_topk", "scaled")
 WEIGHTS = ("softmax", "uniform")
@@ -61,6 +67,35 @@ def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> None:
 def _gate_dtype(logits: torch.Tensor) -> torch.dtype:
     """Router softmax precision: float32 at least (bf16/fp16 logits), float64 for float64 models."""
     return torch.promote_types(logits.dtype, torch.float32)
+
+
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many assignments each expert got, (E,) int64 on the assignments' device. Unlike `torch.bincount`,
+    whose CUDA kernel reads the largest index on the host first, this never waits for the device."""
+    ones = torch.ones_like(experts)
+    return torch.zeros(num_experts, dtype=experts.dtype, device=experts.device).index_add_(0, experts, ones)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.nn.functional.grouped_mm` runs on `device` in `dtype`: bf16 on CUDA GPUs of compute
+    capability 8.0 or newer (PyTorch's CUDA kernel takes bf16 only), bf16, fp16 and fp32 on CPU."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return dtype == torch.bfloat16 and _cuda_capability(index) >= (8, 0)
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _aligned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` starts on a 16-byte boundary and every stride but the unit one spans whole 16 bytes."""
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all(stride == 1 or stride * size % 16 == 0 for stride in tensor.stride())
 
 
 class MoEMLP(nn.Module):
@@ -284,21 +319,66 @@ class MoEMLP(nn.Module):
         return out
 
     def _sparse(self, x: torch.Tensor, logits: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Only the selected experts run: the (token, expert) assignments sorted by expert, then per expert one
-        gather of its tokens, its matmuls, the gate weight on its hidden units and one `index_add_` into the output.
-        b2 enters once per token as (scattered gates) @ b2, so no per-expert (n x d) rescale is needed."""
+        """Only the selected experts run: the (token, expert) assignments sorted by expert, each expert's matmuls on
+        its own tokens with the gate weight on its hidden units, one `index_add_` into the output. b2 enters once
+        per token as (scattered gates) @ b2, so no per-expert (n x d) rescale is needed."""
         tokens, k = index.shape
         if tokens == 0:
             return x.new_zeros(0, self.d_model)
         experts = index.reshape(-1)
-        counts = torch.bincount(experts, minlength=self.num_experts)
+        counts = expert_counts(experts, self.num_experts)
         self._record(logits, counts, k)
         order = experts.argsort(stable=True)
+        token_of = torch.div(order, k, rounding_mode="floor")
+        gate_sorted = gate.reshape(-1).index_select(0, order)
+        if self._grouped_fits(x):
+            rows = self._grouped_experts(x.index_select(0, token_of), experts.index_select(0, order), gate_sorted,
+                                         counts)
+            out = rows.new_zeros(tokens, self.d_model).index_add_(0, token_of, rows)
+        else:
+            out = self._looped_experts(x, token_of, gate_sorted, counts)
+        if self.bias_out is not None:
+            scattered = torch.zeros(tokens, self.num_experts, dtype=out.dtype, device=out.device)
+            out = out + scattered.scatter_(1, index, gate.to(out.dtype)) @ self.bias_out.to(out.dtype)
+        return out
+
+    def _expert_weights(self) -> list[torch.Tensor]:
+        """The stacked expert tensors the sparse path multiplies by (those the layer has)."""
+        return [w for w in (self.weight_in, self.weight_gate, self.weight_out) if w is not None]
+
+    def _grouped_fits(self, x: torch.Tensor) -> bool:
+        """Whether `grouped_mm` runs the experts on tokens `x` here: a device and dtype it supports, and operands
+        whose rows start on 16-byte boundaries (its kernels' layout rule; the gathered tokens and hidden units
+        are new tensors, aligned by the allocator, with rows of d and H elements)."""
+        if not grouped_mm_supported(x.device, x.dtype):
+            return False
+        size = x.element_size()
+        rows_fit = self.d_model * size % 16 == 0 and self.expert_width * size % 16 == 0
+        return rows_fit and all(w.dtype == x.dtype and _aligned(w) for w in self._expert_weights())
+
+    def _grouped_experts(self, rows: torch.Tensor, expert_of_row: torch.Tensor, gate_sorted: torch.Tensor,
+                         counts: torch.Tensor) -> torch.Tensor:
+        """Each expert on its own rows (sorted by expert) as one grouped matmul per weight, the group ends the
+        running sum of `counts` (kept on the device): the output rows, gate-weighted, in the order of `rows`."""
+        offsets = counts.cumsum(0).to(torch.int32)
+
+        def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            out = F.grouped_mm(a, weight.transpose(1, 2), offs=offsets)  # a_i @ W_e(i)ᵀ
+            return out if bias is None else out + bias.index_select(0, expert_of_row)
+
+        up = linear(rows, self.weight_in, self.bias_in)
+        hidden = self.act(linear(rows, self.weight_gate, self.bias_gate)) * up if self.gated else self.act(up)
+        hidden = hidden * gate_sorted.to(hidden.dtype).unsqueeze(-1)
+        return F.grouped_mm(hidden, self.weight_out, offs=offsets)  # h_i @ W2_e(i)ᵀ
+
+    def _looped_experts(self, x: torch.Tensor, token_of: torch.Tensor, gate_sorted: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+        """As the grouped path, one expert at a time: per expert one gather of its tokens, its matmuls, its gate
+        weights and one `index_add_` into the output (the sizes read on the host: one sync per layer)."""
         sizes = counts.tolist()
-        token_of = torch.div(order, k, rounding_mode="floor").split(sizes)
-        gate_of = gate.reshape(-1).index_select(0, order).split(sizes)
-        w_in, w_out = self.weight_in.unbind(0), self.weight_out.unbind(0)
+        token_of_expert, gate_of_expert = token_of.split(sizes), gate_sorted.split(sizes)
         none = [None] * self.num_experts
+        w_in, w_out = self.weight_in.unbind(0), self.weight_out.unbind(0)
         b_in = none if self.bias_in is None else self.bias_in.unbind(0)
         w_gate = none if self.weight_gate is None else self.weight_gate.unbind(0)
         b_gate = none if self.bias_gate is None else self.bias_gate.unbind(0)
@@ -306,15 +386,12 @@ class MoEMLP(nn.Module):
         for e, size in enumerate(sizes):
             if size == 0:
                 continue
-            hidden = self._hidden(x.index_select(0, token_of[e]), w_in[e], b_in[e], w_gate[e], b_gate[e])
-            hidden = hidden * gate_of[e].to(hidden.dtype).unsqueeze(-1)
+            hidden = self._hidden(x.index_select(0, token_of_expert[e]), w_in[e], b_in[e], w_gate[e], b_gate[e])
+            hidden = hidden * gate_of_expert[e].to(hidden.dtype).unsqueeze(-1)
             part = hidden @ w_out[e].to(hidden.dtype)
             if out is None:
-                out = part.new_zeros(tokens, self.d_model)
-            out = out.index_add_(0, token_of[e], part)
-        if self.bias_out is not None:
-            scattered = torch.zeros(tokens, self.num_experts, dtype=out.dtype, device=out.device)
-            out = out + scattered.scatter_(1, index, gate.to(out.dtype)) @ self.bias_out.to(out.dtype)
+                out = part.new_zeros(x.shape[0], self.d_model)
+            out = out.index_add_(0, token_of_expert[e], part)
         return out
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ weights are read; every weight then comes from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,12 +26,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from workbench.collectives import broadcast_from
 from workbench.distributed import gathered_parameters
-from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice
+from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice, expert_counts
 
 __all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "load_summary", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
            "expert_levels", "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config",
-           "moe_layers", "moe_model_class", "restore_moe_layers", "runnable_expert_counts", "set_active_experts"]
+           "moe_layers", "moe_model_class", "restore_moe_layers", "runnable_expert_counts", "set_active_experts",
+           "zero3_init"]
 
 
 # --- finding and replacing dense MLPs ---------------------------------------------------------------------
@@ -100,8 +103,10 @@ def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | No
     """Replace the dense MLPs of `layers` (indices into `find_mlp_blocks`, None: all) by `MoEMLP`s of `num_experts`
     experts; record the conversion in `model.config.smoe` and give the model its `SMoE<Class>` class so that
     checkpoints reload converted. `init`: `scratch` (independent N(0, init_std) experts, zero biases; init_std
-    defaults to the config's initializer_range, else 0.02) or `split` (eq. 5; under ZeRO-3 the dense weights are
-    gathered first). Raises ValueError naming the argument at fault."""
+    defaults to the config's initializer_range, else 0.02) or `split` (eq. 5). Under ZeRO-3 each new layer is
+    built partitioned (`zero3_init`) and filled while gathered, layer by layer, so no rank ever holds more than
+    one layer's full experts (and, for `split`, its dense MLP); every rank calls it. Raises ValueError naming the
+    argument at fault."""
     _check_choice("init", init, INITS)
     _check_choice("router_init", router_init, ROUTER_INITS)
     blocks = find_mlp_blocks(model)
@@ -120,17 +125,12 @@ def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | No
         if d_ff % num_experts or num_experts < 1:
             raise ValueError(f"num_experts ({num_experts}) must divide the MLP width d_ff ({d_ff}) of block "
                              f"{block.index} ('{block.name}')")
-        moe = MoEMLP(d_model, d_ff, num_experts, parts["act"], gated=gate is not None, bias_in=up.bias is not None,
-                     bias_out=down.bias is not None, combine=combine, weights=weights, router=router, k=k,
-                     eval_k=eval_k, device=up.weight.device, dtype=up.weight.dtype).train(block.module.training)
-        if init == "split":
-            dense = [p for lin in (up, gate, down) if lin is not None for p in lin.parameters()]
-            with gathered_parameters(dense):
-                moe.load_dense(up.weight, up.bias, down.weight, down.bias,
-                               None if gate is None else gate.weight, None if gate is None else gate.bias)
-        else:
-            moe.init_scratch(std)
-        moe.init_router(router_init, router_std)
+        with zero3_init():
+            moe = MoEMLP(d_model, d_ff, num_experts, parts["act"], gated=gate is not None,
+                         bias_in=up.bias is not None, bias_out=down.bias is not None, combine=combine,
+                         weights=weights, router=router, k=k, eval_k=eval_k, device=up.weight.device,
+                         dtype=up.weight.dtype).train(block.module.training)
+        _fill_experts(moe, parts, init, std, router_init, router_std)
         _replace(model, block, moe)
         converted.append(moe)
     if config is not None:
@@ -139,6 +139,38 @@ def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | No
     if hasattr(type(model), "from_pretrained") and config is not None:  # a transformers model: reloads converted
         model.__class__ = moe_model_class(type(model))
     return converted
+
+
+def zero3_init() -> contextlib.AbstractContextManager[Any]:
+    """Under ZeRO-3 (a DeepSpeed config that transformers knows of, `is_deepspeed_zero3_enabled`), the context in
+    which new modules' parameters are partitioned across the ranks as each module is built
+    (`deepspeed.zero.Init`), so no rank holds more than one new module's full parameters; otherwise, or inside
+    such a context already (`from_pretrained` builds the model in one), nothing."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero import partition_parameters
+
+    nested = partition_parameters.zero_init_context > 0  # the enclosing Init partitions them (no nested pinning)
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), enabled=not nested)
+
+
+def _fill_experts(moe: MoEMLP, parts: dict[str, Any], init: str, std: float, router_init: str,
+                  router_std: float) -> None:
+    """The new layer's values: eq. (5) from the dense block (`split`) or N(0, std) experts (`scratch`), and the
+    router. Under ZeRO-3 the layer's parameters (and, for `split`, the dense block's) are gathered whole while
+    rank 0's values are written, then partitioned again: one layer's full weights at a time (a collective)."""
+    with gathered_parameters(list(moe.parameters()), modify=True):
+        if init == "split":
+            up, gate, down = parts["up"], parts["gate"], parts["down"]
+            with gathered_parameters([p for lin in (up, gate, down) if lin is not None for p in lin.parameters()]):
+                moe.load_dense(up.weight, up.bias, down.weight, down.bias,
+                               None if gate is None else gate.weight, None if gate is None else gate.bias)
+        else:
+            moe.init_scratch(std)
+        moe.init_router(router_init, router_std)
 
 
 def _replace(model: nn.Module, block: MLPBlock, moe: MoEMLP) -> None:
@@ -246,13 +278,9 @@ def broadcast_frozen_routers(model: nn.Module) -> int:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return 0
     layers = [layer for layer in moe_layers(model) if layer.router_mode == "random_frozen"]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     for layer in layers:
         for buffer in (layer.router_weight, layer.router_bias):
-            value = buffer if device is None else buffer.to(device)
-            dist.broadcast(value, src=0)
-            if value is not buffer:
-                buffer.copy_(value)
+            buffer.copy_(broadcast_from(buffer, source=0))  # on the backend's device (the rank's GPU under NCCL)
     return len(layers)
 
 
@@ -301,8 +329,15 @@ def expert_load(model: nn.Module, reset: bool = True) -> torch.Tensor | None:
             load = None if layer._load_sum is None else layer._load_sum / layer._load_passes
         if load is None:
             return None
-        loads.append(load.float().cpu())
-    return torch.stack(loads) if loads else None
+        loads.append(load)
+    return _to_host(loads) if loads else None
+
+
+def _to_host(rows: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Equal-length device tensors as one (len, n) CPU tensor of `dtype`, in one transfer (one wait for the
+    device)."""
+    device = rows[0].device
+    return torch.stack([row.to(device, dtype) for row in rows]).cpu()
 
 
 # --- the structured dense-dropout baseline --------------------------------------------------------------
@@ -371,7 +406,7 @@ class RouterLoadCallback(TrainerCallback):
     1/E, 1/E, 0; collapsed onto one expert: 0, 1, √(E−1)). Does nothing for a model without such routers."""
 
     def __init__(self) -> None:
-        self.counts: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}  # per router: assignments per expert, on the router's device
 
     def on_train_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
         if model is None or self.counts:
@@ -380,21 +415,25 @@ class RouterLoadCallback(TrainerCallback):
             experts = int(getattr(module, "num_experts", None) or module.weight.shape[0])
             if experts < 2:  # a dense twin's one-expert router: nothing to balance
                 continue
-            self.counts[index] = torch.zeros(experts, dtype=torch.float64)
+            self.counts[index] = torch.zeros(experts, dtype=torch.long)
             module.register_forward_hook(self._counter(index))
 
     def _counter(self, index: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if module.training and isinstance(output, tuple) and len(output) >= 3:
-                chosen = output[2].detach().reshape(-1).to("cpu", torch.long)
-                self.counts[index] += torch.bincount(chosen, minlength=self.counts[index].numel()).double()
+                chosen = output[2].detach().reshape(-1).long()
+                counts = self.counts[index]
+                if counts.device != chosen.device:  # first call: the counts move to the router's device
+                    counts = self.counts[index] = counts.to(chosen.device)
+                counts += expert_counts(chosen, counts.numel())  # on the device: no wait for the host
         return hook
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None or "loss" not in logs or not self.counts:
             return
-        loads = [c / c.sum() for c in self.counts.values() if c.sum() > 0]
-        if loads:
-            logs.update(load_summary(torch.stack(loads), "router_load"))
-        for counts in self.counts.values():
-            counts.zero_()
+        counts = _to_host(list(self.counts.values()), torch.float64)
+        for device_counts in self.counts.values():
+            device_counts.zero_()
+        counts = counts[counts.sum(1) > 0]
+        if len(counts):
+            logs.update(load_summary(counts / counts.sum(1, keepdim=True), "router_load"))

@@ -1,7 +1,8 @@
 """Tiny model presets, built from transformers configs: Pythia-shaped (GPT-NeoX), Llama-shaped, Mixtral-shaped
 (dense and MoE) and T5-shaped (encoder-decoder, for the span-corruption objective).
 
-Sizes are given for a 2,048-token vocabulary; `vocab_size` is always set from the tokenizer.
+Sizes are given for a 2,048-token vocabulary; `vocab_size` is set from the tokenizer, or padded beyond it by
+`model.overrides.vocab_size`.
 """
 
 from __future__ import annotations
@@ -78,11 +79,31 @@ def check_overrides(name: str, overrides: dict[str, Any]) -> None:
             )
 
 
-def preset_config(name: str, vocab_size: int, special_ids: dict[str, int], **overrides: Any) -> PretrainedConfig:
-    """The transformers config of preset `name`, sized to the tokenizer, with `overrides` applied."""
+def preset_config(name: str, tokenizer_size: int, special_ids: dict[str, int], /,
+                  **overrides: Any) -> PretrainedConfig:
+    """The transformers config of preset `name`, its vocabulary the tokenizer's `tokenizer_size` tokens, with
+    `overrides` applied; `overrides["vocab_size"]` (`model.overrides.vocab_size`) may pad the embeddings beyond the
+    tokenizer (e.g. to a multiple of 64, for faster matrix products) but not cut them below it (`vocabulary_size`)."""
     check_overrides(name, overrides)
     config_class, fields = PRESETS[name]
     if config_class is T5Config:  # T5 starts decoding from the pad token and has no BOS
         special_ids = {"pad_token_id": special_ids.get("pad_token_id"), "eos_token_id": special_ids.get("eos_token_id"),
                        "decoder_start_token_id": special_ids.get("pad_token_id")}
-    return config_class(**{**_SHARED[config_class], **fields, **special_ids, "vocab_size": vocab_size, **overrides})
+    vocab_size = vocabulary_size(tokenizer_size, overrides.get("vocab_size"))
+    return config_class(**{**_SHARED[config_class], **fields, **special_ids, **overrides, "vocab_size": vocab_size})
+
+
+def vocabulary_size(tokenizer_size: int, override: int | None) -> int:
+    """The embedding rows of a preset: the tokenizer's size, or `model.overrides.vocab_size` when given, which must
+    be at least the tokenizer's size (a token id at or past it would have no embedding); ConfigError otherwise."""
+    from workbench.errors import ConfigError
+
+    if override is None:
+        return tokenizer_size
+    if not isinstance(override, int) or isinstance(override, bool):
+        raise ConfigError(f"field 'model.overrides.vocab_size': {override!r} is not a whole number of tokens")
+    if override < tokenizer_size:
+        raise ConfigError(f"field 'model.overrides.vocab_size': {override!r} is smaller than the tokenizer's "
+                          f"{tokenizer_size} tokens; give at least {tokenizer_size} (more pads the embeddings) "
+                          "or leave it out")
+    return override

@@ -5,8 +5,8 @@ A finished run is skipped, a killed one resumes from its checkpoint, a failed on
 line and the others go on. In a two-stage study the pretrain run (or with `pretrain.per`, the pretrain runs,
 one per value of that axis) trains first; if one fails, no arm is started. `in_slots` is how runs go several at a
 time (`--parallel`), each slot with its share of the cores and its own GPUs (CUDA_VISIBLE_DEVICES, from those
-this process sees); `in_parallel` shares out the cores alone (the reproductions' evaluation sweeps,
-`workbench_eval.sweep.sweep_all`).
+this process sees, `local_slots`); `in_parallel` shares out the cores alone, for a script's own jobs (the
+evaluator's `sweep_all` runs its sweeps in slots of one GPU each: `workbench_eval.sweep.evaluation_slots`).
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def main() -> None:
                         help="the study's folder goes here: bose-consistency/ (--quick: bose-consistency-quick/)")
     parser.add_argument("--out", type=Path, default=Path("docs") / "img", help="default docs/img (from the checkout)")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores shared out")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores (and GPUs) shared out")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the runs and sweeps need nothing from the hub

@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
                         help="the study's folder goes here: bose-stability/ (--quick: bose-stability-quick/)")
     parser.add_argument("--out", type=Path, default=Path("docs") / "img", help="default docs/img (from the checkout)")
-    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores shared out")
+    parser.add_argument("--parallel", type=int, default=2, help="runs trained or evaluated at a time, the cores (and GPUs) shared out")
     parser.add_argument("--quick", action="store_true", help="1 seed, 6 checkpoints, 40 items, 40 steps")
     args = parser.parse_args()
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the runs and sweeps need nothing from the hub
