@@ -55,26 +55,29 @@ class Smoke:
         """Run `command` in the work folder with its output in `log`; the output, or RuntimeError with its
         last error line."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        start = log.stat().st_size if log.exists() else 0
         with log.open("a") as out:
             out.write(f"$ {' '.join(command)}\n")
             out.flush()
             result = subprocess.run(command, cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     timeout=STEP_LIMIT)
-        text = log.read_text()
+        with log.open() as written:
+            written.seek(start)
+            text = written.read()
         if result.returncode != 0:
             raise RuntimeError(f"exit {result.returncode}: {last_error(text)}")
         return text
 
-    def train(self, log: Path, config: str, *settings: str, ranks: int | None = None) -> str:
-        """`deepspeed --num_gpus R --module workbench_cli.train config --set ...` (runs go to WORKDIR/runs)."""
+    def train(self, log: Path, config: str, *settings: str, resume: bool = False) -> str:
+        """`deepspeed --num_gpus R --module workbench_cli.train config --set ...` (runs go to WORKDIR/runs, a log
+        line every step); its output."""
         self.port += 1
-        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks or self.ranks),
-                   "--master_port", str(self.port), "--module", "workbench_cli.train", config,
-                   "--set", f"runs_dir={self.runs}", "--set", "training.report_to=[]",
-                   "--set", "training.disable_tqdm=true"]
-        for setting in settings:
+        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(self.ranks),
+                   "--master_port", str(self.port), "--module", "workbench_cli.train", config]
+        for setting in (f"runs_dir={self.runs}", "training.report_to=[]", "training.disable_tqdm=true",
+                        "training.logging_steps=1", *settings):
             command += ["--set", setting]
-        return self.launch(log, command)
+        return self.launch(log, command + (["--resume"] if resume else []))
 
     def python(self, log: Path, *args: str) -> str:
         return self.launch(log, [sys.executable, *args])
@@ -112,7 +115,7 @@ def quickstart_resume(smoke: Smoke, log: Path) -> str:
     run = smoke.runs / "quickstart"
     uninterrupted = load_weights(run / "checkpoint-40")
     shutil.rmtree(run / "checkpoint-40")
-    smoke.train(log, "configs/quickstart.yaml", *settings, "--resume")
+    smoke.train(log, "configs/quickstart.yaml", *settings, resume=True)
     resumed = load_weights(run / "checkpoint-40")
     largest = max(float((uninterrupted[k].double() - resumed[k].double()).abs().max()) for k in uninterrupted)
     verdict = "bit-equal" if largest == 0 else f"max |diff| {largest:.2e}"
@@ -132,8 +135,10 @@ def lora_base_zero3(smoke: Smoke, log: Path) -> str:
     out = smoke.train(log, FINETUNE, f"model.name_or_path={smoke.runs / 'lora'}", "model.lora=null", ZERO3, *SHORT,
                       "training.max_steps=4", "training.save_steps=4", "training.learning_rate=1e-4",
                       "name=full-from-lora")
-    trainable = next((line.strip() for line in out.splitlines() if "trainable" in line), "")
-    return f"full fine-tuning from the LoRA run: {trainable[-80:]}; {final_loss(smoke.runs / 'full-from-lora')}"
+    trainable = next((line.strip() for line in out.splitlines() if "trainable" in line), "no parameter count")
+    if "trainable, 100.0%" not in trainable:
+        raise RuntimeError(f"full fine-tuning from a LoRA run must train every parameter: {trainable}")
+    return f"full fine-tuning from the LoRA run, every parameter trainable; {final_loss(smoke.runs / 'full-from-lora')}"
 
 
 def send_zero3(smoke: Smoke, log: Path) -> str:
