@@ -145,9 +145,9 @@ from workbench_eval.on_save import EvalOnSaveCallback
 
 rank, port, run = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                        timeout=timedelta(seconds=4))  # training's timeout
+                        timeout=timedelta(seconds=2))  # training's timeout
 cb = EvalOnSaveCallback(EvalConfig(on_save_timeout=120), run, run + "/tokenizer", {}, 1)
-cb._evaluate = lambda checkpoint: time.sleep(12)  # rank 0's evaluation: longer than training's timeout
+cb._evaluate = lambda checkpoint: time.sleep(5)  # rank 0's evaluation: longer than training's timeout
 cb.on_train_begin(None, None, None)
 cb.on_save(None, SimpleNamespace(is_world_process_zero=rank == 0, global_step=1), None)
 total = torch.ones(1)

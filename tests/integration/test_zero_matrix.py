@@ -70,7 +70,7 @@ def test_stage_ranks_train_save_resume_and_every_hook(tmp_path, deepspeed, stage
             # DeepSpeedCPUAdam (the offload configs' optimizer) keeps Adam's bias corrections beta^t as a running
             # product and recomputes them with pow() after a resume (DeepSpeed's cpu_adam.h, IncrementStep):
             # the resumed weights agree with the uninterrupted ones to float rounding, not bit for bit
-            torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert (uninterrupted[name] == resumed[name]).all(), f"{name} differs after resume ({deepspeed}, {ranks} ranks)"
     after = _probe(run_dir, "resumed", ranks)
