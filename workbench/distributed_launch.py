@@ -171,7 +171,6 @@ def exit_distributed(code: int) -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank tears down while another still talks to it
-            release_shared_memory()
             dist.destroy_process_group()
             atexit._run_exitfuncs()
             sys.stdout.flush()
