@@ -185,7 +185,7 @@ def test_structured_dropout_keeps_the_model_dense():
     (method,) = build_methods({"smoe_dropout": {"experts": 4, "structured_dropout": 0.5}})
     method.prepare_model(model)
     assert set(model.state_dict()) == keys and not moe_layers(model) and method.callbacks() == []
-    assert type(model).__name__ == "GPTNeoXForCausalLM" and all(b.kind == "mlp" for b in find_mlp_blocks(model))
+    assert type(model).__name__ == "GPTNeoXForCausalLM" and all(b.kind == "dense" for b in find_mlp_blocks(model))
     ids = batch()
     model.eval()
     assert torch.equal(model(ids).logits, model(ids).logits)

@@ -317,7 +317,7 @@ def test_chunk_dropout_equals_masking_the_dense_weights():
     expected = F.linear(mlp.act(F.linear(x, up.weight * mask[:, None], up.bias * mask)), down.weight * mask, down.bias)
     torch.testing.assert_close(out, expected)
     assert "workbench_chunk_dropout" not in str(list(model.state_dict()))
-    assert find_mlp_blocks(model)[0].kind == "mlp" and chunk.training
+    assert find_mlp_blocks(model)[0].kind == "dense" and chunk.training
 
 
 def test_k_equal_e_is_the_softmax_weighted_sum_over_every_expert():

@@ -1,7 +1,8 @@
 """DropPath (stochastic depth, Huang et al. 2016), the regulariser "To Repeat or Not To Repeat" (Xue et al.,
 NeurIPS 2023, Table 4) compares with dropout for multi-epoch training. During training every residual branch of
 every decoder layer (its attention output and its MLP/MoE output, before they are added to the residual stream)
-is dropped for a whole sequence at once:
+is dropped for a whole sequence at once (branches found by structure, `workbench.models.structure`: where a
+family normalises a branch before the add, Gemma 2/3's and OLMo 2's post-norms, the normalised output):
 
     (1) h ← h + (m / (1 − p)) · f(h),   m ~ Bernoulli(1 − p), one draw per sequence and branch
 
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from workbench.methods import Method, register
-from workbench.methods.dropout_schedule import residual_branches
+from workbench.models.structure import model_sites
 
 
 @dataclass
@@ -56,10 +57,9 @@ class DropPath(Method):
     logged_metrics = ()
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
-        branches = residual_branches(model)
-        if not branches:
-            raise ValueError(f"[drop_path] {type(model).__name__} has no decoder layers with attention/MLP branches "
-                             "this method knows (GPT-NeoX, Llama, Mixtral and Qwen-shaped models)")
+        sites = model_sites(model)  # every layer's two branches, or a SiteError naming what is missing
+        branches = sites.branches
+        print(f"[drop_path] {len(branches)} branches in {len(sites.layers)} layers (p = {self.config.rate})")
         for branch in branches:
             branch.register_forward_hook(BranchDrop(self.config.rate))
         return model

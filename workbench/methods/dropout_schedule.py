@@ -5,13 +5,17 @@ remedy for multi-epoch degradation, and that switching it on only partway throug
 reaches the same final value while training faster early. This method sets the rate of every dropout
 site of the model at each step:
 
-- `attention`: the attention-probability dropout (the `attention_dropout` attribute of attention modules);
-- `residual`: dropout on each sublayer's output before it is added to the residual stream: the model's own
-  `nn.Dropout` modules where it has them (GPT-NeoX's post-attention/post-MLP dropout, T5's), or, for families
-  without them (Llama, Mixtral, Qwen-MoE), hooks on every decoder layer's attention (`self_attn`) and MLP or MoE
-  block (`mlp`, `block_sparse_moe`) outputs. Never on the layer's output, which is the residual stream itself:
-  dropping that would compound over the layers;
-- `embedding`: dropout on the token-embedding output (`nn.Dropout` named like `emb*`, else a hook).
+- `attention`: the attention-probability dropout (dropout modules inside the attention, GPT-2's `attn_dropout`,
+  and the `attention_dropout` rate transformers' attention modules pass to the kernel);
+- `residual`: dropout on each residual branch's output before it is added to the residual stream: the model's
+  own dropout module on that branch where it has one (GPT-2's, GPT-NeoX's, Phi-3's, BERT's), else a hook on the
+  branch's output (Llama, Qwen, Gemma, OPT, Falcon, Mixtral). Never on the layer's output, which is the
+  residual stream itself: dropping that would compound over the layers;
+- `embedding`: the dropout between the embeddings and the first layer (GPT-2's `drop`, BERT's), else a hook on
+  the token-embedding output.
+
+All sites are found by structure (`workbench.models.structure`: branches and dropouts from the model's own data
+flow), and the run prints how many of each it found and how many it added as hooks.
 
     methods:
       dropout_schedule: {rate: 0.1, start_step: 500, sites: [residual, embedding]}
@@ -28,9 +32,9 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 
 from workbench.methods import Method, register
+from workbench.models.structure import SiteError, model_sites
 
 SITES = ("attention", "residual", "embedding")
-SUBLAYERS = ("self_attn", "attention", "mlp", "block_sparse_moe")  # a decoder layer's residual branches
 
 
 @dataclass
@@ -62,29 +66,38 @@ class _OutputDropout(nn.Module):
         return self.dropout(output)
 
 
-def dropout_sites(model: PreTrainedModel) -> dict[str, list[Any]]:
-    """The dropout sites of `model` by kind; adds output-dropout hooks where a family has none."""
+ATTENTION_RATES = ("attention_dropout", "dropout")  # the float rate an attention module passes to its kernel
+
+
+def dropout_sites(model: PreTrainedModel, kinds: list[str] | tuple[str, ...] = SITES) -> dict[str, list[Any]]:
+    """The dropout sites of `model` by kind, found by structure (`workbench.models.structure`); adds an output
+    dropout hook on each residual branch (and on the embeddings) that has no dropout module of its own."""
+    found = model_sites(model)
     sites: dict[str, list[Any]] = {kind: [] for kind in SITES}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout):
-            sites["embedding" if "emb" in name.rsplit(".", 1)[-1] else "residual"].append(module)
-        elif isinstance(getattr(module, "attention_dropout", None), float):
-            sites["attention"].append(module)
-    if not sites["residual"]:
-        for branch in residual_branches(model):
-            sites["residual"].append(_hook_output_dropout(branch, "workbench_output_dropout"))
+    added: dict[str, int] = {kind: 0 for kind in SITES}
+    for layer in found.layers:
+        sites["attention"] += layer.dropouts["attention"]
+        rate = next((a for a in ATTENTION_RATES if isinstance(getattr(layer.attention, a, None), float)), None)
+        if rate is not None:  # a rate the attention kernel reads
+            sites["attention"].append((layer.attention, rate))
+        for branch, kind in ((layer.attention_branch, "residual_attention"),
+                             (layer.feed_forward_branch, "residual_feed_forward")):
+            if layer.dropouts[kind]:
+                sites["residual"] += layer.dropouts[kind]
+            else:
+                sites["residual"].append(_hook_output_dropout(branch, "workbench_output_dropout"))
+                added["residual"] += 1
+    sites["embedding"] = list(found.embedding_dropouts)
     if not sites["embedding"]:
-        sites["embedding"].append(_hook_output_dropout(model.get_input_embeddings(), "workbench_emb_dropout"))
+        sites["embedding"].append(_hook_output_dropout(found.input_embeddings, "workbench_emb_dropout"))
+        added["embedding"] += 1
+    if "attention" in kinds and not sites["attention"]:
+        raise SiteError(f"{found.model_class}: no attention dropout (a dropout module in the attention or its "
+                        "`attention_dropout` rate) in its layers")
+    print(f"[dropout_schedule] {len(found.layers)} layers: " + ", ".join(
+        f"{kind} {len(sites[kind])}" + (f" ({added[kind]} added as output hooks)" if added[kind] else "")
+        for kind in SITES))
     return sites
-
-
-def residual_branches(model: PreTrainedModel) -> list[nn.Module]:
-    """Every decoder layer's attention and MLP/MoE modules, whose outputs are added to the residual stream
-    (GPT-NeoX `attention`/`mlp`, Llama/Mixtral/Qwen `self_attn`/`mlp`); [] for other architectures."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(base, "layers", None) or getattr(getattr(model, "base_model", model), "layers", None) or []
-    return [getattr(layer, name) for layer in layers for name in SUBLAYERS
-            if isinstance(getattr(layer, name, None), nn.Module)]
 
 
 def _hook_output_dropout(module: nn.Module, name: str) -> nn.Dropout:
@@ -107,7 +120,7 @@ class DropoutSchedule(Method):
         self._sites: dict[str, list[Any]] = {}
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
-        self._sites = dropout_sites(model)
+        self._sites = dropout_sites(model, self.config.sites)
         self.apply(0.0)
         return model
 
@@ -121,7 +134,8 @@ class DropoutSchedule(Method):
                 if isinstance(site, nn.Dropout):
                     site.p = rate
                 else:
-                    site.attention_dropout = rate
+                    module, attribute = site
+                    setattr(module, attribute, rate)
         self.current_rate = rate
 
     def callbacks(self) -> list[TrainerCallback]:

@@ -55,11 +55,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
 from workbench.collectives import broadcast_from
 from workbench.distributed import full_parameter, link_master_copies, set_full_parameter
 from workbench.errors import ConfigError
 from workbench.methods import Method, register
+from workbench.models.structure import LayerSites, model_sites, unwrapped
 
 SELECTIONS = ("sensitive", "random", "none")
 SITES = ("block", "mlp", "weights")
@@ -146,17 +148,6 @@ def select_indices(scores: torch.Tensor, count: int, selection: str, generator: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (the ModuleList as long as `config.num_hidden_layers`)."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == layers:
-            return module
-    raise ConfigError(f"method 'send': cannot find the transformer blocks of {type(model).__name__} "
-                      f"(no ModuleList of num_hidden_layers = {layers} modules)")
-
-
 def block_index(layer: int, num_blocks: int) -> int:
     """The block whose output is hidden_states[layer] (hidden_states[0] is the embedding output)."""
     position = layer if layer > 0 else num_blocks + 1 + layer
@@ -196,15 +187,19 @@ def _zero_indices(output: Any, indices: torch.Tensor) -> Any:
     return output.index_fill(-1, indices.to(output.device), 0)
 
 
-def mlp_weights(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights whose rows are intermediate units, weights whose columns are) of a block's MLP."""
-    mlp = getattr(block, "mlp", None)
-    if mlp is not None and hasattr(mlp, "dense_h_to_4h"):  # GPT-NeoX
-        return [mlp.dense_h_to_4h.weight], [mlp.dense_4h_to_h.weight]
-    if mlp is not None and hasattr(mlp, "gate_proj"):  # Llama, Qwen, Mistral
-        return [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.down_proj.weight]
-    raise ConfigError(f"field 'methods.send.site': 'weights' knows GPT-NeoX and Llama MLPs, not "
-                      f"{type(block).__name__}'s")
+def mlp_weights(model: nn.Module, layer: LayerSites) -> list[tuple[nn.Parameter, int]]:
+    """The tracked layer's dense MLP weights with the axis along which they hold intermediate units: rows of
+    the up, gate or fused gate-up map, columns of the down map (transposed for transformers' Conv1D)."""
+    if layer.mlp is None:
+        raise ConfigError(f"field 'methods.send.site': 'weights' zeroes dense MLP units, and layer {layer.index} "
+                          f"of {type(model).__name__} is a mixture of experts")
+    owner = unwrapped(model)
+    parts = [(name, 0) for name in (layer.mlp.up, layer.mlp.gate) if name] + [(layer.mlp.down, 1)]
+    found = []
+    for name, axis in parts:
+        module = owner.get_submodule(name)
+        found.append((module.weight, 1 - axis if isinstance(module, Conv1D) else axis))
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,16 +247,20 @@ class SeND(Method):
 
     # --- lifecycle hooks ---------------------------------------------------------------------------------
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
-        blocks = decoder_blocks(model)
-        self._block = blocks[block_index(self.config.layer, len(blocks))]
+        sites = model_sites(model)
+        index = block_index(self.config.layer, len(sites.layers))
+        self._layer = sites.layers[index]
+        self._block = self._layer.module
+        self._model = model
         if self.config.site == "block":
             self._hooked = self._block
         elif self.config.site == "mlp":
-            self._hooked = getattr(self._block, "mlp", None)
-            if self._hooked is None:
-                raise ConfigError(f"field 'methods.send.site': {type(self._block).__name__} has no `mlp`")
+            self._hooked = self._layer.feed_forward_branch
         else:
-            mlp_weights(self._block)  # checked now, used at tracking points
+            mlp_weights(model, self._layer)  # checked now, used at tracking points
+        where = {"block": "output", "mlp": "feed-forward branch output", "weights": "MLP units (weights)"}
+        print(f"[send] tracking layer {index + 1} of {len(sites.layers)} output ({sites.hidden_size} indices), "
+              f"dropping at its {where[self.config.site]}, selection {self.config.selection}")
         if self._hooked is not None:
             self._hooked.register_forward_hook(self._drop_hook)
         return model
@@ -381,9 +380,8 @@ class SeND(Method):
     def zero_weights(self) -> None:
         """The official code's drop: zero the MLP units numbered like the indices (and +d_model for GPT-NeoX's
         4·d intermediate width), in the optimizer's copy too (`workbench.distributed`); every rank calls it."""
-        rows, columns = mlp_weights(self._block)
         width = self.history[-1].shape[1]
-        for axis, weight in [(0, w) for w in rows] + [(1, w) for w in columns]:
+        for weight, axis in mlp_weights(self._model, self._layer):
             value = full_parameter(weight)
             units = value.shape[axis]
             numbers = torch.cat([self.indices, self.indices + width]) if units >= 2 * width else self.indices

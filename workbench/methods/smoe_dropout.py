@@ -21,7 +21,8 @@ score-based dense inference. Numbering continues `models/moe.py`; § are the pro
 t is the optimizer step about to be taken (`state.global_step`, 0-based) and T `schedule_steps`, default the
 run's `max_steps`. Defaults follow the Corrections: experts 16, scratch experts (the paper trains them from
 scratch; `init: split` converts a pretrained MLP), router N(0, 0.02) with zero bias and frozen, softmax over the k
-selected logits with no rescale (`combine: softmax_topk`), k linear from E/2 to E (the released scripts' 8 → 16;
+selected logits with no rescale (`combine: softmax_topk`; under `init: split` the weights default to uniform 1/k, so
+the conversion recipe below reproduces the dense model at k = E), k linear from E/2 to E (the released scripts' 8 → 16;
 `k_min: 2` is the spec's second arm), all layers. Evaluation inside training runs at `eval_k` (default: E for the
 random router, the code's dense inference; the learned router's own k).
 
@@ -77,7 +78,9 @@ class SMoEDropoutConfig:
     layers: list[int] | None = None  # MLP blocks to convert, 0-based in model order (negative from the end); None: all
     init: Literal["scratch", "split"] = "scratch"  # independent random experts, or split a pretrained MLP (eq. 5)
     combine: Literal["softmax_topk", "scaled"] = "softmax_topk"  # eq. (4): c = 1 (code) or c = E (conversion)
-    weights: Literal["softmax", "uniform"] = "softmax"  # eq. (3): softmax of the selected logits, or 1/k each
+    # eq. (3): softmax of the selected logits, or 1/k each; None: uniform under `init: split` (with `combine: scaled`
+    # the converted model at k = E is then exactly the dense one), softmax otherwise (the paper's router)
+    weights: Literal["softmax", "uniform"] | None = None
     router: Literal["random_frozen", "learned"] = "random_frozen"
     router_init: Literal["normal", "default"] = "normal"  # N(0, router_std), zero bias; or PyTorch's U(±1/√d)
     router_std: float = 0.02
@@ -93,6 +96,8 @@ class SMoEDropoutConfig:
     structured_dropout_rescale: bool = False  # divide by 1 - p (the code does not)
 
     def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = "uniform" if self.init == "split" else "softmax"
         e = self.experts
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ValueError(f"experts must be an integer >= 1, got {e!r}")

@@ -3,9 +3,11 @@ active experts, the experts' load (also of other models' learned routers, `Route
 structured dense-dropout baseline. The layer itself and the equations
 (1)-(7) are in `workbench/models/moe.py`.
 
-Blocks replaced: GPT-NeoX `mlp` (dense_h_to_4h, act, dense_4h_to_h), Llama-style `mlp` (gate_proj, up_proj,
-down_proj), BERT-style layers (`intermediate` becomes the MoE layer, with b2 inside the experts, and
-`output.dense` becomes an identity, so BertOutput's dropout, residual and LayerNorm still follow it).
+Blocks replaced are found by structure (`workbench.models.structure.MLPParts`): the module holding exactly the
+MLP's parts becomes the MoE layer (GPT-NeoX's, Llama's, Phi-3's `mlp`); where the parts share a module with
+others, the up projection (with its activation's module: BERT's `intermediate`) becomes the MoE layer and the
+activation and down projection after it identities (GPT-2's `c_fc`, `act`, `c_proj`; OPT's `fc1`,
+`activation_fn`, `fc2`; BERT's `output.dense`), so the dropout, residual and LayerNorm that followed still follow.
 
 Checkpoints: the conversion is recorded in `config.smoe` (config.json) and the model's class becomes a subclass of
 its own (`SMoE<Class>`) whose constructor re-applies it, so `save_pretrained`/`from_pretrained` of that class, the
@@ -25,10 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
 from workbench.collectives import broadcast_from
 from workbench.distributed import gathered_parameters
 from workbench.models.moe import INITS, ROUTER_INITS, MoEMLP, _check_choice, expert_counts
+from workbench.models.structure import MLPParts, model_sites, unwrapped
 
 __all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallback", "load_summary", "add_chunk_dropout", "broadcast_frozen_routers", "convert_to_moe",
            "expert_levels", "expert_load", "find_mlp_blocks", "is_moe_checkpoint", "mean_active_fraction", "moe_config",
@@ -39,32 +43,29 @@ __all__ = ["ROUTER_LOAD_METRICS", "ChunkDropout", "MLPBlock", "RouterLoadCallbac
 # --- finding and replacing dense MLPs ---------------------------------------------------------------------
 @dataclass
 class MLPBlock:
-    """One dense MLP of a model (or the MoE layer that replaced it), in model order."""
+    """One dense MLP of a model (or the MoE layer that replaced it), in model order; found by structure
+    (`workbench.models.structure`), so GPT-2's Conv1D, OPT's layer-level `fc1`/`fc2`, Phi-3's fused gate-up and
+    BERT's intermediate/output split are all blocks."""
 
     index: int
-    name: str  # dotted name of the module that is (or was) replaced
-    kind: str  # "mlp" (GPT-NeoX), "gated" (Llama SwiGLU), "bert" (intermediate + output.dense), "moe" (converted)
+    name: str  # dotted name of the module that is (or was) replaced: the MLP's container
+    kind: str  # "dense" or "moe" (converted)
     module: nn.Module
-    output: nn.Module | None = None  # BertOutput, for "bert"
+    parts: MLPParts
+    owner: nn.Module  # the model the names are relative to (a LoRA wrapper's base model)
 
 
 def find_mlp_blocks(model: nn.Module) -> list[MLPBlock]:
-    """Every dense MLP (or already converted MoE layer) of `model`, in the order of its layers."""
+    """Every dense MLP (or already converted MoE layer) of `model`, in the order of its layers; a native MoE
+    layer (Mixtral's, Qwen-MoE's experts) is not a block."""
+    owner = unwrapped(model)
     blocks: list[MLPBlock] = []
-    for name, module in model.named_modules():
-        kind, output, target = None, None, name
-        if isinstance(module, MoEMLP):
-            kind = "moe"
-        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("dense_h_to_4h", "dense_4h_to_h")):
-            kind = "mlp"
-        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
-            kind = "gated"
-        elif (isinstance(getattr(getattr(module, "intermediate", None), "dense", None), nn.Linear)
-              and isinstance(getattr(getattr(module, "output", None), "dense", None), nn.Linear)):
-            kind, output, target = "bert", module.output, f"{name}.intermediate"
-            module = module.intermediate
-        if kind is not None:
-            blocks.append(MLPBlock(len(blocks), target, kind, module, output))
+    for layer in model_sites(owner).layers:
+        if layer.mlp is None:
+            continue
+        container = owner.get_submodule(layer.mlp.container)
+        kind = "moe" if isinstance(container, MoEMLP) else "dense"
+        blocks.append(MLPBlock(len(blocks), layer.mlp.container, kind, container, layer.mlp, owner))
     return blocks
 
 
@@ -74,13 +75,29 @@ def _shape(param: torch.Tensor) -> tuple[int, ...]:
 
 
 def _dense_parts(block: MLPBlock) -> dict[str, Any]:
-    """The linear layers and activation of a dense block: w_in (d_ff x d), optional gate, w_out (d x d_ff)."""
-    m = block.module
-    if block.kind == "mlp":
-        return {"up": m.dense_h_to_4h, "gate": None, "down": m.dense_4h_to_h, "act": m.act}
-    if block.kind == "gated":
-        return {"up": m.up_proj, "gate": m.gate_proj, "down": m.down_proj, "act": m.act_fn}
-    return {"up": m.dense, "gate": None, "down": block.output.dense, "act": m.intermediate_act_fn}
+    """The linear layers and activation of a dense block: up (d_ff x d, or 2 d_ff x d fused with the gate first),
+    optional gate, down (d x d_ff), and the activation module."""
+    get, parts = block.owner.get_submodule, block.parts
+    return {"up": get(parts.up), "gate": get(parts.gate) if parts.gate else None, "down": get(parts.down),
+            "act": get(parts.act) if parts.act else None, "fused": parts.fused_gate_up}
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear map's weight in PyTorch's (out, in) layout (transformers' Conv1D stores (in, out))."""
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
+
+
+def _dense_weights(parts: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+    """The (gathered) dense MLP as `MoEMLP.load_dense` takes it: w_in, w_gate (d_ff, d), w_out (d, d_ff), biases;
+    a fused gate-up weight is split, its first half the gate."""
+    up, gate, down = parts["up"], parts["gate"], parts["down"]
+    w_in, b_in = _linear_weight(up), up.bias
+    w_gate, b_gate = (_linear_weight(gate), gate.bias) if gate is not None else (None, None)
+    if parts["fused"]:
+        w_gate, w_in = w_in.chunk(2, dim=0)
+        b_gate, b_in = b_in.chunk(2) if b_in is not None else (None, None)
+    return {"w_in": w_in, "b_in": b_in, "w_out": _linear_weight(down), "b_out": down.bias, "w_gate": w_gate,
+            "b_gate": b_gate}
 
 
 def _select(blocks: list[MLPBlock], layers: list[int] | None) -> list[MLPBlock]:
@@ -111,7 +128,8 @@ def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | No
     _check_choice("router_init", router_init, ROUTER_INITS)
     blocks = find_mlp_blocks(model)
     if not blocks:
-        raise ValueError(f"no dense MLP blocks (GPT-NeoX, Llama or BERT style) found in {type(model).__name__}")
+        raise ValueError(f"{type(model).__name__} has no dense MLP blocks (its layers' feed-forward blocks are "
+                         "already mixtures of experts)")
     if any(b.kind == "moe" for b in blocks):
         raise ValueError(f"{type(model).__name__} already has MoE layers (config.smoe = {_smoe(model)})")
     chosen = _select(blocks, layers)
@@ -120,18 +138,18 @@ def convert_to_moe(model: nn.Module, num_experts: int, *, layers: list[int] | No
     converted = []
     for block in chosen:
         parts = _dense_parts(block)
-        up, gate, down = parts["up"], parts["gate"], parts["down"]
-        d_ff, d_model = _shape(up.weight)
+        up, down = parts["up"], parts["down"]
+        d_ff, d_model = block.parts.width, _shape(down.weight)[0 if isinstance(down, nn.Linear) else 1]
         if d_ff % num_experts or num_experts < 1:
             raise ValueError(f"num_experts ({num_experts}) must divide the MLP width d_ff ({d_ff}) of block "
                              f"{block.index} ('{block.name}')")
         with zero3_init():
-            moe = MoEMLP(d_model, d_ff, num_experts, parts["act"], gated=gate is not None,
+            moe = MoEMLP(d_model, d_ff, num_experts, parts["act"], gated=block.parts.gated,
                          bias_in=up.bias is not None, bias_out=down.bias is not None, combine=combine,
                          weights=weights, router=router, k=k, eval_k=eval_k, device=up.weight.device,
                          dtype=up.weight.dtype).train(block.module.training)
         _fill_experts(moe, parts, init, std, router_init, router_std)
-        _replace(model, block, moe)
+        _replace(block, moe)
         converted.append(moe)
     if config is not None:
         config.smoe = {"num_experts": num_experts, "layers": [b.index for b in chosen], "combine": combine,
@@ -164,20 +182,22 @@ def _fill_experts(moe: MoEMLP, parts: dict[str, Any], init: str, std: float, rou
     rank 0's values are written, then partitioned again: one layer's full weights at a time (a collective)."""
     with gathered_parameters(list(moe.parameters()), modify=True):
         if init == "split":
-            up, gate, down = parts["up"], parts["gate"], parts["down"]
-            with gathered_parameters([p for lin in (up, gate, down) if lin is not None for p in lin.parameters()]):
-                moe.load_dense(up.weight, up.bias, down.weight, down.bias,
-                               None if gate is None else gate.weight, None if gate is None else gate.bias)
+            dense = [p for key in ("up", "gate", "down") if parts[key] is not None for p in parts[key].parameters()]
+            with gathered_parameters(dense):
+                moe.load_dense(**_dense_weights(parts))
         else:
             moe.init_scratch(std)
         moe.init_router(router_init, router_std)
 
 
-def _replace(model: nn.Module, block: MLPBlock, moe: MoEMLP) -> None:
-    parent_name, _, attr = block.name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, moe)
-    if block.kind == "bert":  # b2 lives in the experts; BertOutput keeps its dropout, residual and LayerNorm
-        block.output.dense = nn.Identity()
+def _replace(block: MLPBlock, moe: MoEMLP) -> None:
+    """Put `moe` where the block's container was; the parts after it outside the container (GPT-2's and OPT's
+    activation and down projection, BERT's `output.dense`) become identities, so what followed them (dropout,
+    residual, LayerNorm) now follows the MoE layer, which holds b2 in its experts."""
+    for name in (block.name, *block.parts.bypassed):
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.owner.get_submodule(parent_name) if parent_name else block.owner
+        setattr(parent, attr, moe if name == block.name else nn.Identity())
 
 
 def _smoe(model: nn.Module) -> dict[str, Any] | None:
@@ -376,7 +396,7 @@ def add_chunk_dropout(model: nn.Module, num_experts: int, p: float, layers: list
     added = []
     for block in blocks:
         down = _dense_parts(block)["down"]
-        chunk = ChunkDropout(_shape(down.weight)[1], num_experts, p, rescale)
+        chunk = ChunkDropout(block.parts.width, num_experts, p, rescale)
         down.add_module("workbench_chunk_dropout", chunk)  # a child, so train()/eval() reach it
         down.register_forward_pre_hook(lambda module, args, chunk=chunk: (chunk(args[0]), *args[1:]))
         added.append(chunk)
