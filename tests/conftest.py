@@ -162,3 +162,33 @@ def shared_memory_left(port: int) -> list[str]:
     """DeepSpeed CPU all-reduce buffers in /dev/shm of the runs that met at `port` (each rank unlinks its own once
     every rank has mapped it: `workbench.distributed_launch.release_shared_memory`)."""
     return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+# --- the family matrix (tests/families.py) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory):
+    """A function: family name -> the folder of its tiny random model and tokenizer, built once per session."""
+    from families import FAMILY, build_family_folder
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in built:
+            built[name] = build_family_folder(FAMILY[name], root / name)
+        return built[name]
+
+    return folder
+
+
+def family_config(tmp_path: Path, folder: Path, name: str, data: dict, lora: dict | None = None,
+                  **sections) -> dict:
+    """`tiny_config` for the model saved in `folder` (`model.name_or_path`, as a download; no preset or overrides),
+    trained on `data` for 2 steps of 4 examples, saved at step 2, with LoRA adapters when `lora` is given."""
+    cfg = tiny_config(tmp_path, name=name, data=data, **sections)
+    cfg["model"] = {"preset": None, "name_or_path": str(folder), **({"lora": lora} if lora is not None else {})}
+    cfg["training"] = {**cfg["training"], "max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 4,
+                       **sections.get("training", {})}
+    return cfg

@@ -25,7 +25,7 @@ from workbench.distributed_launch import release_shared_memory
 from workbench.errors import CheckpointError, ConfigError, WorkbenchError
 from workbench.kinds import RunKind, kind_for
 from workbench.layout import METRICS, RUN_CONFIG, TENSORBOARD_DIR, TOKENIZER_DIR
-from workbench.methods import build_methods
+from workbench.methods import build_methods, check_methods_on_model
 from workbench.methods.stack import MethodStack
 from workbench.models.presets import PRESETS
 from workbench.precision import choose_precision
@@ -256,6 +256,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     args = training_arguments(cfg, precision, kind)
     join_process_group(args)
     methods = MethodStack(build_methods(cfg.methods))
+    check_methods_on_model(methods, kind.architecture)  # a model a method cannot act on fails before the data
     pieces = kind.data(args)
     vocabulary = len(pieces.tokenizer)
     tokenizer = methods.prepare_tokenizer(pieces.tokenizer)

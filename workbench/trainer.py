@@ -206,6 +206,10 @@ class WorkbenchMixin:
         if self.methods.checkpointed():
             torch.save(self.methods.state_dict(), checkpoint / METHOD_STATE.format(rank=rank))
         atomic_write_text(checkpoint / LOGGING_STATE.format(rank=rank), json.dumps(self.logging_state()))
+        if self.args.should_save:  # files callbacks add to a checkpoint (`save_files`), before the manifest lists it
+            for callback in self.callback_handler.callbacks:
+                if callable(getattr(callback, "save_files", None)):
+                    callback.save_files(checkpoint)
         sizes = file_sizes_on_rank0(checkpoint, rank)  # a collective: every rank has saved when rank 0 has them
         if self.args.should_save:
             write_manifest(checkpoint, self.state.global_step, sizes)

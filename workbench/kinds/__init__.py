@@ -82,6 +82,13 @@ class RunKind:
     def data(self, args: TrainingArguments) -> DataPieces:
         raise NotImplementedError
 
+    def architecture(self) -> tuple[Any, type]:
+        """The config and model class of this run's model, known from the config alone (no weights, no data):
+        what the methods' sites are checked on before the data are prepared."""
+        from workbench.models import architecture
+
+        return architecture(self.cfg.model)
+
     def model(self, tokenizer: PreTrainedTokenizerBase, pieces: DataPieces, added_tokens: int) -> PreTrainedModel:
         raise NotImplementedError
 

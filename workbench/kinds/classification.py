@@ -226,6 +226,11 @@ class Classification(RunKind):
 
     name = KIND
 
+    def architecture(self) -> tuple[Any, type]:
+        from workbench.models import architecture
+
+        return architecture(self.cfg.model, AutoModelForSequenceClassification)
+
     @classmethod
     def matches(cls, cfg: ExperimentConfig) -> bool:
         return is_classification(cfg.data)

@@ -50,6 +50,7 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -85,6 +86,7 @@ class Method:
     checkpointed: ClassVar[bool] = True  # has an entry in each checkpoint's method state (a model feature: none)
     replaces: ClassVar[tuple[str, ...]] = ()  # parts of the model it swaps for its own modules, e.g. ("mlp",)
     logged_metrics: ClassVar[tuple[str, ...] | None] = None  # what it adds to the logs (None: not declared)
+    uses_sites: ClassVar[bool] = False  # acts on modules found by `workbench.models.structure` (checked early)
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -107,6 +109,11 @@ class Method:
         """The parts whose own modules or weights this method uses all run long with options `config`, each with
         why, in a clause for the config error (default: none)."""
         return {}
+
+    def check_sites(self, sites: Any) -> None:
+        """Raise ValueError (one line: what is missing) when the model's sites (`workbench.models.structure.
+        ModelSites`, traced from the run's config before any data are prepared) do not give this method what it acts
+        on; methods that act on no particular module leave `uses_sites` False and are not asked."""
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         return tokenizer
@@ -144,6 +151,29 @@ class Method:
     def overrides(cls, hook: str) -> bool:
         """Whether this class implements `hook` itself (the trainer skips hooks nobody implements)."""
         return getattr(cls, hook) is not getattr(Method, hook)
+
+
+def check_methods_on_model(methods: Iterable[Method], architecture: Callable[[], tuple[Any, type]]) -> None:
+    """Trace the run's model architecture (`architecture()`: config and class, no weights) when a method acts on
+    sites of it, and raise ConfigError naming the method and the model class when one lacks what it needs: before
+    the data are prepared, so a model a method cannot act on is a config error, never a run."""
+    from workbench.errors import ConfigError
+
+    needing = [method for method in methods if method.uses_sites]
+    if not needing:
+        return
+    from workbench.models.structure import SiteError, traced_sites
+
+    config, model_class = architecture()
+    try:
+        sites = traced_sites(config, model_class)
+    except SiteError as err:
+        raise ConfigError(f"field 'methods.{needing[0].name}': {err}") from None
+    for method in needing:
+        try:
+            method.check_sites(sites)
+        except ValueError as err:
+            raise ConfigError(f"field 'methods.{method.name}': {sites.model_class}: {err}") from None
 
 
 def register(name: str):

@@ -55,6 +55,7 @@ class BranchDrop:
 class DropPath(Method):
     Config = DropPathConfig
     logged_metrics = ()
+    uses_sites = True  # the residual branches (every layer has two, or the model is refused)
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         sites = model_sites(model)  # every layer's two branches, or a SiteError naming what is missing

@@ -77,7 +77,7 @@ def dropout_sites(model: PreTrainedModel, kinds: list[str] | tuple[str, ...] = S
     added: dict[str, int] = {kind: 0 for kind in SITES}
     for layer in found.layers:
         sites["attention"] += layer.dropouts["attention"]
-        rate = next((a for a in ATTENTION_RATES if isinstance(getattr(layer.attention, a, None), float)), None)
+        rate = _attention_rate(layer.attention)
         if rate is not None:  # a rate the attention kernel reads
             sites["attention"].append((layer.attention, rate))
         for branch, kind in ((layer.attention_branch, "residual_attention"),
@@ -100,6 +100,11 @@ def dropout_sites(model: PreTrainedModel, kinds: list[str] | tuple[str, ...] = S
     return sites
 
 
+def _attention_rate(attention: nn.Module) -> str | None:
+    """The attribute holding the rate an attention module passes to its kernel, if it has one."""
+    return next((a for a in ATTENTION_RATES if isinstance(getattr(attention, a, None), float)), None)
+
+
 def _hook_output_dropout(module: nn.Module, name: str) -> nn.Dropout:
     """Add dropout on `module`'s output; the Dropout is registered as a child so train()/eval() reach it."""
     hook = _OutputDropout()
@@ -112,6 +117,13 @@ def _hook_output_dropout(module: nn.Module, name: str) -> nn.Dropout:
 class DropoutSchedule(Method):
     Config = DropoutScheduleConfig
     logged_metrics = ("dropout_rate",)
+    uses_sites = True
+
+    def check_sites(self, sites: Any) -> None:
+        if "attention" in self.config.sites and not any(
+                layer.dropouts["attention"] or _attention_rate(layer.attention) for layer in sites.layers):
+            raise ValueError("no attention dropout (a dropout module in the attention or its rate attribute "
+                             f"{' / '.join(ATTENTION_RATES)}): leave 'attention' out of sites")
 
     def __init__(self, config: DropoutScheduleConfig | None = None) -> None:
         super().__init__(config)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -37,6 +37,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from workbench.distributed import gathered_parameters
 from workbench.errors import ConfigError
 from workbench.methods import Method, register
+
+if TYPE_CHECKING:  # workbench.models.lora imports PEFT: only a LoRA run needs it
+    from workbench.models.lora import AddedTokenRows
 
 MASK_TOKEN = "<mask>"
 SCHEDULES = ("ramp", "constant")
@@ -301,6 +304,14 @@ def init_mask_embedding(model: torch.nn.Module, token_id: int, vocab_size: int) 
             weight[token_id] = others.float().mean(0).to(weight.dtype)
 
 
+def frozen_mask_rows(model: torch.nn.Module, token_id: int) -> AddedTokenRows | None:
+    """The `<mask>` rows a LoRA `model` keeps frozen, which its adapter checkpoints must carry (PEFT saves only
+    trained weights under ZeRO-3, and a padded vocabulary does not grow); None when every weight trains."""
+    from workbench.models.lora import AddedTokenRows, is_lora_model
+
+    return AddedTokenRows.of(model, [token_id]) if is_lora_model(model) else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------------------------------------
@@ -316,6 +327,7 @@ class MaskedThought(Method):
         self.schedule = MaskSchedule(self.config.p_max, self.config.schedule, self.config.ramp_fraction)
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.added_mask_token = False
+        self.frozen_rows: AddedTokenRows | None = None  # the <mask> rows a LoRA run saves with its adapter
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         self.tokenizer = tokenizer
@@ -326,6 +338,7 @@ class MaskedThought(Method):
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         if self.added_mask_token:  # a mask token the tokenizer already had keeps its trained rows
             init_mask_embedding(model, self.tokenizer.mask_token_id, len(self.tokenizer))
+            self.frozen_rows = frozen_mask_rows(model, self.tokenizer.mask_token_id)
         return model
 
     def wrap_collator(self, collator: Any) -> MaskedThoughtCollator:
@@ -335,7 +348,11 @@ class MaskedThought(Method):
                                                     self.config.replacement, self.config.target)
 
     def callbacks(self) -> list[TrainerCallback]:
-        return [MaskedThoughtCallback(self.schedule)]
+        if self.frozen_rows is None:
+            return [MaskedThoughtCallback(self.schedule)]
+        from workbench.models.lora import AddedTokenRowsCallback
+
+        return [MaskedThoughtCallback(self.schedule), AddedTokenRowsCallback(self.frozen_rows)]
 
     def setup(self, trainer: Trainer) -> None:
         if not (getattr(trainer, "completion_only_loss", False) or getattr(trainer.args, "assistant_only_loss", False)):

@@ -210,6 +210,7 @@ def mlp_weights(model: nn.Module, layer: LayerSites) -> list[tuple[nn.Parameter,
 @register("send")
 class SeND(Method):
     Config = SeNDConfig
+    uses_sites = True  # the tracked layer (and its MLP for site 'weights')
     logged_metrics = ("send_dropped", "send_tracking_points", "send_index_overlap", "send_tracking_seconds",
                       "send_ees")
 
@@ -246,6 +247,11 @@ class SeND(Method):
                        "(site 'block' or 'mlp' works beside it)"}
 
     # --- lifecycle hooks ---------------------------------------------------------------------------------
+    def check_sites(self, sites: Any) -> None:
+        index = block_index(self.config.layer, len(sites.layers))
+        if self.config.site == "weights" and sites.layers[index].mlp is None:
+            raise ValueError(f"site 'weights' zeroes dense MLP units, and layer {index + 1} is a mixture of experts")
+
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         sites = model_sites(model)
         index = block_index(self.config.layer, len(sites.layers))

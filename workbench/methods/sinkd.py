@@ -286,7 +286,16 @@ class Sinkd(Method):
                 self.trainer.args.gradient_accumulation_steps
         for name, value in parts.items():
             value = value.detach().float() / steps
-            self._sums[name] = self._sums[name] + value if name in self._sums else value
+            self._sums[name] = self._sums[name].to(value.device) + value if name in self._sums else value
+
+    def state_dict(self) -> dict[str, Any]:
+        """The parts summed since the last log and that log's step: a resumed run logs what an uninterrupted one
+        does (also when a checkpoint falls between two logs)."""
+        return {"logged_step": self._logged_step, "sums": {name: total.cpu() for name, total in self._sums.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._logged_step = int(state.get("logged_step", 0))
+        self._sums = dict(state.get("sums", {}))
 
     def metrics(self, global_step: int) -> dict[str, float]:
         """The parts averaged over the optimizer steps since the last log ({} when nothing was recorded)."""

@@ -60,6 +60,7 @@ from workbench.models.moe_model import (
     convert_to_moe,
     expert_levels,
     expert_load,
+    find_mlp_blocks,
     load_summary,
     moe_layers,
     set_active_experts,
@@ -198,6 +199,7 @@ class SMoEDropout(Method):
     Config = SMoEDropoutConfig
     needs_full_finetuning = True  # the experts replace the MLP weights LoRA would adapt
     replaces = ("mlp",)
+    uses_sites = True  # the dense MLPs it converts (found by structure, `workbench.models.structure`)
     logged_metrics = ("smoe_k", "smoe_load_min", "smoe_load_max", "smoe_load_cv", "smoe_balance_loss")
 
     def __init__(self, config: SMoEDropoutConfig | None = None) -> None:
@@ -220,6 +222,15 @@ class SMoEDropout(Method):
         return self.config.router == "learned" and self.config.balance_loss_weight > 0
 
     # --- the model ------------------------------------------------------------------------------------------
+    def check_sites(self, sites: Any) -> None:
+        dense = [layer for layer in sites.layers if layer.mlp is not None]
+        if not dense:
+            raise ValueError("no dense MLP to convert: its feed-forward blocks are mixtures of experts already")
+        for layer in dense:
+            if layer.mlp.width % self.config.experts:
+                raise ValueError(f"experts ({self.config.experts}) must divide the MLP width {layer.mlp.width} of "
+                                 f"layer {layer.index}")
+
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         """Convert the chosen MLPs (or, for `structured_dropout`, add the chunk dropout); a model that is already
         converted (an SMoE checkpoint as the base of the next run) keeps its experts and router weights and takes
@@ -245,6 +256,9 @@ class SMoEDropout(Method):
             raise ConfigError(f"field 'methods.{self.name}{field}': {err}") from None
         for layer in self.layers:
             layer.track_balance = self.balances
+        blocks = find_mlp_blocks(model)
+        print(f"[smoe_dropout] {len(self.layers)} of {len(blocks)} MLP blocks are mixtures of {cfg.experts} experts "
+              f"(init {cfg.init}, combine {cfg.combine}, weights {cfg.weights}, router {cfg.router})")
         broadcast_frozen_routers(model)  # several ranks: rank 0's router on all (buffers are never broadcast)
         self.apply_k(self.k_at(0, cfg.schedule_steps or 1))
         return model

@@ -168,6 +168,29 @@ def is_encoder_decoder(cfg: ModelConfig) -> bool:
     return bool(_pretrained_config(source, cfg.trust_remote_code).is_encoder_decoder)
 
 
+def architecture(cfg: ModelConfig, auto_class: type | None = None) -> tuple[PretrainedConfig, type]:
+    """The config and concrete model class a run's model will have (`auto_class` picks the head; default: causal
+    LM or seq2seq as `model_class`), from the preset or the folder's config.json alone: no weights, no tokenizer
+    (a preset's vocabulary is left at one row), no data. An adapter checkpoint answers with its base's."""
+    if cfg.name_or_path is None:
+        config = preset_config(cfg.preset, 1, dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id")),
+                               **cfg.overrides)
+    else:
+        _check_local(cfg.name_or_path, "model.name_or_path")
+        source = cfg.name_or_path
+        while is_adapter_checkpoint(source):
+            source = existing_adapter_base(Path(source))
+        config = _pretrained_config(source, cfg.trust_remote_code)
+        smoe = getattr(config, "smoe", None)
+        for key, value in cfg.overrides.items():
+            setattr(config, key, value)
+        if smoe is not None:
+            config.smoe = smoe
+    auto = auto_class or model_class(config)
+    concrete = auto._model_mapping[type(config)]
+    return config, moe_model_class(concrete[0] if isinstance(concrete, (list, tuple)) else concrete, config)
+
+
 def _pretrained_config(source: str | Path, trust_remote_code: bool) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)

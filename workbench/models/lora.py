@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 
 from workbench.deepspeed_json import LORAPLUS_UNDER_DEEPSPEED_OPTIMIZER, deepspeed_defines_optimizer
 from workbench.errors import CheckpointError, ConfigError, did_you_mean
@@ -32,6 +32,7 @@ LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")  # by the model: decoder-only or encoder-decoder
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADDED_ROWS = "added_token_embeddings.safetensors"  # `AddedTokenRows` of an adapter trained with added tokens
 LORAPLUS_ATTRIBUTE = "workbench_loraplus_lr_ratio"  # set on the PeftModel by `build_model`
 
 # LoraConfig fields PEFT or the workbench sets.
@@ -253,11 +254,13 @@ def adapter_base(checkpoint: str | Path) -> str:
 
 
 def attach_adapter(base: PreTrainedModel, checkpoint: str | Path) -> PeftModel:
-    """`base` with the adapter of `checkpoint` (safetensors only) for inference; CheckpointError when the adapter
-    does not fit the base model (a missing, extra or mis-shaped adapter weight)."""
+    """`base` with the adapter of `checkpoint` (safetensors only) for inference, its embeddings first grown to the
+    vocabulary the adapter was trained with (`grow_to_adapter_vocabulary`); CheckpointError when the adapter does
+    not fit the base model (a missing, extra or mis-shaped adapter weight)."""
     weights = Path(checkpoint) / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"checkpoint '{checkpoint}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    grow_to_adapter_vocabulary(base, Path(checkpoint))
     try:
         model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatches, target modules not in the base
@@ -265,12 +268,156 @@ def attach_adapter(base: PreTrainedModel, checkpoint: str | Path) -> PeftModel:
                               f"{str(err).strip().splitlines()[0]}") from None
     with safe_open(str(weights), framework="pt") as handle:
         saved = set(handle.keys())
-    expected = set(get_peft_model_state_dict(model))
-    for keys, what in ((expected - saved, "lacks"), (saved - expected, "has extra")):
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    optional = set(get_peft_model_state_dict(model, save_embedding_layers=True)) - expected  # PEFT's "auto"
+    for keys, what in ((expected - saved, "lacks"), (saved - expected - optional, "has extra")):
         if keys:
             raise CheckpointError(f"checkpoint '{checkpoint}': the adapter does not fit its base model: "
                                   f"{ADAPTER_WEIGHTS} {what} {len(keys)} weights, e.g. '{min(keys)}'")
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens added to a pretrained vocabulary: their embedding rows, which LoRA leaves frozen and does not save
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _embedding_weights(model: PreTrainedModel) -> tuple[torch.nn.Parameter, torch.nn.Parameter | None]:
+    """The input embedding matrix and the output one when it is a weight of its own (None when tied)."""
+    input_weight = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    return input_weight, (output.weight if output is not None and output.weight is not input_weight else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedTokenRows:
+    """The embedding rows of tokens a run added to its pretrained base's vocabulary (Masked Thought's `<mask>`),
+    as the run trained them: the input embedding's rows and, untied, the output embedding's. A LoRA adapter
+    holds neither (the embeddings are frozen base weights, and under ZeRO-3 the Trainer saves no frozen weight),
+    so each adapter checkpoint of such a run carries them in `ADDED_ROWS`; the trained model is then
+
+        base grown to `rows` embedding rows;  E_in[token_ids] = input;  E_out[token_ids] = output (untied)
+
+    plus the adapter (`attach_adapter` does both)."""
+
+    token_ids: tuple[int, ...]
+    rows: int  # embedding rows of the trained model (at least its tokenizer's size)
+    input: torch.Tensor  # [len(token_ids), hidden], in the training dtype
+    output: torch.Tensor | None  # the same rows of an untied output embedding; None when tied
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, token_ids: list[int]) -> AddedTokenRows:
+        """The rows `token_ids` of `model`'s embeddings, copied to CPU; under ZeRO-3 a collective (every rank
+        gathers one embedding matrix at a time)."""
+        from workbench.distributed import gathered_parameters
+
+        copies = []
+        for weight in _embedding_weights(model):
+            if weight is None:
+                copies.append(None)
+                continue
+            with torch.no_grad(), gathered_parameters([weight]):
+                copies.append(weight[list(token_ids)].detach().to("cpu", copy=True))
+                rows = weight.shape[0]
+        return cls(tuple(token_ids), rows, copies[0], copies[1])
+
+    def save(self, folder: Path) -> None:
+        """Write `ADDED_ROWS` into `folder` (a checkpoint)."""
+        from safetensors.torch import save_file
+
+        tensors = {"token_ids": torch.tensor(self.token_ids, dtype=torch.int64), "input": self.input.contiguous()}
+        if self.output is not None:
+            tensors["output"] = self.output.contiguous()
+        save_file(tensors, str(folder / ADDED_ROWS), metadata={"rows": str(self.rows)})
+
+    @classmethod
+    def load(cls, folder: Path) -> AddedTokenRows | None:
+        """The rows `folder` holds in `ADDED_ROWS`, or None when it has none; CheckpointError when unreadable."""
+        path = folder / ADDED_ROWS
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                rows = int(handle.metadata()["rows"])
+            return cls(tuple(tensors["token_ids"].tolist()), rows, tensors["input"], tensors.get("output"))
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint '{folder}': {ADDED_ROWS} could not be read: {err}") from None
+
+    def write_into(self, model: PreTrainedModel, what: str) -> None:
+        """Write the rows into `model`, whose embeddings have `rows` rows (in its dtype; under ZeRO-3 a
+        collective). CheckpointError (naming `what`) when the model's output embedding is tied and these rows
+        are not, or the other way round."""
+        from workbench.distributed import gathered_parameters
+
+        weights = _embedding_weights(model)
+        if (weights[1] is None) != (self.output is None):
+            tied = "tied" if self.output is None else "untied"
+            raise CheckpointError(f"{what}: {ADDED_ROWS} holds rows of {tied} embeddings, the base model's are not")
+        index = torch.tensor(self.token_ids, dtype=torch.int64)
+        for weight, values in zip(weights, (self.input, self.output), strict=True):
+            if weight is not None:
+                with torch.no_grad(), gathered_parameters([weight], modify=True):
+                    weight.index_copy_(0, index.to(weight.device), values.to(weight))
+
+
+def _embedding_keys(base: PreTrainedModel) -> list[str]:
+    """The adapter-file keys under which PEFT saves `base`'s embedding matrices (`save_embedding_layers`)."""
+    embeddings = (base.get_input_embeddings(), base.get_output_embeddings())
+    return [f"base_model.model.{name}.weight" for name, module in base.named_modules()
+            if any(module is embedding for embedding in embeddings)]
+
+
+def _saved_embedding_rows(checkpoint: Path, base: PreTrainedModel) -> int:
+    """The most rows of an embedding matrix PEFT saved in the adapter file of `checkpoint` (0: none saved)."""
+    with safe_open(str(checkpoint / ADAPTER_WEIGHTS), framework="pt") as handle:
+        saved = set(handle.keys())
+        return max((handle.get_slice(key).get_shape()[0] for key in _embedding_keys(base) if key in saved),
+                   default=0)
+
+
+def grow_to_adapter_vocabulary(base: PreTrainedModel, checkpoint: Path) -> None:
+    """Give `base` the embeddings the adapter of `checkpoint` was trained with, as PEFT asks before an adapter
+    loads: grown (never shrunk) to the rows its `AddedTokenRows` record, or to those of the embedding matrices
+    PEFT saved when the vocabulary grew (`save_embedding_layers="auto"`, which PEFT then loads), and the added
+    tokens' rows written in. New rows start unset (no full-vocabulary statistics): every one of them is then
+    written. CheckpointError when rows of the grown embeddings would stay unset."""
+    added = AddedTokenRows.load(checkpoint)
+    saved_rows = _saved_embedding_rows(checkpoint, base)
+    current = base.get_input_embeddings().num_embeddings
+    rows = max(current, saved_rows, added.rows if added else 0)
+    what = f"checkpoint '{checkpoint}'"
+    unset = set(range(current, rows)) - set(added.token_ids if added else ()) if saved_rows < rows else set()
+    if unset:
+        raise CheckpointError(f"{what}: the adapter was trained with {rows} embedding rows, the base model has "
+                              f"{current}, and neither {ADDED_ROWS} nor {ADAPTER_WEIGHTS} holds row {min(unset)}")
+    if rows > current:
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    if added is not None:
+        added.write_into(base, what)
+
+
+class AddedTokenRowsCallback(TrainerCallback):
+    """Writes `rows` (`AddedTokenRows` of a LoRA run's frozen embeddings) into every checkpoint the Trainer saves:
+    `WorkbenchTrainer` calls `save_files` on the process that saves, before it writes the manifest, so a checkpoint
+    that is marked complete has them. The rows are frozen, so the copy taken when they were set is the one to
+    save: saving gathers nothing."""
+
+    def __init__(self, rows: AddedTokenRows) -> None:
+        self.rows = rows
+
+    def save_files(self, checkpoint: Path) -> None:
+        self.rows.save(checkpoint)
+
+    def on_save(self, args, state, control, **kwargs: Any) -> None:
+        """In another Trainer (which does not call `save_files`): write the rows after the checkpoint."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and checkpoint.is_dir() and not (checkpoint / ADDED_ROWS).is_file():
+            self.rows.save(checkpoint)
 
 
 def merge_adapter(model: PeftModel) -> PreTrainedModel:

@@ -185,6 +185,9 @@ def _probe_config(config: Any) -> Any:
     probe = copy.deepcopy(config)
     if hasattr(probe, "smoe"):  # an SMoE-converted model: trace the dense architecture it was converted from
         del probe.smoe
+    for config in {id(c): c for c in (probe, probe.get_text_config())}.values():
+        config.pad_token_id = None  # no padding check of the (meta) ids, which would read their values
+        config.use_cache = True  # no packed-sequence check of the position ids (it reads them) either
     return probe
 
 

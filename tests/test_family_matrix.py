@@ -1,0 +1,134 @@
+"""The family matrix, fast tier: each family's tiny random model (tests/families.py) loaded from its folder as a
+download would be, trained for 2 steps through `workbench.run.train` (pretraining, or classification for BERT),
+and for causal LMs 2 steps of LoRA fine-tuning on every linear layer with the completion-only loss checked
+against the family's tokenizer conventions (BOS, pad = EOS). Also: docs/families.md holds the generated table.
+tests/integration/test_family_matrix_launch.py launches the same families under DeepSpeed, loads and merges them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, family_config
+from families import (
+    CAUSAL_LM,
+    CLASSIFICATION_DATA,
+    FAMILIES,
+    FAMILY,
+    FINETUNING_DATA,
+    PRETRAINING_DATA,
+    Family,
+    feature_table,
+)
+from transformers import TrainerCallback
+
+from workbench.config import ExperimentConfig
+from workbench.data.finetune import load_finetune_splits
+from workbench.models import load_tokenizer
+from workbench.run import train
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
+ROWS_CHECKED = 8  # training examples whose collated labels are checked
+IGNORE = -100
+
+
+class FirstRows(TrainerCallback):
+    """At the start of training, the first `rows` training examples collated by the run's own collator (as the
+    Trainer batches them, without drawing from its sampler), and the model as the Trainer holds it."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.batch: dict[str, torch.Tensor] = {}
+        self.model: torch.nn.Module | None = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
+        dataset = train_dataloader.dataset
+        self.batch = train_dataloader.collate_fn([dataset[i] for i in range(self.rows)])
+        self.model = model
+
+
+def test_docs_table_is_the_generated_one():
+    """docs/families.md holds `python -m tests.families --table` as it is now."""
+    assert feature_table() in (REPO / "docs" / "families.md").read_text(encoding="utf-8"), (
+        "docs/families.md is out of date: paste `python -m tests.families --table` into it")
+
+
+def test_every_family_lists_each_refusal_with_a_reason():
+    for family in FAMILIES:
+        assert all(reason.strip() for reason in family.refused.values()), family.name
+        assert family.applies("pretraining") == (family.run_kind == CAUSAL_LM)
+        assert family.applies("smoe_dropout") != family.moe
+
+
+@pytest.mark.parametrize("name", [family.name for family in FAMILIES])
+def test_family_trains_from_its_folder(name, family_folder, tmp_path):
+    family = FAMILY[name]
+    folder = family_folder(name)
+    if family.run_kind == CAUSAL_LM:
+        _pretrain(folder, tmp_path)
+        _finetune_with_lora(family, folder, tmp_path)
+    else:
+        _classify(folder, tmp_path)
+
+
+def _pretrain(folder: Path, tmp_path: Path) -> None:
+    result = train(ExperimentConfig(**family_config(tmp_path, folder, "pretrain", PRETRAINING_DATA)))
+    assert result.kind == "pretrain" and result.global_step == 2 and math.isfinite(result.train_loss)
+    assert (result.run_dir / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def _classify(folder: Path, tmp_path: Path) -> None:
+    result = train(ExperimentConfig(**family_config(tmp_path, folder, "classify", CLASSIFICATION_DATA)))
+    assert result.kind == "classification" and result.global_step == 2 and math.isfinite(result.train_loss)
+    assert result.eval_accuracy is not None and (result.run_dir / "checkpoint-2" / "model.safetensors").is_file()
+
+
+def _finetune_with_lora(family: Family, folder: Path, tmp_path: Path) -> None:
+    cfg = ExperimentConfig(**family_config(tmp_path, folder, "lora", FINETUNING_DATA, lora=LORA))
+    first = FirstRows(ROWS_CHECKED)
+    result = train(cfg, callbacks=[first])
+    assert result.kind == "finetune" and result.global_step == 2 and math.isfinite(result.train_loss)
+    assert (result.run_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    _check_every_linear_layer_adapted(first.model)
+    tokenizer = load_tokenizer(cfg.model)
+    examples = load_finetune_splits(cfg.data, tokenizer)["train"].select(range(ROWS_CHECKED))
+    _check_completion_mask(family, tokenizer, examples, first.batch)
+
+
+def _check_every_linear_layer_adapted(model: torch.nn.Module) -> None:
+    """`target_modules: all-linear`: a LoRA adapter on every linear layer of the base model but its output head."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    adapted = [name for name, module in base.named_modules() if isinstance(module, LoraLayer)]
+    plain = [name for name, module in base.named_modules() if type(module) is torch.nn.Linear and module is not head
+             and not name.endswith(".base_layer") and ".lora_" not in name]
+    assert adapted and not plain, f"linear layers without an adapter: {plain}"
+
+
+def _check_completion_mask(family: Family, tokenizer, examples, batch: dict[str, torch.Tensor]) -> None:
+    """Each collated row is the family's encoding of prompt + completion + EOS (starting with the family's BOS or
+    prefix, if any, nothing else added), right-padded; its labels are -100 exactly on the prompt's tokens and the
+    padding, and the tokens elsewhere, the closing EOS included even where the pad token is EOS."""
+    prefix = tokenizer.convert_tokens_to_ids(family.tokens.prefix) if family.tokens.prefix else None
+    padded = False
+    for row, example in enumerate(examples):
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        full = tokenizer(example["prompt"] + example["completion"] + tokenizer.eos_token)["input_ids"]
+        assert full[:len(prompt)] == prompt and full[-1] == tokenizer.eos_token_id
+        assert len(full) <= FINETUNING_DATA["block_size"], "an example is truncated: raise its block_size"
+        if prefix is None:
+            assert full[0] not in tokenizer.all_special_ids, f"{family.name} adds no BOS"
+        else:
+            assert full[0] == prefix and full[1] not in tokenizer.all_special_ids
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        length = len(full)
+        assert ids[:length] == full
+        assert labels[:len(prompt)] == [IGNORE] * len(prompt)
+        assert labels[len(prompt):length] == full[len(prompt):]
+        assert labels[length:] == [IGNORE] * (len(ids) - length)
+        padded |= length < len(ids)
+    assert padded, "no row was padded: the padding check saw nothing"
