@@ -245,13 +245,25 @@ def build_family_folder(family: Family, folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def traced_description(family: Family) -> str:
+    """What `workbench.models.structure` finds in the family's tiny model, traced from its config alone."""
+    from workbench.models.structure import traced_sites
+
+    extra = {"num_labels": CLASSIFICATION_LABELS} if family.run_kind == CLASSIFICATION else {}
+    config = getattr(transformers, family.config_class)(vocab_size=64, **family.config, **extra)
+    return traced_sites(config, getattr(transformers, family.model_class)).describe()
+
+
 def feature_table() -> str:
-    """The Markdown table of family x feature: ✓ where the feature applies, else why not."""
+    """The Markdown table of family x feature: ✓ where the feature applies, else why not; and the sites the
+    methods act on, as `workbench.models.structure` finds them."""
     titles = [FEATURE_TITLES.get(feature, f"`{feature}`") for feature in FEATURES]
-    lines = ["| family | model class | " + " | ".join(titles) + " |", "|---" * (len(FEATURES) + 2) + "|"]
+    lines = ["| family | model class | sites found (by structure) | " + " | ".join(titles) + " |",
+             "|---" * (len(FEATURES) + 3) + "|"]
     for family in FAMILIES:
         cells = ["✓" if family.applies(feature) else family.refused[feature] for feature in FEATURES]
-        lines.append(f"| {family.name} | `{family.model_class}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {family.name} | `{family.model_class}` | {traced_description(family)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -166,3 +166,20 @@ def test_print_config_yaml_parses(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["precision"] == "fp32" and printed["training"]["max_steps"] == 8
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("model", "methods", "message"), [
+    ({}, {"smoe_dropout": {"experts": 3}},
+     "error: field 'methods.smoe_dropout': GPTNeoXForCausalLM: experts (3) must divide the MLP width 64 of layer 0"),
+    ({"preset": "t5-tiny", "overrides": {}}, {"drop_path": {}},
+     "error: field 'methods.drop_path': T5ForConditionalGeneration: 2 layer stacks"),
+])
+def test_a_model_a_method_cannot_act_on_is_one_line_before_anything_is_written(tmp_path, capsys, model, methods,
+                                                                              message):
+    cfg = tiny_config(tmp_path, methods=methods)
+    cfg["model"].update(model)
+    path = write_config(tmp_path, cfg)
+    before = _files(tmp_path)
+    err = _error_of([str(path)], capsys)
+    assert err.startswith(message), err
+    assert _files(tmp_path) == before  # no run folder, no prepared data

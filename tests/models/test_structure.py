@@ -133,3 +133,16 @@ def test_early_checks_need_no_weights_and_name_the_field():
         check_methods_on_model([method], lambda: (config, transformers.GPT2LMHeadModel))
     sites = traced_sites(config, transformers.GPT2LMHeadModel)
     assert all(p.is_meta for p in sites.layers[0].module.parameters())
+
+
+@pytest.mark.parametrize(("name", "axes"), [("gpt2", [1, 0]), ("llama", [0, 0, 1]), ("phi3", [0, 1])])
+def test_send_weight_site_reads_the_intermediate_axis_of_each_layout(name, axes):
+    """SeND's `site: weights` zeroes MLP units: rows of Linear up/gate maps (columns of GPT-2's Conv1D c_fc),
+    columns of the down map (rows of Conv1D c_proj); the axis it zeroes has the MLP's width (2x for fused)."""
+    from workbench.methods.send import mlp_weights
+
+    model = tiny_model(name)
+    layer = model_sites(model).layers[0]
+    found = mlp_weights(model, layer)
+    assert [axis for _, axis in found] == axes
+    assert all(weight.shape[axis] in (layer.mlp.width, 2 * layer.mlp.width) for weight, axis in found)

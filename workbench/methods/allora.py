@@ -253,6 +253,8 @@ class Allora(Method):
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
         self.layers = adapted_layers(model, self.config)
+        etas = ", ".join(f"{eta:g}" for eta in sorted({layer.eta for layer in self.layers}))
+        print(f"[allora] {len(self.layers)} adapted linear layers (eta {etas}), applied to the {self.config.apply}")
         if self.config.apply == "gradient":
             for layer in self.layers:
                 layer.module.lora_variant[layer.adapter] = _GradientVariant(layer, self.config)

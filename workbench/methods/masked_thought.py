@@ -339,6 +339,12 @@ class MaskedThought(Method):
         if self.added_mask_token:  # a mask token the tokenizer already had keeps its trained rows
             init_mask_embedding(model, self.tokenizer.mask_token_id, len(self.tokenizer))
             self.frozen_rows = frozen_mask_rows(model, self.tokenizer.mask_token_id)
+        if self.config.replacement == "mask" and self.tokenizer is not None:
+            output = model.get_output_embeddings()
+            tied = output is not None and output.weight is model.get_input_embeddings().weight
+            how = "added, its rows the mean of the others" if self.added_mask_token else "the tokenizer's own"
+            print(f"[masked_thought] {self.tokenizer.mask_token!r} = token {self.tokenizer.mask_token_id} ({how}; "
+                  f"{'tied' if tied else 'untied'} embeddings), target {self.config.target}")
         return model
 
     def wrap_collator(self, collator: Any) -> MaskedThoughtCollator:

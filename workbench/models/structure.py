@@ -27,8 +27,11 @@ model class and what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +119,8 @@ class ModelSites:
             parts.append(f"{len(dense)} dense MLPs ({', '.join(kinds)})")
         if moe:
             parts.append(f"{moe} MoE blocks")
-        parts.append("tied embeddings" if self.tied else "untied embeddings")
+        parts.append("no output embeddings" if self.output_embeddings is None
+                     else "tied embeddings" if self.tied else "untied embeddings")
         return ", ".join(parts)
 
 
@@ -225,7 +229,7 @@ def _trace(model: nn.Module) -> _Trace:
     layers_name, _ = _layer_list(model)
     config = _probe_config(model.config)
     try:
-        with torch.device("meta"):
+        with _outside_zero_init(), torch.device("meta"):
             probe = _probe_class(model)(config)
         probe = probe.to(torch.bfloat16).eval()  # bf16: the grouped expert matmuls of MoE families need it
     except Exception as err:  # noqa: BLE001 - any failure to build the probe is reported with the class
@@ -255,6 +259,21 @@ def _trace(model: nn.Module) -> _Trace:
                           and isinstance(probe.get_submodule(c.name), nn.Dropout)]
     hidden = layers[0]["hidden_size"]
     return _Trace(layers_name, layers, embedding_dropouts, hidden)
+
+
+@contextlib.contextmanager
+def _outside_zero_init() -> Iterator[None]:
+    """Build the probe outside DeepSpeed's `zero.Init` when one is active (an SMoE checkpoint re-applies its
+    conversion, and so traces, inside `from_pretrained` under ZeRO-3): the meta copy is not to be partitioned."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    active = zero is not None and zero.top_level_context is not None
+    if active:
+        zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero.restore_init_context()
 
 
 def _outermost(calls: list[_Call]) -> dict[int, _Call]:
