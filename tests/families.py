@@ -57,6 +57,8 @@ CLASSIFIER_NOT_EVALUATED = "the evaluator scores causal LMs (lm-eval); a classif
 CLASSIFIER_NO_MERGE = "merges a LoRA adapter, and classification runs have none"
 NEEDS_LORA = "needs LoRA, refused for classification runs"
 ALREADY_MOE = "already MoE: its MLPs are experts"
+ROUTER_ADAPTED = ("refused: all-linear LoRA also adapts its router weight (a PEFT ParamWrapper), which ALLoRA's "
+                  "per-row coefficients of linear layers do not cover; name the linear target_modules instead")
 
 
 def trl_chat_template(name: str) -> str:
@@ -143,7 +145,7 @@ MISTRAL_TOKENS = Tokens(bos="<s>", eos="</s>", unk="<unk>", prefix="<s>", chat_t
 CHATML_TOKENS = dict(eos="<|im_end|>", pad="<|endoftext|>", extra=("<|im_start|>",))  # Qwen: no BOS at all
 CLASSIFIER_REFUSED = {
     "pretraining": CLASSIFIER_TRAINING, "lora": CLASSIFIER_NO_LORA, "completion_mask": CLASSIFIER_NO_COMPLETION,
-    "evaluator": CLASSIFIER_NOT_EVALUATED, "merge": CLASSIFIER_NO_MERGE, "send": NOT_CAUSAL,
+    "evaluator": CLASSIFIER_NOT_EVALUATED, "merge": CLASSIFIER_NO_MERGE,
     "masked_thought": NOT_CAUSAL, "allora": NEEDS_LORA,
 }
 
@@ -173,7 +175,8 @@ FAMILIES: list[Family] = [
     Family("olmo2", "Olmo2Config", {k: v for k, v in _decoder().items() if k != "head_dim"}, "Olmo2ForCausalLM",
            Tokens(bos=EOS_TOKEN, eos=EOS_TOKEN, pad=PAD_TOKEN)),
     Family("mixtral", "MixtralConfig", _decoder(sliding_window=None, num_local_experts=4, num_experts_per_tok=2),
-           "MixtralForCausalLM", MISTRAL_TOKENS, refused={"smoe_dropout": ALREADY_MOE}, moe=True),
+           "MixtralForCausalLM", MISTRAL_TOKENS, refused={"smoe_dropout": ALREADY_MOE, "allora": ROUTER_ADAPTED},
+           moe=True),
     Family("qwen2_moe", "Qwen2MoeConfig",
            {**{k: v for k, v in _decoder().items() if k != "head_dim"}, "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 64, "num_experts": 4, "num_experts_per_tok": 2},

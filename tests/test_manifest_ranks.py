@@ -89,6 +89,7 @@ def _save_on_two_ranks(rank: int, port: int, root: str) -> None:
     trainer.methods = SimpleNamespace(checkpointed=lambda: False)
     trainer.accelerator = SimpleNamespace(wait_for_everyone=torch.distributed.barrier)
     trainer.logging_state = lambda: {"loss_sum": 0.0}
+    trainer.callback_handler = SimpleNamespace(callbacks=[])
     trainer._get_output_dir = lambda trial: str(view)
     trainer._save_checkpoint(None, None)
     torch.distributed.barrier()

@@ -19,10 +19,12 @@ from families import (
     PRETRAINING_DATA,
     Family,
 )
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from test_resume_logging import _CrashAt, measured
 
 from workbench.config import ExperimentConfig
+from workbench.errors import ConfigError
 from workbench.run import train
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -150,3 +152,17 @@ def test_method_resumes_bit_equal(name, method, family_folder, tmp_path):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert _untimed(split.run_dir / "metrics.jsonl") == _untimed(straight.run_dir / "metrics.jsonl")
     assert resumed.train_loss == reference.train_loss
+
+
+REFUSED = [(family.name, method) for family in FAMILIES for method in METHODS if not family.applies(method)]
+
+
+@pytest.mark.parametrize(("name", "method"), REFUSED)
+def test_a_refused_method_is_a_one_line_config_error(name, method, family_folder, tmp_path):
+    """Where the table says a method does not apply, a run with it stops with a ConfigError (exit 2 from the
+    command), never trains: the table cannot claim a refusal the code does not make."""
+    family, folder = FAMILY[name], family_folder(name)
+    with pytest.raises((ConfigError, ValidationError)) as err:  # the command prints either as one line, exit 2
+        train(method_run_config(family, method, folder, tmp_path, "refused"))
+    assert isinstance(err.value, ValidationError) or "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("checkpoint-*"))

@@ -12,7 +12,7 @@ pads and packs. The formats (`data.format`, see `resolve_format`):
 - `messages`: a column `messages`, lists of `{"role", "content"}`, rendered by the tokenizer's chat template
   (which must exist). The loss covers the assistant turns where the template marks them with
   `{% generation %}` (or TRL knows how to mark them); with any other template it covers the whole
-  conversation. TRL appends no EOS here: the template ends the turns.
+  conversation (`sft_config_fields` reports which). TRL appends no EOS here: the template ends the turns.
 - `text`: a column `text`; EOS appended, the loss covers every token.
 
 The built-in generators `synthetic:arithmetic` and `synthetic:fact_qa` give prompt/completion pairs in one
@@ -45,7 +45,8 @@ if TYPE_CHECKING:  # annotations only: workbench.config imports this package (to
 
 __all__ = [
     "FORMATS", "QA_PROMPT", "TruncationReport", "assistant_masks_supported", "check_packing",
-    "load_finetune_splits", "resolve_format", "sft_config_fields", "token_lengths", "truncation_report",
+    "conversation_loss_line", "load_finetune_splits", "resolve_format", "sft_config_fields", "token_lengths",
+    "truncation_report",
 ]  # fmt: skip
 
 """The prompt of the built-in QA generators; the completion is " " + the answer (for arithmetic, the worked
@@ -236,6 +237,15 @@ def assistant_masks_supported(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
+def conversation_loss_line(tokenizer: PreTrainedTokenizerBase, assistant_only: bool) -> str:
+    """The line that says which tokens of a conversation (messages data) the loss covers: the assistant turns
+    (`assistant_only`, where `assistant_masks_supported(tokenizer)`) or, with a template TRL cannot mark, all."""
+    if assistant_only:
+        return "[workbench] loss on the assistant turns only (chat template marked for TRL's assistant masks)"
+    return (f"[workbench] chat template of '{_tokenizer_name(tokenizer)}' cannot mark assistant turns (no "
+            "{% generation %} and no TRL version of it): the loss covers the whole conversation")
+
+
 def tokenising_processes(data: DataConfig) -> tuple[int, str]:
     """How many processes TRL tokenises the examples with (`dataset_num_proc`), and the line that says why:
     `workbench.data.loading.map_processes` of the source's rows (at most `data.max_documents`; a generator's
@@ -254,7 +264,8 @@ def sft_config_fields(
     report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The `trl.SFTConfig` fields the data section decides (`report`, where given, gets the line that says how
-    many processes tokenise).
+    many processes tokenise, and for messages the line that says which tokens the loss covers,
+    `conversation_loss_line`).
 
     - `max_length` = `data.block_size`; longer examples are cut at the end (`truncation_mode` keep_start)
       during TRL's dataset preparation, and without packing those left with no loss token are dropped.
@@ -275,15 +286,18 @@ def sft_config_fields(
     if data.packing and model is not None:
         check_packing(model)
     processes, why = tokenising_processes(data)
+    assistant_only = fmt == "messages" and assistant_masks_supported(tokenizer)
     if report is not None:
         report(why)
+        if fmt == "messages":
+            report(conversation_loss_line(tokenizer, assistant_only))
     return {
         "max_length": data.block_size,
         "truncation_mode": "keep_start",
         "dataset_text_field": "text",
         "dataset_num_proc": processes,
         "completion_only_loss": fmt == "prompt_completion",
-        "assistant_only_loss": fmt == "messages" and assistant_masks_supported(tokenizer),
+        "assistant_only_loss": assistant_only,
         "packing": data.packing,
         "packing_strategy": "bfd",
         "padding_free": data.packing,
