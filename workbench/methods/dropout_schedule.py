@@ -95,7 +95,8 @@ def dropout_sites(model: PreTrainedModel, kinds: list[str] | tuple[str, ...] = S
         raise SiteError(f"{found.model_class}: no attention dropout (a dropout module in the attention or its "
                         "`attention_dropout` rate) in its layers")
     print(f"[dropout_schedule] {len(found.layers)} layers: " + ", ".join(
-        f"{kind} {len(sites[kind])}" + (f" ({added[kind]} added as output hooks)" if added[kind] else "")
+        f"{kind} {len(sites[kind])}"
+        + (f" ({added[kind]} added as output hook{'s' if added[kind] > 1 else ''})" if added[kind] else "")
         for kind in SITES))
     return sites
 
