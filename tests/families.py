@@ -253,7 +253,8 @@ def traced_description(family: Family) -> str:
     from workbench.models.structure import traced_sites
 
     extra = {"num_labels": CLASSIFICATION_LABELS} if family.run_kind == CLASSIFICATION else {}
-    config = getattr(transformers, family.config_class)(vocab_size=64, **family.config, **extra)
+    special = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))  # ids beyond the 64 rows otherwise
+    config = getattr(transformers, family.config_class)(vocab_size=64, **special, **family.config, **extra)
     return traced_sites(config, getattr(transformers, family.model_class)).describe()
 
 

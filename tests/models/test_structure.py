@@ -146,3 +146,44 @@ def test_send_weight_site_reads_the_intermediate_axis_of_each_layout(name, axes)
     found = mlp_weights(model, layer)
     assert [axis for _, axis in found] == axes
     assert all(weight.shape[axis] in (layer.mlp.width, 2 * layer.mlp.width) for weight, axis in found)
+
+
+OTHER_FAMILIES = {  # beyond the matrix: layouts that needed a rule of their own
+    "phi": (transformers.PhiConfig, transformers.PhiForCausalLM,  # one dropout module on both branches
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 resid_pdrop=0.1)),
+    "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification,  # padding index at build
+                dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     pad_token_id=1, num_labels=2)),
+    "distilbert": (transformers.DistilBertConfig, transformers.DistilBertForSequenceClassification,  # no
+                   dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=2)),  # _no_split_modules
+    "t5-encoder": (transformers.T5Config, transformers.T5EncoderModel,  # a dropout inside the MLP, before wo
+                   dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FAMILIES))
+def test_other_layouts_get_their_sites_and_convert_exactly(name):
+    config_class, model_class, fields = OTHER_FAMILIES[name]
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=VOCAB, **fields)).eval()
+    sites = model_sites(model)
+    assert len(sites.layers) == 2 and len(sites.branches) == 4
+    ids = torch.randint(2, VOCAB, (2, 6))
+    with torch.no_grad():
+        dense = model(ids)[0]
+    convert_to_moe(model, 4, init="split", combine="scaled", weights="uniform")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids)[0], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_one_dropout_on_both_branches_is_set_once_and_gets_no_second_hook():
+    from workbench.methods.dropout_schedule import dropout_sites
+
+    config_class, model_class, fields = OTHER_FAMILIES["phi"]
+    model = model_class(config_class(vocab_size=VOCAB, **fields))
+    layer = model_sites(model).layers[0]
+    assert layer.dropouts["residual_attention"] == layer.dropouts["residual_feed_forward"] == [layer.module.resid_dropout]
+    sites = dropout_sites(model, ["residual"])
+    assert len(sites["residual"]) == 2  # one module per layer, no hook added on top
+    assert not [n for n, _ in model.named_modules() if n.endswith("workbench_output_dropout")]

@@ -87,6 +87,7 @@ def dropout_sites(model: PreTrainedModel, kinds: list[str] | tuple[str, ...] = S
             else:
                 sites["residual"].append(_hook_output_dropout(branch, "workbench_output_dropout"))
                 added["residual"] += 1
+    sites["residual"] = list({id(site): site for site in sites["residual"]}.values())  # Phi: one for both branches
     sites["embedding"] = list(found.embedding_dropouts)
     if not sites["embedding"]:
         sites["embedding"].append(_hook_output_dropout(found.input_embeddings, "workbench_emb_dropout"))

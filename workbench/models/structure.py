@@ -4,10 +4,12 @@ Every method asks this module; none keeps a list of module names. The answer com
 exposes and from the model's own forward:
 
 - **layers**: the `nn.ModuleList` whose entries are the model's `_no_split_modules` class (the decoder or encoder
-  layer transformers never splits across devices), one per `num_hidden_layers` of the (text) config;
+  layer transformers never splits across devices), one per `num_hidden_layers` of the (text) config; for a
+  class without `_no_split_modules` (DistilBERT, ELECTRA), the one list of `num_hidden_layers` alike blocks;
 - **a data-flow trace**: the model's class is built from its config on the `meta` device (no memory, no
   weights) and runs one forward on four token ids with hooks on every module of its layers. Inside each layer:
-    * the *attention* is the outermost module carrying transformers' attention-interface flag `is_causal`;
+    * the *attention* is the outermost module carrying transformers' attention-interface flag `is_causal` (a
+      model whose attention lacks it, MPT, XGLM or BLOOM, is refused);
     * a *residual branch* is the outermost module whose output has the layer's hidden shape and that no other
       module of the layer reads: it goes into the residual add (or the layer's own post-norm). That is the
       attention output (or, in Gemma 2/3 and OLMo 2, the norm applied to it; in GPT-NeoX and Phi-3 the dropout
@@ -190,9 +192,15 @@ def _probe_config(config: Any) -> Any:
     if hasattr(probe, "smoe"):  # an SMoE-converted model: trace the dense architecture it was converted from
         del probe.smoe
     for config in {id(c): c for c in (probe, probe.get_text_config())}.values():
-        config.pad_token_id = None  # no padding check of the (meta) ids, which would read their values
-        config.use_cache = True  # no packed-sequence check of the position ids (it reads them) either
+        config.use_cache = True  # no packed-sequence check of the position ids (it reads them)
     return probe
+
+
+def _no_padding_check(config: Any) -> None:
+    """After the probe is built (RoBERTa's embeddings take their padding index from the config then): no padding
+    check of the (meta) ids at forward time, which would read their values."""
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        part.pad_token_id = None
 
 
 def _probe_class(model: nn.Module) -> type:
@@ -211,6 +219,10 @@ def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module)
              and all(type(entry).__name__ in kinds for entry in module)]
+    if not found:  # no `_no_split_modules` (DistilBERT, ELECTRA): a list of num_hidden_layers alike blocks
+        found = [(name, module) for name, module in model.named_modules()
+                 if isinstance(module, nn.ModuleList) and len(module) == expected
+                 and len({type(entry) for entry in module}) == 1 and list(module[0].children())]
     if not found:
         raise SiteError(f"{type(model).__name__}: no list of its layers ({', '.join(sorted(kinds)) or 'no '}"
                         "_no_split_modules) found")
@@ -232,6 +244,7 @@ def _trace(model: nn.Module) -> _Trace:
         with _outside_zero_init(), torch.device("meta"):
             probe = _probe_class(model)(config)
         probe = probe.to(torch.bfloat16).eval()  # bf16: the grouped expert matmuls of MoE families need it
+        _no_padding_check(probe.config)
     except Exception as err:  # noqa: BLE001 - any failure to build the probe is reported with the class
         raise SiteError(f"{type(model).__name__}: cannot be built on the meta device to find its sites "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
@@ -324,11 +337,10 @@ def _layer_trace(probe: nn.Module, prefix: str, calls: list[_Call]) -> dict[str,
         raise SiteError(f"{cls}: layer '{prefix}' has {len(attention_sinks)} attention and "
                         f"{len(feed_forward_sinks)} feed-forward residual branches, not 1 and 1")
     attention_branch, feed_forward_branch = attention_sinks[0].name, feed_forward_sinks[0].name
-    is_moe, mlp = _feed_forward(probe, prefix, inner, attention, feed_forward_branch, shape[-1], producer)
+    dropouts = _dropout_kinds(probe, prefix, inner, attention, (attention_branch, feed_forward_branch), downstream)
+    is_moe, mlp = _feed_forward(probe, prefix, inner, attention, feed_forward_branch, shape[-1], dropouts["other"])
     return {"name": prefix, "attention": attention, "branches": (attention_branch, feed_forward_branch),
-            "is_moe": is_moe, "mlp": mlp, "hidden_size": shape[-1],
-            "dropouts": _dropout_kinds(probe, prefix, inner, attention, (attention_branch, feed_forward_branch),
-                                       downstream)}
+            "is_moe": is_moe, "mlp": mlp, "hidden_size": shape[-1], "dropouts": dropouts}
 
 
 def _downstream(inner: list[_Call], producer: dict[int, _Call], attention: str) -> set[int]:
@@ -356,7 +368,7 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _feed_forward(probe: nn.Module, prefix: str, inner: list[_Call], attention: str, branch: str, hidden: int,
-                  producer: dict[int, _Call]) -> tuple[bool, MLPParts | None]:
+                  inner_dropouts: list[str]) -> tuple[bool, MLPParts | None]:
     """Whether the feed-forward branch is MoE, and the dense MLP's parts."""
     cls = type(probe).__name__
     region = [c for c in inner if not _inside(c.name, attention) and c.name != attention]
@@ -375,7 +387,8 @@ def _feed_forward(probe: nn.Module, prefix: str, inner: list[_Call], attention: 
     down = downs[0]
     width = linears[down][0]
     ins = [n for n, (i, o) in linears.items() if i == hidden and o in (width, 2 * width) and n != down]
-    activations = [n for n in names if not list(probe.get_submodule(n).parameters())
+    passing = {c.name for c in region if c.passes_through}  # nn.Identity and the like: no activation
+    activations = [n for n in names if not list(probe.get_submodule(n).parameters()) and n not in passing
                    and not isinstance(probe.get_submodule(n), nn.Dropout) and not list(probe.get_submodule(n).children())]
     readers = {n: {id(t) for c in region if c.name == n for t in c.inputs} for n in activations}
     outputs = {n: {id(c.output) for c in region if c.name == n and c.output is not None} for n in ins}
@@ -392,7 +405,7 @@ def _feed_forward(probe: nn.Module, prefix: str, inner: list[_Call], attention: 
         raise SiteError(f"{cls}: layer '{prefix}' has {len(ins)} MLP input projections ({', '.join(ins) or 'none'}); "
                         "expected an up projection, optionally with a gate or fused gate-up")
     fused_gate_up = bool(fused) and up == fused[0]
-    container, bypassed = _container(probe, prefix, up, gate, act, down)
+    container, bypassed = _container(probe, prefix, up, gate, act, down, set(inner_dropouts))
     return False, MLPParts(up, down, gate, act, fused_gate_up, width, container, bypassed)
 
 
@@ -400,15 +413,16 @@ def _leaves(module: nn.Module, name: str) -> set[str]:
     return {f"{name}.{n}" if n else name for n, m in module.named_modules() if not list(m.children())}
 
 
-def _container(probe: nn.Module, prefix: str, up: str, gate: str | None, act: str | None,
-               down: str) -> tuple[str, tuple[str, ...]]:
-    """The module a conversion replaces: the smallest module below the layer holding exactly the MLP's parts, or
-    else the largest holding `up` (and the activation) alone, with the parts after it bypassed."""
+def _container(probe: nn.Module, prefix: str, up: str, gate: str | None, act: str | None, down: str,
+               inner_dropouts: set[str]) -> tuple[str, tuple[str, ...]]:
+    """The module a conversion replaces: the smallest module below the layer holding exactly the MLP's parts
+    (and dropouts inside the MLP, on neither branch: T5's, ModernBERT's; the MoE layer has none), or else the
+    largest holding `up` (and the activation) alone, with the parts after it bypassed."""
     parts = {p for p in (up, gate, act, down) if p is not None}
     ancestor = up
     while "." in ancestor[len(prefix) + 1:]:
         ancestor = ancestor.rsplit(".", 1)[0]
-        if _leaves(probe.get_submodule(ancestor), ancestor) == parts:
+        if parts <= _leaves(probe.get_submodule(ancestor), ancestor) <= parts | inner_dropouts:
             return ancestor, ()
     if gate is not None or act is None:
         raise SiteError(f"{type(probe).__name__}: layer '{prefix}' has its MLP parts ({', '.join(sorted(parts))}) "
@@ -434,8 +448,12 @@ def _dropout_kinds(probe: nn.Module, prefix: str, inner: list[_Call], attention:
     layer = probe.get_submodule(prefix)
     for name in (f"{prefix}.{n}" for n, m in layer.named_modules() if isinstance(m, nn.Dropout)):
         outs = {id(c.output) for c in inner if c.name == name and c.output is not None}
-        if outs & branch_outputs or outs & attention_outputs:
-            kinds["residual_attention" if outs & downstream else "residual_feed_forward"].append(name)
+        on_branch = outs & (branch_outputs | attention_outputs)
+        if on_branch:  # one module may drop both branches (Phi's `resid_dropout`): it is in both kinds
+            if on_branch & downstream:
+                kinds["residual_attention"].append(name)
+            if on_branch - downstream:
+                kinds["residual_feed_forward"].append(name)
         elif _inside(name, attention):  # also when the attention passes its rate to a kernel (not called)
             kinds["attention"].append(name)
         else:
