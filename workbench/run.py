@@ -249,14 +249,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False,
     resuming = resume or cfg.resume_from_checkpoint is not None
     cfg = resolve_base_run(cfg, report, resuming=resuming)
     kind = kind_for(cfg)(cfg, report)
-    methods = MethodStack(build_methods(cfg.methods))
-    check_methods_on_model(methods, kind.architecture)  # a model a method cannot act on: before anything is written
+    check_methods_on_model(cfg.methods, kind.architecture)  # a model a method cannot act on: before anything is written
     if rank0:
         prepare_run_dir(cfg, resume, overwrite)
     precision, why = resolve_precision(cfg, resuming)
     report(f"[workbench] precision {precision} ({why})")
     args = training_arguments(cfg, precision, kind)
     join_process_group(args)
+    methods = MethodStack(build_methods(cfg.methods))  # after the process group: a method may read its rank
     pieces = kind.data(args)
     vocabulary = len(pieces.tokenizer)
     tokenizer = methods.prepare_tokenizer(pieces.tokenizer)

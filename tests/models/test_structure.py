@@ -99,9 +99,9 @@ def test_the_documented_conversion_reproduces_the_dense_model_at_k_equal_e(famil
 
 def test_moe_families_are_refused_for_conversion_with_the_reason():
     for name in ("mixtral", "qwen2_moe"):
-        (method,) = build_methods({"smoe_dropout": {"experts": 4}})
         with pytest.raises(ConfigError, match="mixtures of experts already"):
-            check_methods_on_model([method], lambda n=name: (tiny_model(n).config, type(tiny_model(n))))
+            check_methods_on_model({"smoe_dropout": {"experts": 4}},
+                                   lambda n=name: (tiny_model(n).config, type(tiny_model(n))))
 
 
 def test_methods_report_what_they_act_on(capsys):
@@ -121,16 +121,14 @@ def test_a_model_without_the_sites_is_one_line_naming_its_class():
     with pytest.raises(SiteError, match=r"^T5ForConditionalGeneration: 2 layer stacks .*encoder-decoder") as err:
         model_sites(t5)
     assert "\n" not in str(err.value)
-    (method,) = build_methods({"drop_path": {}})
     with pytest.raises(ConfigError, match=r"field 'methods.drop_path': T5ForConditionalGeneration"):
-        check_methods_on_model([method], lambda: (t5.config, type(t5)))
+        check_methods_on_model({"drop_path": {}}, lambda: (t5.config, type(t5)))
 
 
 def test_early_checks_need_no_weights_and_name_the_field():
     config = transformers.GPT2Config(vocab_size=VOCAB, **FAMILY["gpt2"].config)  # MLP width 128
-    (method,) = build_methods({"smoe_dropout": {"experts": 3}})
     with pytest.raises(ConfigError, match=r"methods.smoe_dropout': GPT2LMHeadModel: experts \(3\) must divide"):
-        check_methods_on_model([method], lambda: (config, transformers.GPT2LMHeadModel))
+        check_methods_on_model({"smoe_dropout": {"experts": 3}}, lambda: (config, transformers.GPT2LMHeadModel))
     sites = traced_sites(config, transformers.GPT2LMHeadModel)
     assert all(p.is_meta for p in sites.layers[0].module.parameters())
 

@@ -50,7 +50,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -110,10 +110,11 @@ class Method:
         why, in a clause for the config error (default: none)."""
         return {}
 
-    def check_sites(self, sites: Any) -> None:
+    @classmethod
+    def check_sites(cls, config: Any, sites: Any) -> None:
         """Raise ValueError (one line: what is missing) when the model's sites (`workbench.models.structure.
-        ModelSites`, traced from the run's config before any data are prepared) do not give this method what it acts
-        on; methods that act on no particular module leave `uses_sites` False and are not asked."""
+        ModelSites`, traced from the run's config before any data are prepared) do not give this method with
+        options `config` what it acts on; methods that act on no particular module leave `uses_sites` False."""
 
     def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         return tokenizer
@@ -153,13 +154,14 @@ class Method:
         return getattr(cls, hook) is not getattr(Method, hook)
 
 
-def check_methods_on_model(methods: Iterable[Method], architecture: Callable[[], tuple[Any, type]]) -> None:
-    """Trace the run's model architecture (`architecture()`: config and class, no weights) when a method acts on
-    sites of it, and raise ConfigError naming the method and the model class when one lacks what it needs: before
-    the data are prepared, so a model a method cannot act on is a config error, never a run."""
+def check_methods_on_model(configs: dict[str, dict[str, Any]], architecture: Callable[[], tuple[Any, type]]) -> None:
+    """Trace the run's model architecture (`architecture()`: config and class, no weights) when a method of
+    `configs` (the `methods:` section) acts on sites of it, and raise ConfigError naming the method and the model
+    class when one lacks what it needs: before the data are prepared and before any method is built, so a model a
+    method cannot act on is a config error, never a run."""
     from workbench.errors import ConfigError
 
-    needing = [method for method in methods if method.uses_sites]
+    needing = [(name, method_class(name)) for name in configs if method_class(name).uses_sites]
     if not needing:
         return
     from workbench.models.structure import SiteError, traced_sites
@@ -168,12 +170,12 @@ def check_methods_on_model(methods: Iterable[Method], architecture: Callable[[],
     try:
         sites = traced_sites(config, model_class)
     except SiteError as err:
-        raise ConfigError(f"field 'methods.{needing[0].name}': {err}") from None
-    for method in needing:
+        raise ConfigError(f"field 'methods.{needing[0][0]}': {err}") from None
+    for name, cls in needing:
         try:
-            method.check_sites(sites)
+            cls.check_sites(cls.Config(**configs[name]), sites)
         except ValueError as err:
-            raise ConfigError(f"field 'methods.{method.name}': {sites.model_class}: {err}") from None
+            raise ConfigError(f"field 'methods.{name}': {sites.model_class}: {err}") from None
 
 
 def register(name: str):

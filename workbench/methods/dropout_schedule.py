@@ -121,8 +121,9 @@ class DropoutSchedule(Method):
     logged_metrics = ("dropout_rate",)
     uses_sites = True
 
-    def check_sites(self, sites: Any) -> None:
-        if "attention" in self.config.sites and not any(
+    @classmethod
+    def check_sites(cls, config: DropoutScheduleConfig, sites: Any) -> None:
+        if "attention" in config.sites and not any(
                 layer.dropouts["attention"] or _attention_rate(layer.attention) for layer in sites.layers):
             raise ValueError("no attention dropout (a dropout module in the attention or its rate attribute "
                              f"{' / '.join(ATTENTION_RATES)}): leave 'attention' out of sites")

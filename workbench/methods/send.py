@@ -247,9 +247,10 @@ class SeND(Method):
                        "(site 'block' or 'mlp' works beside it)"}
 
     # --- lifecycle hooks ---------------------------------------------------------------------------------
-    def check_sites(self, sites: Any) -> None:
-        index = block_index(self.config.layer, len(sites.layers))
-        if self.config.site == "weights" and sites.layers[index].mlp is None:
+    @classmethod
+    def check_sites(cls, config: SeNDConfig, sites: Any) -> None:
+        index = block_index(config.layer, len(sites.layers))
+        if config.site == "weights" and sites.layers[index].mlp is None:
             raise ValueError(f"site 'weights' zeroes dense MLP units, and layer {index + 1} is a mixture of experts")
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:

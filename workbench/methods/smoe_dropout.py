@@ -222,13 +222,14 @@ class SMoEDropout(Method):
         return self.config.router == "learned" and self.config.balance_loss_weight > 0
 
     # --- the model ------------------------------------------------------------------------------------------
-    def check_sites(self, sites: Any) -> None:
+    @classmethod
+    def check_sites(cls, config: SMoEDropoutConfig, sites: Any) -> None:
         dense = [layer for layer in sites.layers if layer.mlp is not None]
         if not dense:
             raise ValueError("no dense MLP to convert: its feed-forward blocks are mixtures of experts already")
         for layer in dense:
-            if layer.mlp.width % self.config.experts:
-                raise ValueError(f"experts ({self.config.experts}) must divide the MLP width {layer.mlp.width} of "
+            if layer.mlp.width % config.experts:
+                raise ValueError(f"experts ({config.experts}) must divide the MLP width {layer.mlp.width} of "
                                  f"layer {layer.index}")
 
     def prepare_model(self, model: PreTrainedModel) -> PreTrainedModel:
