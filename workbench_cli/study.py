@@ -14,8 +14,9 @@ A study YAML is looked up as given, then among the built-in configs (`configs/st
 pattern that matches nothing in the current directory (or is quoted).
 
 Finished runs are skipped; a killed run resumes from its checkpoint; a failed run is recorded with its error
-and the study goes on. A study with a `pretrain` run trains it first (with `pretrain.per: <axis>`, one per
-value of that axis, `pretrain_<axis>=<value>`); if one fails, no arm starts (exit 1).
+and the study goes on, then exits 1 naming the failed runs (after the table and report of the others). A study
+with a `pretrain` run trains it first (with `pretrain.per: <axis>`, one per value of that axis,
+`pretrain_<axis>=<value>`); if one fails, no arm starts (exit 1).
 Results: <runs_dir>/<study>/runs.csv, results.csv (mean, std, n over seeds), report.md.
 
 What each run gets (GPUs, cores, memory, time, partition) is the study's `resources:` section, which the options
@@ -167,6 +168,11 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
             which = "" if run.name == PRETRAIN else f" '{run.name}'"
             print(f"error: study {study.study}: the pretrain run{which} failed ({run_status(run).get('error')}); "
                   f"the arms were not started (see {run.run_dir / 'train.log'})", file=sys.stderr)
+        return 1
+    failed = [r for r in runs if run_status(r)["status"] == "failed"]
+    if failed:
+        print(f"error: study {study.study}: {len(failed)} of {len(runs)} runs failed: "
+              + ", ".join(f"{r.name} ({r.run_dir / 'train.log'})" for r in failed), file=sys.stderr)
         return 1
     return 0
 

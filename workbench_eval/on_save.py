@@ -59,9 +59,11 @@ def check_on_save(cfg: ExperimentConfig) -> None:
     if kind == "classification":
         raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this run classifies "
                           "texts; set it to false (eval_accuracy is reported on the held-out split)")
+    from workbench.base_run import resolve_base_run
     from workbench.models import is_encoder_decoder
 
-    if kind == "pretrain" and is_encoder_decoder(cfg.model):
+    # a base run (`model.name_or_path: runs/<name>`) is read through its checkpoint, as the run will
+    if kind == "pretrain" and is_encoder_decoder(resolve_base_run(cfg, report=lambda *_: None).model):
         raise ConfigError("field 'eval.on_save': the BOSE evaluator scores causal LMs and this model is an "
                           "encoder-decoder; set it to false (validation NLL and accuracy are still reported)")
 

@@ -31,7 +31,8 @@ def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     too_much = {"data.repetition.budget_tokens": 2**22, "data.repetition.unique_tokens": 2**22}
     path = write_study(tmp_path, axes={"data": {"all": {}, "too-much": too_much}}, seeds=[0, 1])
     result = launch(str(path))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]  # the others finish first, then the failures are named
+    assert "error: study s: 2 of 4 runs failed: data=too-much_seed=0" in result.stderr, result.stderr[-2000:]
     study = load_study(path)
     runs = grid(study)
     statuses = {r.name: run_status(r) for r in runs}
@@ -43,7 +44,7 @@ def test_study_runs_skips_resumes_and_records_failures(tmp_path):
     # a finished run is skipped
     log = runs[0].run_dir / "train.log"
     size = log.stat().st_size
-    assert launch(str(path)).returncode == 0 and log.stat().st_size == size
+    assert launch(str(path)).returncode == 1 and log.stat().st_size == size
     # a killed run (no status, newest checkpoint gone) resumes from its checkpoint
     (runs[1].run_dir / "study_status.json").unlink()
     shutil.rmtree(runs[1].run_dir / "checkpoint-4")
