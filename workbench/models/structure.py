@@ -330,7 +330,7 @@ def _layer_trace(probe: nn.Module, prefix: str, calls: list[_Call]) -> dict[str,
              if c.output.shape[-1] == shape[-1] and c.output.numel() == hidden_in.numel() and key not in read and key != layer_out
              and key != id(hidden_in) and not _inside(c.name, attention)]
     sinks = sorted((c for c in sinks if not any(_inside(c.name, s.name) for s in sinks)), key=lambda c: c.order)
-    downstream = _downstream(inner, producer, attention)
+    downstream = _downstream(inner, attention)
     attention_sinks = [c for c in sinks if id(c.output) in downstream]
     feed_forward_sinks = [c for c in sinks if id(c.output) not in downstream]
     if len(attention_sinks) != 1 or len(feed_forward_sinks) != 1:
@@ -343,7 +343,7 @@ def _layer_trace(probe: nn.Module, prefix: str, calls: list[_Call]) -> dict[str,
             "is_moe": is_moe, "mlp": mlp, "hidden_size": shape[-1], "dropouts": dropouts}
 
 
-def _downstream(inner: list[_Call], producer: dict[int, _Call], attention: str) -> set[int]:
+def _downstream(inner: list[_Call], attention: str) -> set[int]:
     """Ids of the tensors computed from the attention module's output through leaf modules alone (a container
     such as BERT's `BertSelfOutput` also reads the residual stream, which is not the branch)."""
     start = [c for c in inner if c.name == attention and c.output is not None]
