@@ -9,7 +9,10 @@ intervals of a mean, paired differences, mean ± sd, correlations.
 :func:`t_interval` the half-width of a Student-t interval, :func:`paired_difference` the paired comparison
 every reproduction reports (mean difference against the reference arm, its 95% interval, and whether the
 interval holds zero: "inside the seed spread"), :func:`mean_sd` the mean ± sample standard deviation over seeds
-the reproductions' tables print, and :func:`pearson_r` / :func:`spearman_rho` the two correlations of paired
+the reproductions' tables print, :func:`paired_test` the paired comparison a reproduction's verdict comes
+from (interval, p-value and :func:`minimum_detectable_effect`), :func:`verdict` the fixed rule that turns it
+and the paper's effect into one of :data:`VERDICTS`, :func:`holm` Holm's step-down adjustment of a family of
+p-values, and :func:`pearson_r` / :func:`spearman_rho` the two correlations of paired
 values (SciPy's).
 
 Nothing here imports ``workbench_eval`` (the library must not depend on the evaluator).
@@ -25,9 +28,10 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 __all__ = [
-    "CHUNK_ELEMENTS", "MeanSD", "PairedDifference", "bootstrap_mean_interval", "kendall_tau_b", "mean_sd",
-    "paired_difference", "pearson_r", "spearman_rho", "t_interval", "tau_b_reference", "tau_b_rows",
-    "tau_b_undefined_reason",
+    "CHUNK_ELEMENTS", "VERDICTS", "MeanSD", "PairedDifference", "PairedTest", "bootstrap_mean_interval",
+    "holm", "kendall_tau_b", "mean_sd", "minimum_detectable_effect", "paired_difference", "paired_test",
+    "pearson_r", "spearman_rho", "t_interval", "tau_b_reference", "tau_b_rows", "tau_b_undefined_reason",
+    "verdict",
 ]  # fmt: skip
 
 # Upper bound on the number of float64 elements a vectorised intermediate may hold (~32 MB).
@@ -193,6 +197,82 @@ def paired_difference(arm: ArrayLike, reference: ArrayLike, confidence: float = 
     mean = float(diff.mean())
     half = t_interval(diff, confidence)
     return PairedDifference(mean, mean - half, mean + half, int(diff.size))
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.80) -> float:
+    """The smallest true mean difference a two-sided paired t-test at level `alpha` detects with probability
+    `power`, from the standard deviation `sd` of `n` paired differences:
+    MDE = (t(1 - alpha/2, n - 1) + t(power, n - 1)) * sd / sqrt(n)  (nan below 2 pairs)."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    quantiles = stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)
+    return float(quantiles * sd / math.sqrt(n))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison over seeds: mean difference (arm - reference), its 95% Student-t interval, the
+    standard deviation of the differences, the two-sided p-value of the paired t-test and the minimum detectable
+    effect at 80% power (:func:`minimum_detectable_effect`)."""
+
+    mean: float
+    low: float
+    high: float
+    sd: float
+    n: int
+    p_value: float
+    mde: float
+
+
+def paired_test(differences: ArrayLike, confidence: float = 0.95, power: float = 0.80) -> PairedTest:
+    """:class:`PairedTest` of paired differences (non-finite ones dropped). With every difference equal the
+    interval is that value and the p-value 0 (or 1 where it is 0)."""
+    diff = np.asarray(differences, dtype=np.float64)
+    diff = diff[np.isfinite(diff)]
+    n = int(diff.size)
+    if n == 0:
+        return PairedTest(math.nan, math.nan, math.nan, math.nan, 0, math.nan, math.nan)
+    mean = float(diff.mean())
+    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
+    half = t_interval(diff, confidence)
+    if n < 2:
+        p = math.nan
+    elif sd == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return PairedTest(mean, mean - half, mean + half, sd, n, p,
+                      minimum_detectable_effect(sd, n, 1 - confidence, power))
+
+
+# The verdict vocabulary of every reproduction, in the order the rule tries them (:func:`verdict`).
+VERDICTS = ("reproduces", "opposite", "no effect at this scale", "underpowered")
+
+
+def verdict(test: PairedTest, expected: float) -> str:
+    """The fixed rule from a paired test and the paper's effect carried to our metric (`expected`, signed: the
+    direction the paper reports): *reproduces* where the interval excludes 0 on the side of `expected`;
+    *opposite* where it excludes 0 on the other side; *no effect at this scale* where it holds 0 and the
+    minimum detectable effect is at most |expected|; *underpowered* otherwise (also with fewer than 2 pairs)."""
+    if test.n < 2 or not math.isfinite(test.low):
+        return VERDICTS[3]
+    if test.low > 0 or test.high < 0:
+        return VERDICTS[0] if (test.mean > 0) == (expected > 0) else VERDICTS[1]
+    if math.isfinite(test.mde) and test.mde <= abs(expected):
+        return VERDICTS[2]
+    return VERDICTS[3]
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of a family (same order as given; NaN stays NaN): the k-th smallest
+    of m is multiplied by m - k + 1, made monotone, capped at 1."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, p * (len(order) - rank)))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass(frozen=True)

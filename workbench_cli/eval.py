@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "number of active experts per token (`all`: 1, 2, 4, ..., E), recorded as style <style>@k<K>")
     parser.add_argument("--dtype", choices=get_args(EvalDtype), help="dtype to evaluate checkpoints in (eval.dtype; "
                         "default auto: as saved on a GPU, float32 on CPU; adapters stay unmerged in 16 bits)")
+    parser.add_argument("--step", type=int, help="evaluate only checkpoint-STEP of each run")
+    parser.add_argument("--base", action="store_true", help="evaluate the model each run started from (its "
+                        "model.name_or_path: a run's newest checkpoint, or a model folder) on the run's tasks and data")
     parser.add_argument("--list", action="store_true", help="list the BOSE tasks and their prompt styles, then exit")
     parser.add_argument("--consistency", nargs="+", type=Path, metavar="BASE_RUN", help="base runs, ranked")
     parser.add_argument("--instruct", nargs="+", type=Path, metavar="INSTRUCT_RUN", help="their instruct runs")
@@ -128,7 +131,7 @@ def _run(args) -> int:
         return 0
     from workbench_eval.report import write_report
     from workbench_eval.results import read_results
-    from workbench_eval.sweep import model_target, sweep
+    from workbench_eval.sweep import base_target, model_target, only_step, sweep
 
     if args.consistency:
         from workbench_eval.consistency import evaluate_consistency, model_lists
@@ -142,6 +145,10 @@ def _run(args) -> int:
         targets = [model_target(args.model, args.out or Path("runs") / "eval" / Path(args.model).name)]
     elif args.runs:
         targets = _run_targets(args.runs, args.out)
+        if args.step is not None and args.base:
+            raise ConfigError("--step and --base: give one (a checkpoint of the run, or the model it started from)")
+        targets = [only_step(t, args.step) if args.step is not None else base_target(t, run) if args.base else t
+                   for t, run in zip(targets, args.runs, strict=True)]
     else:
         raise WorkbenchError("give run folders, --model, or --consistency (see --help)")
     for target in targets:

@@ -38,6 +38,7 @@ from workbench.bundled import builtin_matches
 from workbench.errors import WorkbenchError
 from workbench.study import StudyConfig, hand_study, load_study, plan, run_all, run_status, write_results
 from workbench.study.plan import PRETRAIN
+from workbench.study.report import claim_checks
 from workbench_eval.config import STUDY_CHECKS
 
 
@@ -173,6 +174,10 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
     if failed:
         print(f"error: study {study.study}: {len(failed)} of {len(runs)} runs failed: "
               + ", ".join(f"{r.name} ({r.run_dir / 'train.log'})" for r in failed), file=sys.stderr)
+        return 1
+    checks = claim_checks(study)
+    if checks:
+        print(f"error: study {study.study}: report check failed: {'; '.join(checks)} ({report})", file=sys.stderr)
         return 1
     return 0
 

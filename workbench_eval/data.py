@@ -93,6 +93,7 @@ def factworld_sft(**world_options: Any) -> Dataset:
 ARITHMETIC_TEST = 500  # problems per arithmetic set (a `limit` asks the first N)
 ARITHMETIC_FEWSHOT = 8  # problems per set in its few-shot pool (`train`), never asked
 EVAL_SEED_OFFSET = 1_000_003  # evaluation problems come from the generator's stream for seed + this
+VALIDATION_STREAM = 7  # `arithmetic_validation` draws from the evaluation stream seed + EVAL_SEED_OFFSET + this
 CANDIDATES_PER_PROBLEM = 4  # problems drawn per one needed, to make up for those seen in training
 
 # One sentence with a number that changes nothing: another person, other objects, or neither counted.
@@ -134,14 +135,17 @@ def _questions(cfg: ArithmeticConfig) -> frozenset[str]:
     return frozenset(arithmetic_problems(cfg)["question"])
 
 
-def unseen_problems(cfg: ArithmeticConfig, training: ArithmeticConfig | list[ArithmeticConfig]) -> DatasetDict:
-    """Problems of `cfg`'s kind from the evaluation seed stream (`cfg.seed + EVAL_SEED_OFFSET`), dropping
-    any whose question is in the `training` problems (one set, or every set of a run's lineage) or already
-    taken: `train`, the first ARITHMETIC_FEWSHOT (few-shot pool), then `test`, up to ARITHMETIC_TEST."""
+def unseen_problems(cfg: ArithmeticConfig, training: ArithmeticConfig | list[ArithmeticConfig], stream: int = 0,
+                    exclude: frozenset[str] = frozenset()) -> DatasetDict:
+    """Problems of `cfg`'s kind from the evaluation seed stream (`cfg.seed + EVAL_SEED_OFFSET + stream`),
+    dropping any whose question is in the `training` problems (one set, or every set of a run's lineage), in
+    `exclude` or already taken: `train`, the first ARITHMETIC_FEWSHOT (few-shot pool), then `test`, up to
+    ARITHMETIC_TEST."""
     wanted = ARITHMETIC_FEWSHOT + ARITHMETIC_TEST
     drawn = arithmetic_problems(replace(cfg, num_problems=CANDIDATES_PER_PROBLEM * wanted,
-                                        seed=cfg.seed + EVAL_SEED_OFFSET))
-    taken: set[str] = set().union(*(_questions(t) for t in (training if isinstance(training, list) else [training])))
+                                        seed=cfg.seed + EVAL_SEED_OFFSET + stream))
+    taken: set[str] = set(exclude).union(
+        *(_questions(t) for t in (training if isinstance(training, list) else [training])))
     keep: list[int] = []
     for index, question in enumerate(drawn["question"]):
         if len(keep) == wanted:
@@ -174,6 +178,15 @@ def arithmetic(**world_options: Any) -> DatasetDict:
     return unseen_problems(training, seen_arithmetic(world_options))
 
 
+def arithmetic_validation(**world_options: Any) -> DatasetDict:
+    """Problems like `arithmetic`'s for choosing a checkpoint: from another seed stream (VALIDATION_STREAM), none
+    trained on and none among `arithmetic`'s problems, so a choice made on them never sees the test set."""
+    training = training_arithmetic(world_options)
+    test = arithmetic(**world_options)
+    asked = frozenset(test["train"]["question"]) | frozenset(test["test"]["question"])
+    return unseen_problems(training, seen_arithmetic(world_options), VALIDATION_STREAM, asked)
+
+
 def arithmetic_irrelevant(**world_options: Any) -> DatasetDict:
     """The `arithmetic` problems, each with an irrelevant sentence added; answers unchanged."""
     training = training_arithmetic(world_options)
@@ -190,6 +203,7 @@ def arithmetic_longer(**world_options: Any) -> DatasetDict:
 
 
 GENERATORS = {"factworld_qa": factworld_qa, "factworld_mc": factworld_mc, "arithmetic": arithmetic,
+              "arithmetic_validation": arithmetic_validation,
               "arithmetic_irrelevant": arithmetic_irrelevant, "arithmetic_longer": arithmetic_longer}
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,28 @@ def run_target(run_dir: Path, out_dir: Path | None = None) -> Target:
     eval_cfg = EvalConfig.model_validate(config["eval"]) if "eval" in config else None
     return Target(run_dir.name, (out_dir or run_dir / EVAL_DIR) / RESULTS, checkpoints,
                   str(tokenizer if tokenizer.is_dir() else checkpoints[-1]), world, eval_cfg)
+
+
+def only_step(target: Target, step: int) -> Target:
+    """`target` with only its checkpoint of `step` (a ConfigError naming the steps it has, where none is)."""
+    chosen = [c for c in target.checkpoints if step_of(c) == step]
+    if not chosen:
+        have = ", ".join(str(step_of(c)) for c in target.checkpoints)
+        raise ConfigError(f"--step {step}: run '{target.name}' has no checkpoint-{step} (its steps: {have})")
+    return replace(target, checkpoints=chosen)
+
+
+def base_target(target: Target, run_dir: Path) -> Target:
+    """`target` (a run) with the model the run started from in place of its checkpoints: `model.name_or_path`
+    of its config.yaml, the newest checkpoint where that is a run folder; scored with the run's tokenizer and
+    training data's options, so the items are the run's own."""
+    config = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
+    start = (config.get("model") or {}).get("name_or_path")
+    if not start or not Path(start).is_dir():
+        raise ConfigError(f"--base: run '{run_dir}' did not start from a local model folder "
+                          f"(model.name_or_path: {start!r})")
+    checkpoints = list_checkpoints(Path(start))
+    return replace(target, name=f"{target.name} (base)", checkpoints=[checkpoints[-1] if checkpoints else Path(start)])
 
 
 def model_target(model: str, out_dir: Path) -> Target:

@@ -24,6 +24,7 @@ from workbench_eval.data import (
     arithmetic,
     arithmetic_irrelevant,
     arithmetic_longer,
+    arithmetic_validation,
     run_data_options,
 )
 from workbench_eval.evaluator import build_tasks
@@ -75,6 +76,18 @@ def test_sets_never_ask_a_training_question_nor_one_twice():
     assert 0 < len(training & set(drawn)) < 100
     kept = list(sets["in_dist"]["train"]["question"]) + list(sets["in_dist"]["test"]["question"])
     assert kept[:50] == [q for q in dict.fromkeys(drawn) if q not in training][:50]  # the stream, minus those
+
+
+def test_the_validation_set_is_of_the_test_kind_but_shares_no_problem_with_it_or_training():
+    training = set(arithmetic_problems(ArithmeticConfig(**CROWDED))["question"])
+    test, validation = arithmetic(**_options(CROWDED)), arithmetic_validation(**_options(CROWDED))
+    tested = set(test["train"]["question"]) | set(test["test"]["question"])
+    chosen_on = set(validation["train"]["question"]) | set(validation["test"]["question"])
+    assert len(validation["test"]) > 100 and not chosen_on & tested and not chosen_on & training
+    assert set(validation["test"]["num_steps"]) == set(test["test"]["num_steps"]) == {1}
+    # another seed of the training data: other training, test and validation problems
+    other = arithmetic_validation(**_options({**CROWDED, "seed": 6}))["test"]["question"]
+    assert len(set(other) & set(validation["test"]["question"])) < len(other) // 2
 
 
 def test_in_distribution_problems_are_of_the_training_kind():

@@ -82,7 +82,7 @@ class SeNDConfig:
     pooling: Literal["paper", "mean", "last"] = "paper"  # ½(mean + last token), or one of them
     selection: Literal["sensitive", "random", "none"] = "sensitive"
     site: Literal["block", "mlp", "weights"] = "block"
-    seed: int = 0  # draws of `selection: random`
+    seed: int | None = None  # draws of `selection: random` and the EES samples; None: the run's seed
     stop_loss: float | None = None  # ε: stop once the logged training loss is below it
     stop_ees: float | None = None  # δ: stop once `send_ees` is below it (needs ees_prompts > 0)
     ees_prompts: int = 0  # tracking texts whose first half prompts the EES at each tracking point (0: none)
@@ -227,6 +227,7 @@ class SeND(Method):
         self.tokenizer = None
         self.tracking_seconds = 0.0
         self.last_ees: float | None = None
+        self.seed = self.config.seed or 0  # the run's seed where config.seed is None (set in `setup`)
         self._block: nn.Module | None = None
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the padded tracking texts
         self._hooked: nn.Module | None = None
@@ -281,7 +282,9 @@ class SeND(Method):
         return [_TrackingCallback(self)]
 
     def setup(self, trainer: Trainer) -> None:
-        """Hold the tracking split out of the training data (the same on every rank)."""
+        """Hold the tracking split out of the training data (the same on every rank); take the run's seed for
+        the random draws unless `seed` is given."""
+        self.seed = self.config.seed if self.config.seed is not None else int(trainer.args.seed)
         dataset = trainer.train_dataset
         if dataset is None or not hasattr(dataset, "select") or "input_ids" not in dataset.column_names:
             raise ConfigError("method 'send' needs a map-style training dataset with input_ids to hold a tracking "
@@ -374,7 +377,7 @@ class SeND(Method):
 
     def choose(self) -> None:
         scores = sensitivity(torch.stack(self.history))
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.selections)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.selections)
         chosen = select_indices(scores, dropped_count(scores.numel(), self.config.top_percent),
                                 self.config.selection, generator)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -401,7 +404,7 @@ class SeND(Method):
 
         texts = [self.tokenizer.decode(ids[: max(1, len(ids) // 2)], skip_special_tokens=True)
                  for ids in self.tracking[: self.config.ees_prompts]]
-        config = EigenScoreConfig(samples=self.config.ees_samples, exact=False, seed=self.config.seed)
+        config = EigenScoreConfig(samples=self.config.ees_samples, exact=False, seed=self.seed)
         return float(eigenscore_report(model, self.tokenizer, texts, config)["ees"])
 
 

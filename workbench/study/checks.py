@@ -17,6 +17,8 @@ def columns(study: StudyConfig) -> set[str]:
     for key, direction in collected(study.collect).items():
         if direction == "spread":
             out |= {key, f"var@{key}", f"osc@{key}"}
+        elif direction == "first":
+            out |= {key, f"first_{key}", f"first_step_{key}"}
         else:
             out |= {key} | ({f"best_{key}", f"best_step_{key}"} if direction != "last" else set())
     deltas = {spec.column(key) for spec in study.compare if isinstance(spec, DeltaSpec) for key in spec.keys}
@@ -64,6 +66,26 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
                 column(f"{where}.cost", key, known)
     if study.primary is not None:
         column("primary", study.primary, known)
+    for i, claim in enumerate(study.claims):
+        where = f"claims[{i}]"
+        axis(f"{where}.axis", claim.axis)
+        for part in ("arm", "reference"):
+            if str(getattr(claim, part)) not in axis_values(study, claim.axis):
+                raise ConfigError(f"{path}: field '{where}.{part}': {getattr(claim, part)!r} is not a value of axis "
+                                  f"'{claim.axis}' (its values: {', '.join(axis_values(study, claim.axis))})")
+        column(f"{where}.metric", claim.metric, known)
+        for name, value in claim.where.items():
+            axis(f"{where}.where", name)
+            if str(value) not in axis_values(study, name):
+                raise ConfigError(f"{path}: field '{where}.where': {value!r} is not a value of axis '{name}'")
+        if claim.at_best is not None:
+            axis(f"{where}.at_best.axis", claim.at_best.axis)
+            column(f"{where}.at_best.by", claim.at_best.by, known)
+        fixed = {claim.axis, *claim.where, *([claim.at_best.axis] if claim.at_best else [])}
+        loose = [a for a in study.axes if a not in fixed and len(axis_values(study, a)) > 1]
+        if loose:
+            raise ConfigError(f"{path}: field '{where}.where': axis '{loose[0]}' has several values; fix it to one "
+                              "(a claim pairs one run per seed on each side)")
     for i, rule in enumerate(study.same_as):
         for part, labels in (("where", rule.where), ("use", rule.use)):
             for name, value in labels.items():

@@ -17,17 +17,20 @@ import yaml
 
 from workbench.errors import ConfigError
 from workbench.io import read_jsonl
-from workbench.layout import METRICS, RUN_CONFIG, results_path
+from workbench.layout import METRICS, RESULTS, RUN_CONFIG, results_path
 from workbench.stats import t_interval
 from workbench.study.plan import PlotSpec, RunSpec, StudyConfig, check_collect_items, collected
 from workbench.study.runner import run_status
+from workbench.study.selection import BASE_DIR, TEST_DIR, SelectSpec, scores_at, selected_step
 
 IGNORED = ("name", "runs_dir", "seed", "resume_from_checkpoint")  # config fields that are not a difference
 
 
-def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
+def collect_run(run: RunSpec, keys: list[str], select: SelectSpec | None = None) -> dict[str, Any]:
     """For each collected metrics.jsonl key of one run: its final value and (`key:min`, the default, or
-    `key:max`) its best value `best_<key>` and the step of it `best_step_<key>`."""
+    `key:max`) its best value `best_<key>` and the step of it `best_step_<key>` (`key:first`: its first logged
+    value `first_<key>` and step `first_step_<key>`). Evaluator scores: at the last checkpoint, at the chosen one
+    (`best@`: by `select.by`, else the lowest validation loss) and, with `select.test`, `test@` / `base@`."""
     row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
     metrics = run.run_dir / METRICS
     records = read_jsonl(metrics) if metrics.is_file() else []
@@ -43,12 +46,21 @@ def collect_run(run: RunSpec, keys: list[str]) -> dict[str, Any]:
         row[key] = points[-1][1]
         if direction == "spread":
             row.update(spread(key, [value for _, value in points]))
+        elif direction == "first":
+            row.update({f"first_{key}": points[0][1], f"first_step_{key}": points[0][0]})
         elif direction != "last":
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
     row.update(run_columns(run.run_dir))
     row.update(final_eval_scores(results_path(run.run_dir)))
-    row.update(eval_scores_at_best_validation(results_path(run.run_dir), records))
+    if select is None:
+        row.update(eval_scores_at_best_validation(results_path(run.run_dir), records))
+        return row
+    step = selected_step(results_path(run.run_dir), select)
+    if step is not None:
+        row.update({**scores_at(results_path(run.run_dir), step, "best@"), "best_eval_step": step})
+        row.update(scores_at(run.run_dir / TEST_DIR / RESULTS, step, "test@"))
+    row.update(scores_at(run.run_dir / BASE_DIR / RESULTS, None, "base@"))
     return row
 
 

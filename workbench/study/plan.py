@@ -52,9 +52,12 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import ConfigError, did_you_mean
+from workbench.study.claims import ClaimSpec
+from workbench.study.selection import SelectSpec
 from workbench.yaml_text import override_string
 
-DIRECTIONS = ("min", "max", "last", "spread")  # the best value of a collected key (`last`: none; `spread`: its
+DIRECTIONS = ("min", "max", "last", "first", "spread")  # the best value of a collected key (`last`: none;
+# `first`: its first logged value, `first_<key>`, e.g. an update's norm early in training; `spread`: its
 # variation over checkpoints, `var@key` and `osc@key`, see `workbench.study.collect.spread`)
 PRETRAIN = "pretrain"  # the pretrain run's name and folder under <runs_dir>/<study>/ (with `per`: its prefix)
 START_KEY = "model.name_or_path"  # where the arms get the pretrain folder unless `pretrain.as` names another key
@@ -218,6 +221,7 @@ class StudyProfile(BaseModel):
     axes: dict[str, list[Any] | dict[str, dict[str, Any]]] = Field(default_factory=dict)  # replaces these axes
     pretrain: PretrainSpec | None = None  # its `config` replaces, its `set` is merged over, the study's
     resources: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `resources`
+    select: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `select`
 
 
 class StudyConfig(BaseModel):
@@ -238,6 +242,12 @@ class StudyConfig(BaseModel):
     compare: list[DeltaSpec | AgreementSpec] = Field(default_factory=list)
     pretrain: PretrainSpec | None = None
     same_as: list[SameRunSpec] = Field(default_factory=list)
+    # config fields every arm sets to its own seed (e.g. data.synthetic.seed: its own training and test items)
+    per_seed: list[str] = Field(default_factory=list)
+    select: SelectSpec | None = None  # checkpoint choice by a task metric, test set scored there only
+    claims: list[ClaimSpec] = Field(default_factory=list)  # the paper's claims, each with its verdict
+    # where the default grid's report, claims.json and plots are copied once every run is done (e.g. docs/results/x)
+    publish: str | None = None
     profiles: dict[str, StudyProfile] = Field(default_factory=dict)
     profile: str | None = None  # the profile this config was made from (set by `with_profile`)
 
@@ -278,8 +288,21 @@ class StudyConfig(BaseModel):
             pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
                                     set={**pretrain.set, **profile.pretrain.set}, as_key=as_key,
                                     per=pretrain.per, set_per_value=per_value, seeded=seeded)
+        select = self.select
+        if profile.select:
+            if select is None:
+                raise ConfigError(f"profile '{name}': field 'select': the study has no `select` to change")
+            select = validate_section(SelectSpec, {**select.model_dump(), **profile.select},
+                                      f"profile '{name}': field 'select")
+        axes = {**self.axes, **profile.axes}
+
+        def in_grid(claim: ClaimSpec) -> bool:  # a profile keeps the claims its grid can test
+            wanted = [(claim.axis, claim.arm), (claim.axis, claim.reference), *claim.where.items()]
+            return all(a in axes and str(v) in axis_values(self, a, axes) for a, v in wanted)
+
         return self.model_copy(update={
-            "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
+            "claims": [c for c in self.claims if in_grid(c)],
+            "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds, "select": select,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
             "description": profile.description or self.description, "pretrain": pretrain,
             "resources": self.with_resources(profile.resources, f"profile '{name}': field 'resources").resources})
@@ -289,12 +312,7 @@ class StudyConfig(BaseModel):
         names the field (`<where>.<field>'`)."""
         if not changes:
             return self
-        try:
-            resources = Resources(**{**self.resources.model_dump(exclude_unset=True), **changes})
-        except pydantic.ValidationError as err:
-            problem = err.errors()[0]
-            field = ".".join(str(part) for part in problem["loc"])
-            raise ConfigError(f"{where}.{field}': {problem['msg']}") from None
+        resources = validate_section(Resources, {**self.resources.model_dump(exclude_unset=True), **changes}, where)
         return self.model_copy(update={"resources": resources})
 
     def gpus_per_run(self) -> int:
@@ -336,6 +354,16 @@ class RunSpec:
         managed = {"seed": self.seed} if self.seed is not None else {}
         pairs = {**self.settings, **managed, "name": self.name, "runs_dir": str(self.run_dir.parent)}
         return [override_string(key, value) for key, value in pairs.items()]
+
+
+def validate_section(model: type[BaseModel], values: dict[str, Any], where: str) -> Any:
+    """`model` from `values`, or a ConfigError naming the field (`<where>.<field>'`)."""
+    try:
+        return model(**values)
+    except pydantic.ValidationError as err:
+        problem = err.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"])
+        raise ConfigError(f"{where}.{field}': {problem['msg']}") from None
 
 
 def _slug(value: Any) -> str:
@@ -412,6 +440,7 @@ def grid(study: StudyConfig) -> list[RunSpec]:
         labels = {axis: label for axis, (label, _) in zip(keys, combo, strict=True)}
         settings = {**study.set, **{k: v for _, overrides in combo for k, v in overrides.items()}}
         for seed in study.seeds:
+            own = {key: seed for key in study.per_seed}
             # an arm loads its pretrain run (every run trains in the current directory, so a relative runs_dir
             # is there), as its model or under the key `pretrain.as` names
             pretrain, start = pretrain_for(study, labels, seed), {}
@@ -421,7 +450,7 @@ def grid(study: StudyConfig) -> list[RunSpec]:
                 start = {"model.preset": None, START_KEY: folder} if key == START_KEY else {key: folder}
             parts = [f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in labels.items()] + [f"seed={seed}"]
             name = "_".join(parts)
-            runs.append(RunSpec(name, labels, seed, study.folder / name, {**settings, **start}, study.base))
+            runs.append(RunSpec(name, labels, seed, study.folder / name, {**settings, **own, **start}, study.base))
     return _link_same_runs(study, runs)
 
 

@@ -12,12 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workbench.io import atomic_write_text, read_jsonl
+from workbench.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from workbench.layout import EXPERTS_MARK, METRICS, results_path
 from workbench.study.analysis import agreement_markdown, compare
+from workbench.study.claims import claims_markdown, evaluate_claims
 from workbench.study.collect import aggregate, collect_run, epochs_per_step, evaluator_series
-from workbench.study.plan import DeltaSpec, PlotSpec, RunSpec, StudyConfig, collected, pretrain_runs, warn
+from workbench.study.plan import (
+    DeltaSpec,
+    PlotSpec,
+    RunSpec,
+    StudyConfig,
+    axis_values,
+    collected,
+    pretrain_runs,
+    warn,
+)
 from workbench.study.runner import run_status
+
+CLAIMS = "claims.json"  # a study's claims with their tests and verdicts (`workbench.study.claims`)
 
 
 def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | None = None,
@@ -26,8 +38,9 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     in `folder` (default `<runs_dir>/<study>`); returns the paths of results.csv and report.md. Once a run is
     done, a collected key or a delta that no run has is passed to `on_warning` and named in report.md."""
     folder = Path(folder) if folder is not None else study.folder
-    rows = [collect_run(run, study.collect) for run in runs]
+    rows = [collect_run(run, study.collect, study.select) for run in runs]
     agreements = compare(study, rows)
+    claims = evaluate_claims(study.claims, rows, {a: axis_values(study, a) for a in study.axes})
     # with no run done yet (all pending, failed or not started), nothing is expected to be there
     absent = missing_columns(study, rows) if any(r["status"] == "done" for r in rows) else {}
     for column, why in absent.items():
@@ -38,6 +51,8 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     atomic_write_text(folder / "runs.csv", _csv(rows))
     atomic_write_text(folder / "results.csv", _csv(table))
     atomic_write_text(folder / "analysis.json", json.dumps(agreements, indent=1, default=str))
+    if study.claims:
+        atomic_write_text(folder / CLAIMS, json.dumps(claims, indent=1, default=str) + "\n")
     failed = [r for r in rows if r["status"] == "failed"]
     statuses = [r["status"] for r in rows]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
@@ -54,7 +69,10 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
              "values over the run's checkpoints and `osc@<key>` half their mean squared change from one checkpoint "
              "to the next (oscillation without the trend); `delta_<key>` a paired difference "
              "to the reference run of the same seed, with its 95% Student-t interval over seeds in brackets, marked "
-             "*inside the seed spread* where that interval holds 0.", ""]
+             "*inside the seed spread* where that interval holds 0 (exploratory, unless a claim names it)"
+             + (f"; with `select`, `best@` is at the checkpoint with the best `{study.select.by}` and `test@` the test "
+                "set scored there only, `base@` the model the run started from on the same test items"
+                if study.select else "") + ".", "", *claims_markdown(claims), *([""] if claims else [])]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
     if study.primary:
         lines += _primary_lines(study, table, shown)
@@ -76,7 +94,27 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
         lines.append(f"\n![{path.stem}]({path.name})")
     report = folder / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
+    if study.publish and study.profile is None and rows and all(r["status"] == "done" for r in rows):
+        publish(folder, Path(study.publish))
     return folder / "results.csv", report
+
+
+def publish(folder: Path, target: Path) -> None:
+    """Copy a finished study's report.md, claims.json, results.csv and plots into `target` (its `publish`
+    folder, e.g. under docs/), replacing what an earlier run put there."""
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.png"):
+        old.unlink()
+    for path in folder.iterdir():
+        if path.suffix == ".png" or path.name in ("report.md", CLAIMS, "results.csv"):
+            atomic_write_bytes(target / path.name, path.read_bytes())
+
+
+def claim_checks(study: StudyConfig) -> list[str]:
+    """The failed checks of the study's claims in its last report (e.g. a learning-rate grid that does not
+    bracket an arm's best rate): empty when all passed or the study has no claims."""
+    path = study.folder / CLAIMS
+    return [check for claim in json.loads(path.read_text()) for check in claim["checks"]] if path.is_file() else []
 
 
 def _primary_lines(study: StudyConfig, table: list[dict[str, Any]], shown: list[str]) -> list[str]:
@@ -137,7 +175,7 @@ def _pretrain_lines(study: StudyConfig) -> list[str]:
         if status["status"] == "failed":
             line += f" The pretrain run failed ({status.get('error')}); **the arms were not started**."
         elif status["status"] == "done":
-            row = collect_run(run, study.collect)
+            row = collect_run(run, study.collect, study.select)
             values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in collected(study.collect))
             line += f" Its final values: {values or '(none of the collected keys)'}."
         lines.append(line)

@@ -28,9 +28,10 @@ from workbench.config import resolve_path
 from workbench.distributed_launch import free_port
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
-from workbench.layout import METRICS
+from workbench.layout import METRICS, results_path
 from workbench.processes import cpu_tuning_env, train_process
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
+from workbench.study.selection import scoring_commands, scoring_done, selected_step
 from workbench.study.submitit import submit
 
 STATUS = "study_status.json"
@@ -129,7 +130,8 @@ def execute(study: StudyConfig, run: RunSpec, slot: Slot | None = None, port: in
     slot = slot or Slot()
     status = run_status(run)
     if status["status"] == "done":
-        return {**status, "skipped": True}
+        tested = test_selected(study, run, slot)
+        return {**(tested or status), "skipped": True}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     log = run.run_dir / "train.log"
     start = time.time()
@@ -147,6 +149,34 @@ def execute(study: StudyConfig, run: RunSpec, slot: Slot | None = None, port: in
         lines = log.read_text().splitlines() if log.is_file() else []
         errors = [line for line in lines if line.startswith("error:")]
         status["error"] = errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}, no output")
+    atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
+    return (test_selected(study, run, slot) or status) if returncode == 0 else status
+
+
+def test_selected(study: StudyConfig, run: RunSpec, slot: Slot) -> dict[str, Any] | None:
+    """For a trained arm of a study with `select.test`: score the test tasks at the chosen checkpoint (and the
+    base model, `select.base`) unless done (`workbench.study.selection`), logging to `<run>/test.log`. Returns
+    the run's new status where that failed (recorded as failed, with the evaluator's last error line), else None."""
+    spec = study.select
+    if spec is None or not spec.test or run.stage != "arm" or run.same_as is not None:
+        return None
+    step = selected_step(results_path(run.run_dir), spec)
+    error = None
+    if step is None:
+        error = f"select.by: no checkpoint of the run has '{spec.by}' (is it among eval.tasks, with eval.on_save?)"
+    elif not scoring_done(run.run_dir, spec, step):
+        log = run.run_dir / "test.log"
+        env = {**os.environ, **cpu_tuning_env(slot.threads), **slot.env()}
+        for command in scoring_commands(run.run_dir, spec, step):
+            with log.open("a") as handle:
+                if subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
+                    lines = log.read_text().splitlines()
+                    errors = [line for line in lines if line.startswith("error:")]
+                    error = f"testing checkpoint-{step}: " + (errors[-1] if errors else lines[-1] if lines else "failed")
+                    break
+    if error is None:
+        return None
+    status = {**run_status(run), "status": "failed", "error": error}
     atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
     return status
 

@@ -1,0 +1,117 @@
+"""Claims and verdicts: the paired test, the minimum detectable effect, Holm's adjustment and the fixed verdict
+rule checked against independent computations (SciPy's t-test and noncentral t); a claim's runs chosen at each
+arm's best rate, with a grid that does not bracket it failing the report; the checkpoint chosen by a task metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+from scipy import stats
+from study_files import write_study
+
+from workbench.errors import ConfigError
+from workbench.stats import VERDICTS, holm, minimum_detectable_effect, paired_test, verdict
+from workbench.study import load_study
+from workbench.study.claims import ClaimSpec, evaluate_claims
+from workbench.study.selection import SelectSpec, scores_at, scoring_commands, selected_step
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_paired_test_matches_scipy_and_the_mde_has_80_percent_power(n):
+    rng = random.Random(n)
+    diffs = [rng.gauss(0.4, 1.0) for _ in range(n)]
+    test = paired_test(diffs)
+    reference = stats.ttest_1samp(diffs, 0.0)
+    low, high = reference.confidence_interval(0.95)
+    assert (test.low, test.high, test.p_value) == pytest.approx((low, high, reference.pvalue), rel=1e-9)
+    # power of the two-sided paired t-test at a true effect of MDE (noncentral t, independent of the formula)
+    nc = test.mde / (test.sd / math.sqrt(n))
+    critical = stats.t.ppf(0.975, n - 1)
+    power = stats.nct.sf(critical, n - 1, nc) + stats.nct.cdf(-critical, n - 1, nc)
+    assert 0.75 < power < 0.85
+    assert minimum_detectable_effect(1.0, 5) == pytest.approx((2.7764451 + 0.9409646) / math.sqrt(5), rel=1e-6)
+    assert math.isnan(minimum_detectable_effect(1.0, 1))
+
+
+def test_the_verdict_rule_in_its_order():
+    def test_of(diffs):
+        return paired_test(diffs)
+
+    assert verdict(test_of([1.0, 1.1, 0.9, 1.2]), expected=0.5) == "reproduces"
+    assert verdict(test_of([1.0, 1.1, 0.9, 1.2]), expected=-0.5) == "opposite"
+    tight = test_of([0.01, -0.01, 0.02, -0.02, 0.0])
+    assert verdict(tight, expected=0.5) == "no effect at this scale" and tight.mde < 0.5
+    wide = test_of([1.0, -1.2, 0.8, -0.9])
+    assert verdict(wide, expected=0.5) == "underpowered" and wide.mde > 0.5
+    assert verdict(test_of([0.3]), expected=0.1) == "underpowered"  # one seed: no interval
+    assert set(VERDICTS) == {"reproduces", "opposite", "no effect at this scale", "underpowered"}
+
+
+def test_holm_adjustment():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, math.nan, 0.01]) == pytest.approx([0.5, math.nan, 0.02], nan_ok=True)
+
+
+def _rows():
+    """Two adapters x three rates x four seeds: `b` is 0.3 above `a` at its best rate (the middle one for `a`,
+    the highest for `b`)."""
+    rows = []
+    for seed in range(4):
+        noise = 0.01 * seed
+        for rate, loss_a, loss_b in ((0.001, 2.0, 1.9), (0.01, 1.5, 1.6), (0.1, 1.8, 1.4)):
+            rows.append({"seed": seed, "adapter": "a", "lr": rate, "loss": loss_a + noise, "acc": 0.5 + noise})
+            rows.append({"seed": seed, "adapter": "b", "lr": rate, "loss": loss_b + noise, "acc": 0.8 + 2 * noise})
+    return rows
+
+
+def test_a_claim_reads_each_arm_at_its_best_rate_and_fails_an_unbracketed_grid():
+    claim = ClaimSpec(name="c", claim="b beats a", axis="adapter", arm="b", reference="a", metric="acc",
+                      at_best={"axis": "lr", "by": "loss", "best": "min"},
+                      paper={"value": 0.1, "unit": "relative", "source": "Table 1", "carry": "relative"})
+    (result,) = evaluate_claims([claim], _rows(), {"adapter": ["a", "b"], "lr": ["0.001", "0.01", "0.1"]})
+    assert result["at_best"] == {"arm": "0.1", "reference": "0.01"}
+    assert result["difference"] == pytest.approx(0.3 + 0.015) and result["n"] == 4
+    assert result["paper_effect_here"] == pytest.approx(0.1 * (0.5 + 0.015))
+    assert result["verdict"] == "reproduces"
+    assert len(result["checks"]) == 1 and "b: best lr 0.1 is at the edge" in result["checks"][0]
+
+
+def test_claims_are_checked_against_the_axes(tmp_path):
+    paper = {"value": 0.1, "unit": "points", "source": "Table 1", "carry": "absolute"}
+    claim = {"name": "c", "claim": "x", "axis": "training.learning_rate", "arm": 0.002, "reference": 0.001,
+             "metric": "loss", "paper": paper}
+    assert load_study(write_study(tmp_path, claims=[claim])).claims[0].name == "c"
+    with pytest.raises(ConfigError, match=r"field 'claims\[0\].arm': 0.005 is not a value"):
+        load_study(write_study(tmp_path, claims=[{**claim, "arm": 0.005}]))
+    with pytest.raises(ConfigError, match=r"field 'claims\[0\].metric': 'los' is not a column"):
+        load_study(write_study(tmp_path, claims=[{**claim, "metric": "los"}]))
+    axes = {"training.learning_rate": [1e-3, 2e-3], "training.weight_decay": [0.0, 0.1]}
+    with pytest.raises(ConfigError, match=r"claims\[0\].where': axis 'training.weight_decay' has several values"):
+        load_study(write_study(tmp_path, axes=axes, claims=[claim]))
+    fixed = {**claim, "where": {"training.weight_decay": 0.1}}
+    profiles = {"quick": {"axes": {"training.weight_decay": [0.0]}}}
+    study = write_study(tmp_path, axes=axes, claims=[fixed], profiles=profiles)
+    assert load_study(study).claims and not load_study(study, "quick").claims  # a profile keeps what it can test
+
+
+def _results(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"status": "ok", "style": "zero_shot", "metric": "exact_match", **r}) + "\n"
+                            for r in records))
+
+
+def test_the_checkpoint_is_chosen_on_the_validation_metric_and_the_test_scored_there(tmp_path):
+    spec = SelectSpec(by="val.zero_shot.exact_match", test=["t:zero_shot"], limit=300, base=True)
+    results = tmp_path / "run" / "eval" / "results.jsonl"
+    _results(results, [{"task": "val", "step": s, "value": v} for s, v in ((10, 0.2), (20, 0.6), (30, 0.6))]
+             + [{"task": "loss_only", "step": 40, "value": 0.9}])
+    assert selected_step(results, spec) == 20  # ties: the earlier step
+    assert selected_step(results, spec.model_copy(update={"best": "min"})) == 10
+    _results(tmp_path / "run" / "test" / "results.jsonl", [{"task": "t", "step": 20, "value": 0.45}])
+    assert scores_at(tmp_path / "run" / "test" / "results.jsonl", 20, "test@") == {"test@t.zero_shot.exact_match": 0.45}
+    step, base = scoring_commands(tmp_path / "run", spec, 20)
+    assert step[-4:] == ["--step", "20", "--out", str(tmp_path / "run" / "test")] and "300" in step
+    assert "--base" in base and base[-1] == str(tmp_path / "run" / "test-base")
