@@ -98,12 +98,19 @@ def train_process(args: list[str], log: Path, threads: int | None = None, env: d
 
     `threads` caps torch's intra-op threads on CPU (as OMP_NUM_THREADS does for a new interpreter); `env` is
     added to the run's environment (e.g. its GPUs, CUDA_VISIBLE_DEVICES)."""
+    return module_process(TRAIN_MODULE, args, log, threads, env)
+
+
+def module_process(module: str, args: list[str], log: Path, threads: int | None = None,
+                   env: dict[str, str] | None = None) -> int:
+    """`python -m <module> *args` for a command module with a `run(argv)` (the train command, the evaluator's
+    `workbench_cli.eval`), as `train_process` runs the train command; its exit code."""
     if cold_start():
         env = {**os.environ, **allocator_env(), **(env or {}), **thread_env(threads)}
         with log.open("a") as handle:
-            return subprocess.run([sys.executable, "-m", TRAIN_MODULE, *args], env=env,
+            return subprocess.run([sys.executable, "-m", module, *args], env=env,
                                   stdout=handle, stderr=subprocess.STDOUT).returncode
-    return warm_process(_train_script, (args,), log, threads, env)
+    return warm_process(_module_script, (module, args), log, threads, env)
 
 
 def warm_process(function: Callable[..., Any], args: tuple, log: Path, threads: int | None = None,
@@ -178,11 +185,11 @@ def _refuse_forked_cuda() -> None:
                            "interpreters (WORKBENCH_COLD_START=1)")
 
 
-def _train_script(args: list[str]) -> None:
-    """`python -m workbench_cli.train *args` in this process: the command's `run`, leaving as it does (exit code
-    through SystemExit)."""
+def _module_script(module: str, args: list[str]) -> None:
+    """`python -m <module> *args` in this process: the command's `run`, leaving as it does (exit code through
+    SystemExit)."""
     import importlib
 
-    command = importlib.import_module(TRAIN_MODULE)
+    command = importlib.import_module(module)
     sys.argv = [command.__file__, *args]  # as `python -m` has it
     command.run(args)

@@ -36,6 +36,7 @@ from typing import Any
 
 from workbench.bundled import builtin_matches
 from workbench.errors import WorkbenchError
+from workbench.processes import preload
 from workbench.study import StudyConfig, hand_study, load_study, plan, run_all, run_status, write_results
 from workbench.study.plan import PRETRAIN
 from workbench.study.report import claim_checks
@@ -143,6 +144,8 @@ def run_study(study: StudyConfig, args: argparse.Namespace) -> int:
         if runs[0].same_as is not None:  # its training is another arm's (the study's `same_as`)
             print(f"{args.only} is the same training as {runs[0].same_as}: running that")
             runs = [r for r in plan(study) if r.name == runs[0].same_as]
+    if study.select is not None and study.select.test:  # each arm's test set is scored in a warm fork
+        preload("workbench_eval.sweep", "workbench_eval.evaluator", "workbench_cli.eval")
     if args.dry_run:
         statuses = [run_status(run)["status"] for run in runs]
         for run, status in zip(runs, statuses, strict=True):

@@ -8,6 +8,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 from scipy import stats
 from study_files import write_study
@@ -16,7 +17,7 @@ from workbench.errors import ConfigError
 from workbench.stats import VERDICTS, holm, minimum_detectable_effect, paired_test, verdict
 from workbench.study import load_study
 from workbench.study.claims import ClaimSpec, evaluate_claims
-from workbench.study.selection import SelectSpec, scores_at, scoring_commands, selected_step
+from workbench.study.selection import SelectSpec, base_dir, scores_at, scoring_commands, selected_step
 
 
 @pytest.mark.parametrize("n", [3, 5, 10])
@@ -112,6 +113,34 @@ def test_the_checkpoint_is_chosen_on_the_validation_metric_and_the_test_scored_t
     assert selected_step(results, spec.model_copy(update={"best": "min"})) == 10
     _results(tmp_path / "run" / "test" / "results.jsonl", [{"task": "t", "step": 20, "value": 0.45}])
     assert scores_at(tmp_path / "run" / "test" / "results.jsonl", 20, "test@") == {"test@t.zero_shot.exact_match": 0.45}
-    step, base = scoring_commands(tmp_path / "run", spec, 20)
+    step, base = scoring_commands(tmp_path / "run", spec, 20, tmp_path / "b")
     assert step[-4:] == ["--step", "20", "--out", str(tmp_path / "run" / "test")] and "300" in step
-    assert "--base" in base and base[-1] == str(tmp_path / "run" / "test-base")
+    assert "--base" in base and base[-1] == str(tmp_path / "b")
+    # the base is scored once per base model and set of test items, beside the base
+    start = {"model.name_or_path": str(tmp_path / "pre")}
+    one = base_dir(tmp_path / "a", {**start, "data.synthetic.seed": 1, "training.learning_rate": 0.1}, spec)
+    assert one == base_dir(tmp_path / "b", {**start, "data.synthetic.seed": 1}, spec) and one.parent == tmp_path / "pre"
+    assert one != base_dir(tmp_path / "a", {**start, "data.synthetic.seed": 2}, spec)
+    assert base_dir(tmp_path / "a", {}, spec) == tmp_path / "a" / "test-base"
+
+
+def test_the_noise_floor_is_the_variance_over_re_scorings_and_the_excess_what_is_left(tmp_path):
+    from workbench.study.selection import NoiseSpec, noise_columns, noise_commands
+
+    run = tmp_path / "run"
+    column = "eigenscore.completion.ees"
+    _results(run / "eval" / "results.jsonl", [{"task": "eigenscore", "style": "completion", "metric": "ees",
+                                               "step": s, "value": 1.0} for s in (20, 40)])
+    spec = NoiseSpec(tasks=["eigenscore:completion"], seeds=3, limit=60)
+    commands = noise_commands(run, spec, 40, {"limit": 9, "style_options": {"eigenscore": {"samples": 10}}})
+    assert len(commands) == 3 and commands[1][1][:3] == [str(run), "--step", "40"]
+    written = json.loads(commands[1][0].read_text())["eval"]
+    assert written["style_options"]["eigenscore"] == {"samples": 10, "seed": 2000} and written["limit"] == 9
+    scores = [0.8, 1.1, 0.95]
+    for k, value in enumerate(scores, start=1):
+        _results(run / "noise" / f"seed={k}" / "results.jsonl", [{"task": "eigenscore", "style": "completion",
+                                                                   "metric": "ees", "step": 40, "value": value}])
+    got = noise_columns(run, spec, {f"res@{column}": 0.05})
+    assert got[f"noise@{column}"] == pytest.approx(np.var(scores, ddof=1))
+    assert got[f"excess@{column}"] == pytest.approx(0.05 - np.var(scores, ddof=1))
+    assert noise_commands(run, spec, 40, {}) == []  # done: nothing to re-score

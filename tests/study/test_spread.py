@@ -22,7 +22,18 @@ def test_spread_is_the_sample_variance_and_half_the_mean_squared_step():
 def test_oscillation_ignores_a_smooth_trend_that_variance_counts():
     trend = list(np.linspace(0, 10, 11))
     got = spread("k", trend)
-    assert got["var@k"] > 10 and got["osc@k"] == pytest.approx(0.5)
+    assert got["var@k"] > 10 and got["osc@k"] == pytest.approx(0.5) and got["res@k"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_residual_variance_is_that_of_a_least_squares_line_fit():
+    rng = np.random.default_rng(0)
+    steps = np.arange(20, 220, 20, dtype=float)
+    values = 3.0 - 0.01 * steps + rng.normal(0, 0.1, steps.size)
+    fit = np.polyfit(steps, values, 1)
+    expected = np.sum((values - np.polyval(fit, steps)) ** 2) / (steps.size - 2)
+    got = spread("k", list(values), list(steps))
+    assert got["res@k"] == pytest.approx(expected, rel=1e-9)
+    assert got["osc@k"] > got["res@k"] * 0.5  # a falling curve still adds to osc@; res@ removes the line exactly
 
 
 def test_curve_points_of_an_evaluator_column(tmp_path):

@@ -16,7 +16,8 @@ def columns(study: StudyConfig) -> set[str]:
     out: set[str] = set()
     for key, direction in collected(study.collect).items():
         if direction == "spread":
-            out |= {key, f"var@{key}", f"osc@{key}"}
+            out |= {key, f"var@{key}", f"osc@{key}", f"res@{key}"}
+            out |= {f"noise@{key}", f"excess@{key}"} if study.noise is not None else set()
         elif direction == "first":
             out |= {key, f"first_{key}", f"first_step_{key}"}
         else:

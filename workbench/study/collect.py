@@ -21,36 +21,53 @@ from workbench.layout import METRICS, RESULTS, RUN_CONFIG, results_path
 from workbench.stats import t_interval
 from workbench.study.plan import PlotSpec, RunSpec, StudyConfig, check_collect_items, collected
 from workbench.study.runner import run_status
-from workbench.study.selection import BASE_DIR, TEST_DIR, SelectSpec, scores_at, selected_step
+from workbench.study.selection import (
+    TEST_DIR,
+    NoiseSpec,
+    SelectSpec,
+    base_dir,
+    noise_columns,
+    scores_at,
+    selected_step,
+)
 
 IGNORED = ("name", "runs_dir", "seed", "resume_from_checkpoint")  # config fields that are not a difference
 
 
-def collect_run(run: RunSpec, keys: list[str], select: SelectSpec | None = None) -> dict[str, Any]:
+def collect_run(run: RunSpec, keys: list[str], select: SelectSpec | None = None, spread_from: int | None = None,
+                noise: NoiseSpec | None = None) -> dict[str, Any]:
     """For each collected metrics.jsonl key of one run: its final value and (`key:min`, the default, or
     `key:max`) its best value `best_<key>` and the step of it `best_step_<key>` (`key:first`: its first logged
     value `first_<key>` and step `first_step_<key>`). Evaluator scores: at the last checkpoint, at the chosen one
-    (`best@`: by `select.by`, else the lowest validation loss) and, with `select.test`, `test@` / `base@`."""
+    (`best@`: by `select.by`, else the lowest validation loss) and, with `select.test`, `test@` / `base@`.
+    `key:spread` columns count the checkpoints from step `spread_from` on; with `noise`, `noise@<column>` is the
+    variance of a column over the re-scorings of one checkpoint and `excess@<column>` = `res@` minus it."""
     row: dict[str, Any] = {"run": run.name, "seed": run.seed, **run.values, "status": run_status(run)["status"]}
     metrics = run.run_dir / METRICS
     records = read_jsonl(metrics) if metrics.is_file() else []
     evaluated = None
+    def windowed(key: str, points: list[tuple[int, float]]) -> dict[str, float]:
+        kept = [(step, value) for step, value in points if spread_from is None or step >= spread_from]
+        return spread(key, [v for _, v in kept], [s for s, _ in kept])
+
     for key, direction in collected(keys).items():
         if direction == "spread" and key.count(".") == 2:  # an evaluator column: its values over checkpoints
             evaluated = evaluator_series(results_path(run.run_dir)) if evaluated is None else evaluated
-            row.update(spread(key, [value for _, value in evaluated.get(key, [])]))
+            row.update(windowed(key, evaluated.get(key, [])))
             continue
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         if not points:
             continue
         row[key] = points[-1][1]
         if direction == "spread":
-            row.update(spread(key, [value for _, value in points]))
+            row.update(windowed(key, points))
         elif direction == "first":
             row.update({f"first_{key}": points[0][1], f"first_step_{key}": points[0][0]})
         elif direction != "last":
             best = (max if direction == "max" else min)(points, key=lambda p: p[1])
             row.update({f"best_{key}": best[1], f"best_step_{key}": best[0]})
+    if noise is not None:
+        row.update(noise_columns(run.run_dir, noise, row))
     row.update(run_columns(run.run_dir))
     row.update(final_eval_scores(results_path(run.run_dir)))
     if select is None:
@@ -60,7 +77,7 @@ def collect_run(run: RunSpec, keys: list[str], select: SelectSpec | None = None)
     if step is not None:
         row.update({**scores_at(results_path(run.run_dir), step, "best@"), "best_eval_step": step})
         row.update(scores_at(run.run_dir / TEST_DIR / RESULTS, step, "test@"))
-    row.update(scores_at(run.run_dir / BASE_DIR / RESULTS, None, "base@"))
+    row.update(scores_at(base_dir(run.run_dir, run.settings, select) / RESULTS, None, "base@"))
     return row
 
 
@@ -118,18 +135,26 @@ def evaluator_series(results: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def spread(key: str, values: list[float]) -> dict[str, float]:
+def spread(key: str, values: list[float], steps: list[float] | None = None) -> dict[str, float]:
     """How much a metric moves over a run's checkpoints (`collect: key:spread`): `var@key`, the sample variance
-    of its values, and `osc@key`, half the mean squared change between consecutive checkpoints (von Neumann's
-    estimator: the variance of checkpoint-to-checkpoint oscillation, blind to a smooth trend such as a learning
-    curve, which inflates `var@`). Needs at least 3 values."""
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if len(finite) < 3:
+    of its values; `osc@key`, half the mean squared change between consecutive checkpoints (von Neumann's
+    estimator: a linear trend adds only its squared step / 2, but a curved learning curve still adds to it);
+    `res@key`, the variance of the residuals around the least-squares line through (step, value) (n - 2 degrees
+    of freedom: the oscillation with a linear trend removed exactly). `steps` default to 0, 1, 2, ... Needs at
+    least 3 values."""
+    points = [(float(x), float(v)) for x, v in zip(steps if steps is not None else range(len(values)), values,
+                                                     strict=True) if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(points) < 3:
         return {}
+    finite = [v for _, v in points]
     mean = sum(finite) / len(finite)
     variance = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
     oscillation = sum((b - a) ** 2 for a, b in zip(finite, finite[1:], strict=False)) / (2 * (len(finite) - 1))
-    return {f"var@{key}": variance, f"osc@{key}": oscillation}
+    x_mean = sum(x for x, _ in points) / len(points)
+    sxx = sum((x - x_mean) ** 2 for x, _ in points)
+    slope = sum((x - x_mean) * (v - mean) for x, v in points) / sxx if sxx else 0.0
+    residual = sum((v - mean - slope * (x - x_mean)) ** 2 for x, v in points) / (len(points) - 2)
+    return {f"var@{key}": variance, f"osc@{key}": oscillation, f"res@{key}": residual}
 
 
 def final_eval_scores(results: Path) -> dict[str, float]:

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import ConfigError, did_you_mean
 from workbench.study.claims import ClaimSpec
-from workbench.study.selection import SelectSpec
+from workbench.study.selection import NoiseSpec, SelectSpec
 from workbench.yaml_text import override_string
 
 DIRECTIONS = ("min", "max", "last", "first", "spread")  # the best value of a collected key (`last`: none;
@@ -245,6 +245,8 @@ class StudyConfig(BaseModel):
     # config fields every arm sets to its own seed (e.g. data.synthetic.seed: its own training and test items)
     per_seed: list[str] = Field(default_factory=list)
     select: SelectSpec | None = None  # checkpoint choice by a task metric, test set scored there only
+    noise: NoiseSpec | None = None  # one checkpoint re-scored with other sampling seeds: noise@, excess@ columns
+    spread_from: int | None = Field(None, ge=0)  # `key:spread` columns count the checkpoints from this step on
     claims: list[ClaimSpec] = Field(default_factory=list)  # the paper's claims, each with its verdict
     # where the default grid's report, claims.json and plots are copied once every run is done (e.g. docs/results/x)
     publish: str | None = None

@@ -38,7 +38,7 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     in `folder` (default `<runs_dir>/<study>`); returns the paths of results.csv and report.md. Once a run is
     done, a collected key or a delta that no run has is passed to `on_warning` and named in report.md."""
     folder = Path(folder) if folder is not None else study.folder
-    rows = [collect_run(run, study.collect, study.select) for run in runs]
+    rows = [collect_run(run, study.collect, study.select, study.spread_from, study.noise) for run in runs]
     agreements = compare(study, rows)
     claims = evaluate_claims(study.claims, rows, {a: axis_values(study, a) for a in study.axes})
     # with no run done yet (all pending, failed or not started), nothing is expected to be there
@@ -60,19 +60,21 @@ def write_results(study: StudyConfig, runs: list[RunSpec], folder: str | Path | 
     by_hand = bool(runs) and runs[0].stage == "hand"
     source = (f"runs {', '.join(f'`{r.name}`' for r in runs)}" if by_hand
               else f"base `{study.base}`; seeds {study.seeds}")
+    choice = (f"the {'highest' if study.select.best == 'max' else 'lowest'} `{study.select.by}`" if study.select
+              else "the lowest validation loss")
     lines = [f"# {'Runs' if by_hand else 'Study'} {study.study}{label}", "", study.description, "",
              f"{len(runs)} runs ({counts or 'none'}); {source}.", "",
              *_pretrain_lines(study),
              "Mean ± standard deviation over seeds (n = number of seeds with a value). `best_<key>` is the best value "
              "of a run's curve and `best_step_<key>` its step; `best@<task.style.metric>` the evaluator's score at "
-             "the checkpoint with the lowest validation loss (`best_eval_step`); `var@<key>` the variance of a key's "
+             f"the checkpoint with {choice} (`best_eval_step`); `var@<key>` the variance of a key's "
              "values over the run's checkpoints and `osc@<key>` half their mean squared change from one checkpoint "
              "to the next (oscillation without the trend); `delta_<key>` a paired difference "
              "to the reference run of the same seed, with its 95% Student-t interval over seeds in brackets, marked "
              "*inside the seed spread* where that interval holds 0 (exploratory, unless a claim names it)"
-             + (f"; with `select`, `best@` is at the checkpoint with the best `{study.select.by}` and `test@` the test "
-                "set scored there only, `base@` the model the run started from on the same test items"
-                if study.select else "") + ".", "", *claims_markdown(claims), *([""] if claims else [])]
+             + ("; `test@` the test set scored at that checkpoint only, `base@` the model the run started from on "
+                "the same test items" if study.select else "") + ".", "", *claims_markdown(claims),
+             *([""] if claims else [])]
     shown = [k for k in keys if any(f"{k}_mean" in t for t in table)]
     if study.primary:
         lines += _primary_lines(study, table, shown)
@@ -175,7 +177,7 @@ def _pretrain_lines(study: StudyConfig) -> list[str]:
         if status["status"] == "failed":
             line += f" The pretrain run failed ({status.get('error')}); **the arms were not started**."
         elif status["status"] == "done":
-            row = collect_run(run, study.collect, study.select)
+            row = collect_run(run, study.collect, study.select, study.spread_from, study.noise)
             values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in collected(study.collect))
             line += f" Its final values: {values or '(none of the collected keys)'}."
         lines.append(line)

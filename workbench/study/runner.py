@@ -28,10 +28,18 @@ from workbench.config import resolve_path
 from workbench.distributed_launch import free_port
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.io import atomic_write_text, read_jsonl
-from workbench.layout import METRICS, results_path
-from workbench.processes import cpu_tuning_env, train_process
+from workbench.layout import METRICS, RUN_CONFIG, results_path
+from workbench.processes import cpu_tuning_env, module_process, train_process
 from workbench.study.plan import RunSpec, StudyConfig, pretrain_for
-from workbench.study.selection import scoring_commands, scoring_done, selected_step
+from workbench.study.selection import (
+    EVAL_MODULE,
+    base_dir,
+    last_step,
+    noise_commands,
+    scoring_commands,
+    scoring_done,
+    selected_step,
+)
 from workbench.study.submitit import submit
 
 STATUS = "study_status.json"
@@ -130,7 +138,7 @@ def execute(study: StudyConfig, run: RunSpec, slot: Slot | None = None, port: in
     slot = slot or Slot()
     status = run_status(run)
     if status["status"] == "done":
-        tested = test_selected(study, run, slot)
+        tested = score_after_training(study, run, slot)
         return {**(tested or status), "skipped": True}
     run.run_dir.mkdir(parents=True, exist_ok=True)
     log = run.run_dir / "train.log"
@@ -150,30 +158,40 @@ def execute(study: StudyConfig, run: RunSpec, slot: Slot | None = None, port: in
         errors = [line for line in lines if line.startswith("error:")]
         status["error"] = errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}, no output")
     atomic_write_text(run.run_dir / STATUS, yaml.safe_dump(status))
-    return (test_selected(study, run, slot) or status) if returncode == 0 else status
+    return (score_after_training(study, run, slot) or status) if returncode == 0 else status
 
 
-def test_selected(study: StudyConfig, run: RunSpec, slot: Slot) -> dict[str, Any] | None:
-    """For a trained arm of a study with `select.test`: score the test tasks at the chosen checkpoint (and the
-    base model, `select.base`) unless done (`workbench.study.selection`), logging to `<run>/test.log`. Returns
-    the run's new status where that failed (recorded as failed, with the evaluator's last error line), else None."""
-    spec = study.select
-    if spec is None or not spec.test or run.stage != "arm" or run.same_as is not None:
+def score_after_training(study: StudyConfig, run: RunSpec, slot: Slot) -> dict[str, Any] | None:
+    """For a trained arm: what the study scores once training is done, unless done already, each in a warm fork
+    of the evaluator's command in the run's slot, logging to `<run>/test.log` (`workbench.study.selection`):
+    with `select.test`, the test tasks at the chosen checkpoint (and the base model, `select.base`); with
+    `noise`, the last checkpoint re-scored with other sampling seeds. Returns the run's new status where that
+    failed (recorded as failed, with the evaluator's last error line), else None."""
+    tests = study.select is not None and bool(study.select.test)
+    if run.stage != "arm" or run.same_as is not None or not (tests or study.noise is not None):
         return None
-    step = selected_step(results_path(run.run_dir), spec)
-    error = None
-    if step is None:
-        error = f"select.by: no checkpoint of the run has '{spec.by}' (is it among eval.tasks, with eval.on_save?)"
-    elif not scoring_done(run.run_dir, spec, step):
-        log = run.run_dir / "test.log"
-        env = {**os.environ, **cpu_tuning_env(slot.threads), **slot.env()}
-        for command in scoring_commands(run.run_dir, spec, step):
-            with log.open("a") as handle:
-                if subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode != 0:
-                    lines = log.read_text().splitlines()
-                    errors = [line for line in lines if line.startswith("error:")]
-                    error = f"testing checkpoint-{step}: " + (errors[-1] if errors else lines[-1] if lines else "failed")
-                    break
+    results, jobs, error = results_path(run.run_dir), [], None
+    if tests:
+        spec = study.select
+        step = selected_step(results, spec)
+        if step is None:
+            error = f"select.by: no checkpoint of the run has '{spec.by}' (is it among eval.tasks, with eval.on_save?)"
+        elif not scoring_done(run.run_dir, spec, step, base := base_dir(run.run_dir, run.settings, spec)):
+            jobs += scoring_commands(run.run_dir, spec, step, base)
+    if study.noise is not None and error is None:
+        step = last_step(results)
+        section = (yaml.safe_load((run.run_dir / RUN_CONFIG).read_text()) or {}).get("eval") or {}
+        if step is None:
+            error = "noise: the run has no evaluated checkpoint to re-score (eval.on_save)"
+        else:
+            jobs += [arguments for _, arguments in noise_commands(run.run_dir, study.noise, step, section)]
+    log = run.run_dir / "test.log"
+    for arguments in jobs if error is None else []:
+        if module_process(EVAL_MODULE, arguments, log, slot.threads, slot.env()) != 0:
+            lines = log.read_text().splitlines()
+            errors = [line for line in lines if line.startswith("error:")]
+            error = f"scoring after training: {errors[-1] if errors else lines[-1] if lines else 'failed'}"
+            break
     if error is None:
         return None
     status = {**run_status(run), "status": "failed", "error": error}
