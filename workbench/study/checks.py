@@ -79,6 +79,8 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
             axis(f"{where}.where", name)
             if str(value) not in axis_values(study, name):
                 raise ConfigError(f"{path}: field '{where}.where': {value!r} is not a value of axis '{name}'")
+        if claim.paper.relative_to is not None:
+            column(f"{where}.paper.relative_to", claim.paper.relative_to, known)
         if claim.at_best is not None:
             axis(f"{where}.at_best.axis", claim.at_best.axis)
             column(f"{where}.at_best.by", claim.at_best.by, known)

@@ -17,7 +17,8 @@ fixed rule (`workbench.stats.verdict`: reproduces / opposite / no effect at this
 Per seed the difference arm - reference is taken on the runs the claim selects; over seeds: mean, 95%
 Student-t interval, standard deviation s_d, paired-t p-value and MDE = (t(0.975, n-1) + t(0.80, n-1)) s_d / sqrt(n).
 The paper's effect is `value` in our metric's units (`carry: absolute`) or `value` times the reference arm's mean
-(`carry: relative`, a relative change carried as the same relative change). With `at_best`, each arm is read at
+(`carry: relative`, a relative change carried as the same relative change; of column `relative_to` where the
+metric is itself a difference, e.g. an oscillation minus its noise floor). With `at_best`, each arm is read at
 the value of `at_best.axis` whose mean `by` over seeds is best, and a best value at either end of a grid of at
 least two values fails the study's report (the grid does not bracket the optimum). The exploratory claims'
 p-values are Holm-adjusted across the study's exploratory claims.
@@ -45,6 +46,7 @@ class PaperEffect(BaseModel):
     unit: str
     source: str
     carry: Literal["absolute", "relative"]
+    relative_to: str | None = None  # `carry: relative`: the column whose reference mean it scales (default: metric)
     note: str = ""
 
     def on_our_scale(self, reference_mean: float) -> float:
@@ -123,10 +125,13 @@ def evaluate_claims(claims: list[ClaimSpec], rows: list[dict[str, Any]], grids: 
                                   f"({', '.join(_numeric_order(grids[spec.at_best.axis]))}): not bracketed")
                 members = [r for r in members if _label(r.get(spec.at_best.axis)) == best]
             sides[side] = {r["seed"]: r.get(spec.metric) for r in members}
+            if side == "reference":
+                reference_rows = members
         seeds = sorted(s for s in sides["arm"] if s in sides["reference"]
                        and _finite(sides["arm"][s]) and _finite(sides["reference"][s]))
         test = paired_test([sides["arm"][s] - sides["reference"][s] for s in seeds])
-        reference_values = [sides["reference"][s] for s in seeds]
+        scale = spec.paper.relative_to or spec.metric
+        reference_values = [r[scale] for r in reference_rows if r["seed"] in seeds and _finite(r.get(scale))]
         reference_mean = statistics.fmean(reference_values) if reference_values else math.nan
         arm_mean = statistics.fmean(sides["arm"][s] for s in seeds) if seeds else math.nan
         expected = spec.paper.on_our_scale(reference_mean) if math.isfinite(reference_mean) else math.nan

@@ -222,6 +222,8 @@ class StudyProfile(BaseModel):
     pretrain: PretrainSpec | None = None  # its `config` replaces, its `set` is merged over, the study's
     resources: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `resources`
     select: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `select`
+    noise: dict[str, Any] = Field(default_factory=dict)  # merged over the study's `noise`
+    spread_from: int | None = Field(None, ge=0)  # replaces the study's
 
 
 class StudyConfig(BaseModel):
@@ -290,21 +292,27 @@ class StudyConfig(BaseModel):
             pretrain = PretrainSpec(config=profile.pretrain.config or pretrain.config,
                                     set={**pretrain.set, **profile.pretrain.set}, as_key=as_key,
                                     per=pretrain.per, set_per_value=per_value, seeded=seeded)
-        select = self.select
-        if profile.select:
-            if select is None:
-                raise ConfigError(f"profile '{name}': field 'select': the study has no `select` to change")
-            select = validate_section(SelectSpec, {**select.model_dump(), **profile.select},
-                                      f"profile '{name}': field 'select")
+        sections = {}
+        for field_name, model in (("select", SelectSpec), ("noise", NoiseSpec)):
+            section, changes = getattr(self, field_name), getattr(profile, field_name)
+            if changes and section is None:
+                raise ConfigError(f"profile '{name}': field '{field_name}': the study has no `{field_name}` to change")
+            sections[field_name] = validate_section(model, {**section.model_dump(), **changes},
+                                                    f"profile '{name}': field '{field_name}") if changes else section
+        if profile.spread_from is not None:
+            sections["spread_from"] = profile.spread_from
         axes = {**self.axes, **profile.axes}
 
         def in_grid(claim: ClaimSpec) -> bool:  # a profile keeps the claims its grid can test
             wanted = [(claim.axis, claim.arm), (claim.axis, claim.reference), *claim.where.items()]
             return all(a in axes and str(v) in axis_values(self, a, axes) for a, v in wanted)
 
+        def compared(spec: DeltaSpec | AgreementSpec) -> bool:  # and the deltas whose reference it runs
+            return not isinstance(spec, DeltaSpec) or str(spec.reference) in axis_values(self, spec.axis, axes)
+
         return self.model_copy(update={
-            "claims": [c for c in self.claims if in_grid(c)],
-            "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds, "select": select,
+            "claims": [c for c in self.claims if in_grid(c)], "compare": [c for c in self.compare if compared(c)],
+            **sections, "study": f"{self.study}-{name}", "profile": name, "seeds": profile.seeds or self.seeds,
             "set": {**self.set, **profile.set}, "axes": {**self.axes, **profile.axes},
             "description": profile.description or self.description, "pretrain": pretrain,
             "resources": self.with_resources(profile.resources, f"profile '{name}': field 'resources").resources})
