@@ -5,7 +5,9 @@
 #   bash bench/reproductions.sh               # the set issue 15 re-ran (BOSE, and the repetition studies it changed)
 #   bash bench/reproductions.sh supplementary # the five repetition studies it left as they were, and the
 #                                             # moe-proxy balance-off profile (a non-default check)
-#   bash bench/reproductions.sh all           # both
+#   bash bench/reproductions.sh verdicts      # the ALLoRA, Masked Thought and SeND verdicts (issue 29: each at most
+#                                             # 20 min at the speed below; each publishes docs/results/<study>/)
+#   bash bench/reproductions.sh all           # all of them
 # Runs go to runs/ (finished runs are skipped: delete runs/<study> to re-time one). Writes
 # runs/reproductions-time-<set>.md (minutes per reproduction, subtotal) and prints it.
 set -uo pipefail
@@ -39,6 +41,11 @@ if [[ $which == issue || $which == all ]]; then
   study repetition-moe-proxy
   step "workbench_eval/experiments/stability.py" "$PYTHON" workbench_eval/experiments/stability.py
   step "workbench_eval/experiments/consistency.py" "$PYTHON" workbench_eval/experiments/consistency.py
+fi
+if [[ $which == verdicts || $which == all ]]; then
+  study allora
+  study masked-thought
+  study send
 fi
 if [[ $which == supplementary || $which == all ]]; then
   for name in model-size dropout-size data-quality objective rs2; do study "repetition-$name"; done
