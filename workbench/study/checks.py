@@ -67,6 +67,12 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
                 column(f"{where}.cost", key, known)
     if study.primary is not None:
         column("primary", study.primary, known)
+    if study.page is not None:
+        marker = f"<!-- study {study.study} -->"
+        page = Path(study.page)
+        if not page.is_file() or marker not in page.read_text() or f"<!-- /study {study.study} -->" not in page.read_text():
+            on_warning(f"{path}: field 'page': '{page}' (from this directory) has no block '{marker}' ... "
+                       f"'<!-- /study {study.study} -->': the claims will not be written into it")
     for i, claim in enumerate(study.claims):
         where = f"claims[{i}]"
         axis(f"{where}.axis", claim.axis)

@@ -252,6 +252,7 @@ class StudyConfig(BaseModel):
     claims: list[ClaimSpec] = Field(default_factory=list)  # the paper's claims, each with its verdict
     # where the default grid's report, claims.json and plots are copied once every run is done (e.g. docs/results/x)
     publish: str | None = None
+    page: str | None = None  # a page whose `<!-- study NAME -->` block gets the claims table when published
     profiles: dict[str, StudyProfile] = Field(default_factory=dict)
     profile: str | None = None  # the profile this config was made from (set by `with_profile`)
 

@@ -14,7 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from workbench.layout import RUN_CONFIG, results_path
+from workbench.metrics.eigenscore import PROBES
+from workbench.metrics.hallucination import EigenScoreConfig
 from workbench.stats import pearson_r, spearman_rho
 from workbench_eval.results import read_results
 
@@ -35,6 +39,18 @@ def paired_items(run_dirs: list[Path], style: str) -> tuple[list[float], list[fl
     return ees, exact
 
 
+def trace_estimators(run_dirs: list[Path]) -> dict[tuple[int, int], int]:
+    """(K samples, N_z probes) of the runs' `eigenscore` style (their config.yaml's eval section, else the
+    defaults) -> how many runs: with N_z >= K the trace is exact and the check cannot fail on the trace."""
+    counts: dict[tuple[int, int], int] = {}
+    for run in run_dirs:
+        config = yaml.safe_load((run / RUN_CONFIG).read_text()) or {} if (run / RUN_CONFIG).is_file() else {}
+        options = ((config.get("eval") or {}).get("style_options") or {}).get("eigenscore") or {}
+        key = (int(options.get("samples") or EigenScoreConfig().samples), int(options.get("probes") or PROBES))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="run folders, or study folders holding them")
@@ -48,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     differences = [abs(a - b) for a, b in zip(ees, exact, strict=True)]
     print(f"n = {len(ees)} prompts (all checkpoints of {len(runs)} runs), style {args.style}")
+    for (samples, probes), count in trace_estimators(runs).items():
+        how = "exact (probes >= K)" if probes >= samples else "estimated by Hutchinson's probes"
+        print(f"{count} runs at K = {samples} samples, {probes} probes: the trace is {how}")
     print(f"Pearson r = {pearson_r(ees, exact):.6f}, Spearman rho = {spearman_rho(ees, exact):.6f}")
     print(f"|EES - EigenScore|: mean {sum(differences) / len(differences):.2e} nats, max {max(differences):.2e} nats; "
           f"EigenScore range {min(exact):.3f} .. {max(exact):.3f}")
