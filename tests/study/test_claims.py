@@ -159,3 +159,37 @@ def test_a_published_study_rewrites_its_block_of_the_method_page_and_nothing_els
     assert "[../results/s/report.md](../results/s/report.md)" in text
     with pytest.raises(ConfigError, match="has no block '<!-- study t -->'"):
         write_page_block(page, "t", [], tmp_path)
+
+
+def test_after_training_the_runner_scores_the_test_at_the_chosen_checkpoint_or_fails_the_run(tmp_path, monkeypatch):
+    from workbench.study import plan, runner
+
+    study = load_study(write_study(tmp_path, axes={"training.learning_rate": [1e-3]}, seeds=[0],
+                                   select={"by": "val.zero_shot.exact_match", "test": ["t:zero_shot"], "limit": 7}))
+    (run,) = plan(study)
+    calls = []
+
+    def fake_eval(module, arguments, log, threads, env):
+        calls.append(arguments)
+        _results(run.run_dir / "test" / "results.jsonl", [{"task": "t", "step": 2, "value": 0.25}])
+        return 0
+
+    monkeypatch.setattr(runner, "module_process", fake_eval)
+    _results(run.run_dir / "eval" / "results.jsonl", [{"task": "val", "step": s, "value": v} for s, v in ((2, 0.5),
+                                                                                                      (4, 0.1))])
+    assert runner.score_after_training(study, run, runner.Slot()) is None
+    assert calls == [[str(run.run_dir), "--limit", "7", "--task", "t:zero_shot", "--step", "2", "--out",
+                      str(run.run_dir / "test")]]
+    assert runner.score_after_training(study, run, runner.Slot()) is None and len(calls) == 1  # done: not again
+    (run.run_dir / "eval" / "results.jsonl").unlink()
+    failed = runner.score_after_training(study, run, runner.Slot())
+    assert failed["status"] == "failed" and "no checkpoint of the run has 'val.zero_shot.exact_match'" in failed["error"]
+    assert runner.run_status(run)["status"] == "failed"
+
+
+def test_per_seed_fields_follow_each_arms_seed(tmp_path):
+    from workbench.study import plan
+
+    runs = plan(load_study(write_study(tmp_path, per_seed=["data.synthetic.seed", "methods.send.seed"])))
+    assert {(r.seed, r.settings["data.synthetic.seed"], r.settings["methods.send.seed"]) for r in runs} == {
+        (0, 0, 0), (1, 1, 1)}
