@@ -87,6 +87,8 @@ def test_claims_are_checked_against_the_axes(tmp_path):
     assert load_study(write_study(tmp_path, claims=[claim])).claims[0].name == "c"
     with pytest.raises(ConfigError, match=r"field 'claims\[0\].arm': 0.005 is not a value"):
         load_study(write_study(tmp_path, claims=[{**claim, "arm": 0.005}]))
+    with pytest.raises(ConfigError, match=r"claims.0.paper.value.*a claim needs a direction"):
+        load_study(write_study(tmp_path, claims=[{**claim, "paper": {**paper, "value": 0.0}}]))
     with pytest.raises(ConfigError, match=r"field 'claims\[0\].metric': 'los' is not a column"):
         load_study(write_study(tmp_path, claims=[{**claim, "metric": "los"}]))
     axes = {"training.learning_rate": [1e-3, 2e-3], "training.weight_decay": [0.0, 0.1]}

@@ -30,6 +30,7 @@ import math
 import statistics
 from typing import Any, Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.stats import VERDICTS, holm, paired_test, verdict
@@ -42,12 +43,19 @@ class PaperEffect(BaseModel):
     (a table or figure), carried to our metric by `carry`; `note` says how the number was read."""
 
     model_config = ConfigDict(extra="forbid")
-    value: float
+    value: float = Field(description="nonzero: a claim has a direction")
     unit: str
     source: str
     carry: Literal["absolute", "relative"]
     relative_to: str | None = None  # `carry: relative`: the column whose reference mean it scales (default: metric)
     note: str = ""
+
+    @pydantic.field_validator("value")
+    @classmethod
+    def _directed(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("the paper's effect is 0: a claim needs a direction (put a check without one in `compare`)")
+        return value
 
     def on_our_scale(self, reference_mean: float) -> float:
         """The effect in our metric's units: `value`, or `value` times the reference arm's mean."""
