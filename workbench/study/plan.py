@@ -125,6 +125,7 @@ class PlotSpec(BaseModel):
     label: str | None = None  # the y axis's label, in the reader's units (default: the column's name)
     xlabel: str | None = None  # the x axis's label (default: the axis's name, or the training step / k)
     logx: bool = False
+    logy: bool = False  # e.g. a loss where one arm diverges
     where: dict[str, Any] = Field(default_factory=dict)  # only the runs with these axis values
     # `curve`: the runs with these axis values drawn as a horizontal line at their final value (mean over seeds,
     # band ± 1 std) instead of a curve, e.g. the single-epoch reference of a repetition study

@@ -291,6 +291,8 @@ def draw(plot: PlotSpec, study: StudyConfig, runs: list[RunSpec], table: list[di
         bars = "band" if banded else "curve"
     if plot.xlabel:
         ax.set_xlabel(plot.xlabel)
+    if plot.logy:
+        ax.set_yscale("log")
     if plot.logx:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
