@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = [f for folder in args.folders for f in ([folder] if (folder / RUN_CONFIG).is_file()
                                                    else sorted(p for p in folder.iterdir() if p.is_dir()))]
+    runs = [run for run in runs if paired_items([run], args.style)[0]]  # the runs scored with both
     ees, exact = paired_items(runs, args.style)
     if len(ees) < 3:
         print("fewer than 3 scored prompts with both EES and the exact EigenScore", file=sys.stderr)
