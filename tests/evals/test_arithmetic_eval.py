@@ -347,3 +347,25 @@ def test_gold_nll_is_the_mean_nll_per_token_of_the_gold_worked_answer(tiny_run, 
         expected.append(-logprobs.mean().item())
     assert record["items"] == pytest.approx(expected, rel=1e-4)
     assert record["value"] == pytest.approx(sum(expected) / 4, rel=1e-4)
+
+
+def test_a_run_is_scored_at_one_step_or_on_the_model_it_started_from(tmp_path):
+    from workbench_eval.sweep import base_target, only_step
+
+    base = tmp_path / "base"
+    for step in (200, 400):
+        (base / f"checkpoint-{step}").mkdir(parents=True)
+    run = tmp_path / "run"
+    for step in (19, 38):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)}, "data": {
+        "source": "synthetic:arithmetic", "synthetic": TRAINED}}))
+    target = run_target(run)
+    assert [c.name for c in only_step(target, 38).checkpoints] == ["checkpoint-38"]
+    with pytest.raises(ConfigError, match=r"--step 57: run 'run' has no checkpoint-57 \(its steps: 19, 38\)"):
+        only_step(target, 57)
+    started = base_target(target, run)
+    assert started.checkpoints == [base / "checkpoint-400"] and started.world == target.world  # the run's items
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"preset": "pythia-tiny"}}))
+    with pytest.raises(ConfigError, match="--base: run .* did not start from a local model folder"):
+        base_target(target, run)

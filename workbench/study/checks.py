@@ -67,7 +67,7 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
                 column(f"{where}.cost", key, known)
     if study.primary is not None:
         column("primary", study.primary, known)
-    if study.page is not None:
+    if study.page is not None and study.profile is None:  # a profile never publishes
         marker = f"<!-- study {study.study} -->"
         page = Path(study.page)
         if not page.is_file() or marker not in page.read_text() or f"<!-- /study {study.study} -->" not in page.read_text():
