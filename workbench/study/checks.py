@@ -70,7 +70,8 @@ def check_references(study: StudyConfig, path: Path, on_warning: Callable[[str],
     if study.page is not None and study.profile is None:  # a profile never publishes
         marker = f"<!-- study {study.study} -->"
         page = Path(study.page)
-        if not page.is_file() or marker not in page.read_text() or f"<!-- /study {study.study} -->" not in page.read_text():
+        text = page.read_text() if page.is_file() else ""
+        if marker not in text or f"<!-- /study {study.study} -->" not in text:
             on_warning(f"{path}: field 'page': '{page}' (from this directory) has no block '{marker}' ... "
                        f"'<!-- /study {study.study} -->': the claims will not be written into it")
     for i, claim in enumerate(study.claims):
